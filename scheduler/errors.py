@@ -1,0 +1,39 @@
+"""The one error hierarchy of cronsul (dramatiq-style: clear nouns, one root).
+
+Every error message is built from identifiers (file, job, key, run id) so an operator can act
+on it without reading code. Callers chain the cause with ``raise ... from exc``.
+"""
+
+from __future__ import annotations
+
+
+class CronsulError(Exception):
+    """Root of every error cronsul raises on purpose."""
+
+
+class ConfigError(CronsulError):
+    """A configuration file, job definition or CLI argument is invalid (exit code 2)."""
+
+
+class ScheduleError(ConfigError):
+    """A schedule expression or time zone cannot be understood."""
+
+
+class LeadershipLost(CronsulError):
+    """The local lease ran out or Consul says another session holds the leader key."""
+
+
+class FencedOff(LeadershipLost):
+    """A write carried a fence token lower than the highest one already seen downstream."""
+
+
+class ConnectionFailure(CronsulError):
+    """Consul or Redis cannot be reached (exit code 3)."""
+
+
+class QueueError(CronsulError):
+    """The work queue refused or lost an operation."""
+
+
+class MessageError(QueueError):
+    """A queued message cannot be run (undecodable, unknown job, bad parameters)."""
