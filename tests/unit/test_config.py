@@ -1,0 +1,99 @@
+"""Config validation: every refusal names the file, the section and the key."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from scheduler.errors import ConfigError
+from worker.config import load_config
+
+GOOD = """
+[agent]
+node = "n1"
+
+[consul]
+address = "127.0.0.1:8500"
+
+[redis]
+url = "redis://127.0.0.1:6379/0"
+
+[jobs.report]
+schedule = "*/5 * * * *"
+timezone = "Europe/Berlin"
+command = ["/usr/bin/env", "true"]
+timeout = "10m"
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "cronsul.toml"
+    path.write_text(text)
+    return path
+
+
+def test_good_config_loads_with_defaults(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, GOOD), env={})
+    job = cfg.jobs["report"]
+    assert job.command == ("/usr/bin/env", "true")
+    assert job.timeout == timedelta(minutes=10)
+    assert job.catchup_window == timedelta(minutes=5)
+    assert cfg.consul.prefix == "cronsul"
+    assert cfg.consul.leader_key == "cronsul/leader"
+    assert (cfg.consul.host, cfg.consul.port, cfg.consul.scheme) == ("127.0.0.1", 8500, "http")
+    assert cfg.worker.concurrency == 4
+
+
+def test_consul_url_address_and_env_token(tmp_path: Path) -> None:
+    text = GOOD.replace('address = "127.0.0.1:8500"', 'address = "https://consul.internal:8501"')
+    cfg = load_config(write(tmp_path, text), env={"CONSUL_HTTP_TOKEN": "s3cret"})
+    assert (cfg.consul.scheme, cfg.consul.host, cfg.consul.port) == ("https", "consul.internal", 8501)
+    assert cfg.consul.token == "s3cret"
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "fragments"),
+    [
+        ('timeout = "10m"', 'timeout = "10m"\ncolour = "red"', ["[jobs.report]", "colour", "unknown key"]),
+        ('node = "n1"', 'node = "n1"\nnmae = "x"', ["[agent]", "nmae", "unknown key"]),
+        ('schedule = "*/5 * * * *"', 'schedule = "*/5 * * *"', ["[jobs.report]", "schedule"]),
+        ('schedule = "*/5 * * * *"', 'schedule = "61 * * * *"', ["[jobs.report]", "schedule"]),
+        ('timezone = "Europe/Berlin"', 'timezone = "Mars/Olympus"', ["[jobs.report]", "timezone", "Mars/Olympus"]),
+        ('timeout = "10m"', 'timeout = "10"', ["[jobs.report]", "timeout"]),
+        ('timeout = "10m"', "timeout = 10", ["[jobs.report]", "timeout", "duration"]),
+        ('command = ["/usr/bin/env", "true"]', 'command = "true"', ["[jobs.report]", "command", "list"]),
+        ('command = ["/usr/bin/env", "true"]', "command = []", ["[jobs.report]", "command", "required"]),
+        ('command = ["/usr/bin/env", "true"]', 'command = ["a", 1]', ["[jobs.report]", "command", "item 1"]),
+        ("[jobs.report]", "[jobs.\"bad name/..\"]", ["bad name/..", "invalid"]),
+        ('address = "127.0.0.1:8500"', 'address = "127.0.0.1:8500"\nsession_ttl = "5s"', ["[consul]", "session_ttl", "minimum"]),
+        ('address = "127.0.0.1:8500"', 'address = "127.0.0.1:8500"\nlock_delay = "0s"', ["[consul]", "lock_delay"]),
+        ('url = "redis://127.0.0.1:6379/0"', 'url = "http://x"', ["[redis]", "url"]),
+        ('node = "n1"', 'node = "n1"\nleader_eligible = "yes"', ["[agent]", "leader_eligible", "true or false"]),
+        ('timeout = "10m"', 'timeout = "10m"\ncatchup = "some"', ["[jobs.report]", "catchup", "'some'"]),
+    ],
+)
+def test_bad_config_is_refused_naming_file_section_and_key(
+    tmp_path: Path, old: str, new: str, fragments: list[str]
+) -> None:
+    assert old in GOOD
+    path = write(tmp_path, GOOD.replace(old, new, 1))
+    with pytest.raises(ConfigError) as err:
+        load_config(path, env={})
+    message = str(err.value)
+    assert str(path) in message
+    for fragment in fragments:
+        assert fragment in message, message
+
+
+def test_malformed_toml_names_the_file_and_line(tmp_path: Path) -> None:
+    path = write(tmp_path, GOOD + "\n[jobs.x\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path, env={})
+    assert str(path) in str(err.value) and "invalid TOML" in str(err.value)
+
+
+def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read config"):
+        load_config(tmp_path / "nope.toml", env={})

@@ -1,0 +1,157 @@
+"""The agent: wires membership, leadership, the scheduler and the consumer, and shuts down cleanly.
+
+Threads: membership heartbeat, elector, scheduler driver, consumer fetch loop, lease heartbeat.
+The main thread only waits for signals: SIGTERM/SIGINT stop, SIGHUP reloads the config.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from collections.abc import Callable
+from types import FrameType
+
+import redis
+import structlog
+
+from scheduler.clock import Clock, SystemClock
+from scheduler.errors import ConfigError, ConnectionFailure
+from scheduler.ticker import TickLoop
+from worker.config import Config, load_config
+from worker.consulapi import CALL_TIMEOUT_S, CONSUL_ERRORS, make_clients
+from worker.consumer import Consumer
+from worker.keys import Keys
+from worker.leadership import CONTEND_WAIT_S, Elector, Term
+from worker.membership import Membership
+from worker.queue import RedisQueue
+from worker.scheduling import SchedulerDriver
+from worker.sink import RedisSink
+from worker.watchdog import Watchdog
+
+# Redis calls answer in milliseconds; a socket that is silent this long is a dead connection.
+REDIS_SOCKET_TIMEOUT_S = 5.0
+# How long startup retries an unreachable Consul or Redis before giving up with exit code 3
+# (systemd's Restart=on-failure then tries again later).
+STARTUP_RETRY_S = 30.0
+# XREADGROUP blocks for up to a second; the socket timeout must not cut that short.
+FETCH_SLACK_S = 2.0
+
+
+def redis_client(url: str) -> redis.Redis:
+    return redis.Redis.from_url(
+        url, socket_timeout=REDIS_SOCKET_TIMEOUT_S + FETCH_SLACK_S,
+        socket_connect_timeout=REDIS_SOCKET_TIMEOUT_S, health_check_interval=30,
+    )
+
+
+class Agent:
+    def __init__(self, cfg: Config, clock: Clock | None = None) -> None:
+        self.cfg = cfg
+        self.clock: Clock = clock or SystemClock()
+        self.stop = threading.Event()
+        self._log = structlog.get_logger("cronsul.agent").bind(node=cfg.agent.node)
+        self._threads: list[threading.Thread] = []
+        self._reload_requested = threading.Event()
+
+        self.redis = redis_client(cfg.redis.url)
+        keys = Keys(cfg.redis.key_prefix)
+        self.sink = RedisSink(self.redis, keys)
+        self.queue = RedisQueue(self.redis, keys, cfg.agent.node)
+        c = cfg.consul
+        self.membership = Membership(
+            make_clients(c, CALL_TIMEOUT_S).call, cfg.agent.node, cfg.agent.address,
+            c.check_ttl.total_seconds(), {"config_hash": cfg.config_hash, "pid": str(os.getpid())},
+        )
+        self.elector = Elector(
+            make_clients(c, CONTEND_WAIT_S), c, self.membership, cfg.agent.address, self.clock,
+            eligible=self._eligible, on_change=self._leadership_changed,
+        )
+        self.ticker = TickLoop([j.scheduled() for j in cfg.jobs.values()], self.sink, self.sink)
+        settle = max(c.session_ttl, c.lock_delay).total_seconds() + 1.0
+        self.driver = SchedulerDriver(self.ticker, self.sink, self.elector, self.clock, settle)
+        self.watchdog = Watchdog()
+        self.consumer = Consumer(cfg, self.queue, self.watchdog, self.clock)
+
+    def _eligible(self) -> bool:
+        return self.cfg.agent.leader_eligible and not self.stop.is_set()
+
+    def _leadership_changed(self, term: Term | None) -> None:
+        self.driver.wake.set()
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def _startup(self) -> None:
+        self._retry("redis", self.redis.ping)
+        self._retry("consul", self.membership.register)
+
+    def _retry(self, what: str, call: Callable[[], object]) -> None:
+        deadline = self.clock.monotonic() + STARTUP_RETRY_S
+        while True:
+            try:
+                call()
+                return
+            except (redis.RedisError, *CONSUL_ERRORS) as exc:
+                if self.clock.monotonic() > deadline or self.stop.is_set():
+                    raise ConnectionFailure(f"cannot reach {what}: {exc}") from exc
+                self._log.warning("startup_waiting", service=what, error=str(exc)[:200])
+                self.stop.wait(1.0)
+
+    def _spawn(self, name: str, target: Callable[[threading.Event], None],
+               stop: threading.Event) -> None:
+        t = threading.Thread(target=target, args=(stop,), name=name, daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    def run(self) -> int:
+        """Run until SIGTERM/SIGINT. Returns the exit code."""
+        self._install_signals()
+        self._startup()
+        self.watchdog.start()
+        run_stop = threading.Event()  # consumer threads outlive leadership during shutdown
+        self._spawn("membership", self.membership.run, run_stop)
+        self._spawn("elector", self.elector.run, self.stop)
+        self._spawn("scheduler", self.driver.run, self.stop)
+        self._spawn("consumer", self.consumer.run, self.stop)
+        self._spawn("lease-heartbeat", self.consumer.heartbeat, run_stop)
+        self._log.info("agent_started", jobs=len(self.cfg.jobs), pid=os.getpid(),
+                       eligible=self.cfg.agent.leader_eligible, config_hash=self.cfg.config_hash)
+        while not self.stop.wait(0.5):
+            if self._reload_requested.is_set():
+                self._reload_requested.clear()
+                self.reload()
+        return self._shutdown(run_stop)
+
+    def _shutdown(self, run_stop: threading.Event) -> int:
+        self._log.info("agent_stopping", running=self.consumer.running)
+        self.elector.shutdown()  # revoke the lease, release, destroy: successor takes over now
+        self.driver.wake.set()
+        self.membership.deregister()
+        finished = self.consumer.drain(self.cfg.worker.shutdown_grace.total_seconds())
+        run_stop.set()
+        self.consumer.close()
+        self.watchdog.stop()  # kills whatever is still running; its lease lapses, it is reclaimed
+        self._log.info("agent_stopped", all_runs_finished=finished)
+        return 0
+
+    def reload(self) -> None:
+        try:
+            cfg = load_config(self.cfg.path)
+        except ConfigError as exc:
+            self._log.error("reload_refused", error=str(exc))
+            return
+        self.cfg = cfg
+        self.consumer.set_jobs(cfg)
+        self.driver.reload([j.scheduled() for j in cfg.jobs.values()])
+        self._log.info("config_reloaded", jobs=len(cfg.jobs), config_hash=cfg.config_hash)
+
+    def _install_signals(self) -> None:
+        def on_stop(signum: int, frame: FrameType | None) -> None:
+            self.stop.set()
+
+        def on_hup(signum: int, frame: FrameType | None) -> None:
+            self._reload_requested.set()
+
+        signal.signal(signal.SIGTERM, on_stop)
+        signal.signal(signal.SIGINT, on_stop)
+        signal.signal(signal.SIGHUP, on_hup)

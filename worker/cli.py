@@ -1,0 +1,225 @@
+"""``cronsul``: the agent and the operator's commands.
+
+Exit codes: 0 ok, 1 runtime failure (a run failed, an operation was refused), 2 usage or config
+error, 3 cannot reach Consul or Redis.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import uuid
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from scheduler.errors import ConfigError, ConnectionFailure, CronsulError
+from scheduler.runs import iso_utc
+from scheduler.schedule import fire_times
+from worker.config import Config, load_config
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+DEFAULT_CONFIG = "/etc/cronsul/cronsul.toml"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"cronsul: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="cronsul", description=__doc__.split("\n")[0] if __doc__ else None)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    def with_config(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        sp.add_argument("-c", "--config", default=os.environ.get("CRONSUL_CONFIG", DEFAULT_CONFIG),
+                        help=f"config file (default: $CRONSUL_CONFIG or {DEFAULT_CONFIG})")
+        return sp
+
+    a = with_config(sub.add_parser("agent", help="run the agent (what the systemd unit runs)"))
+    a.add_argument("--log-level", default="info")
+    ck = with_config(sub.add_parser("check", help="validate the config, show next fire times"))
+    ck.add_argument("-n", type=int, default=5, help="fire times per job (default 5)")
+    ck.add_argument("--json", action="store_true")
+    nx = with_config(sub.add_parser("next", help="next fire times of one job"))
+    nx.add_argument("job")
+    nx.add_argument("-n", type=int, default=20)
+    nx.add_argument("--json", action="store_true")
+    st = with_config(sub.add_parser("status", help="leader and nodes, from Consul"))
+    st.add_argument("--json", action="store_true")
+    rn = with_config(sub.add_parser("run", help="enqueue a run now (or --local: run it here)"))
+    rn.add_argument("job")
+    rn.add_argument("--local", action="store_true", help="run in the foreground, no Consul/Redis")
+    rn.add_argument("--param", action="append", default=[], metavar="K=V")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except ConfigError as exc:
+        print(f"cronsul: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except ConnectionFailure as exc:
+        print(f"cronsul: {exc}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    except CronsulError as exc:
+        print(f"cronsul: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config)
+    if args.command == "agent":
+        from worker.agent import Agent
+        from worker.logs import configure
+
+        configure(args.log_level)
+        return Agent(cfg).run()
+    if args.command == "check":
+        return _check(cfg, args.n, args.json)
+    if args.command == "next":
+        return _next(cfg, args.job, args.n, args.json)
+    if args.command == "status":
+        return _status(cfg, args.json)
+    if args.command == "run":
+        return _run(cfg, args.job, args.local, args.param)
+    raise ConfigError(f"unknown command {args.command!r}")  # argparse prevents this
+
+
+def _upcoming(cfg: Config, job: str, n: int) -> list[datetime]:
+    spec = cfg.jobs[job]
+    out: list[datetime] = []
+    after = datetime.now(UTC)
+    while len(out) < n:
+        nxt = spec.schedule.next_fire(after)
+        if nxt is None:
+            break
+        out.append(nxt)
+        after = nxt
+    return out
+
+
+def _local(when: datetime, tz: str) -> str:
+    from zoneinfo import ZoneInfo
+
+    return when.astimezone(ZoneInfo(tz)).isoformat()
+
+
+def _check(cfg: Config, n: int, as_json: bool) -> int:
+    report: dict[str, Any] = {"config": str(cfg.path), "config_hash": cfg.config_hash, "jobs": {}}
+    for name, spec in sorted(cfg.jobs.items()):
+        report["jobs"][name] = {
+            "schedule": spec.schedule.expression, "timezone": spec.timezone,
+            "command": list(spec.command),
+            "next": [_local(t, spec.timezone) for t in _upcoming(cfg, name, n)],
+        }
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return EXIT_OK
+    print(f"{cfg.path}: OK, {len(cfg.jobs)} job(s), config hash {cfg.config_hash}")
+    for name, job in report["jobs"].items():
+        print(f"\n{name}: {job['schedule']!r} ({job['timezone']})")
+        for t in job["next"]:
+            print(f"  {t}")
+    return EXIT_OK
+
+
+def _next(cfg: Config, job: str, n: int, as_json: bool) -> int:
+    if job not in cfg.jobs:
+        raise ConfigError(f"{cfg.path}: no job named {job!r} (jobs: {', '.join(sorted(cfg.jobs))})")
+    spec = cfg.jobs[job]
+    times = _upcoming(cfg, job, n)
+    if as_json:
+        print(json.dumps({"job": job, "timezone": spec.timezone,
+                          "next": [iso_utc(t) for t in times]}))
+    else:
+        for t in times:
+            print(f"{_local(t, spec.timezone)}  ({iso_utc(t)})")
+    return EXIT_OK
+
+
+def _status(cfg: Config, as_json: bool) -> int:
+    from worker.consulapi import CALL_TIMEOUT_S, CONSUL_ERRORS, make_clients
+
+    c = make_clients(cfg.consul, CALL_TIMEOUT_S).call
+    try:
+        _, entry = c.kv.get(cfg.consul.leader_key)
+        _, nodes = c.health.service("cronsul")
+    except CONSUL_ERRORS as exc:
+        raise ConnectionFailure(f"cannot reach Consul at {cfg.consul.host}:{cfg.consul.port}: "
+                                f"{exc}") from exc
+    leader: dict[str, Any] | None = None
+    if entry and entry.get("Session") and entry.get("Value"):
+        try:
+            leader = json.loads(entry["Value"])
+        except ValueError:
+            leader = {"raw": entry["Value"].decode(errors="replace")}
+    members = [
+        {"node": n["Service"]["ID"].removeprefix("cronsul-"),
+         "address": n["Service"].get("Address"),
+         "checks": {ch["CheckID"]: ch["Status"] for ch in n.get("Checks", [])},
+         "config_hash": (n["Service"].get("Meta") or {}).get("config_hash")}
+        for n in nodes or []
+    ]
+    if as_json:
+        print(json.dumps({"leader": leader, "nodes": members}, indent=2))
+        return EXIT_OK
+    print(f"leader: {leader['node']} since {leader['since']} (fence {leader['fence']})"
+          if leader else "leader: none")
+    for m in members:
+        health = "passing" if all(s == "passing" for s in m["checks"].values()) else "critical"
+        drift = "" if m["config_hash"] == cfg.config_hash else "  config differs from local"
+        print(f"  {m['node']:<20} {m['address'] or '':<16} {health}{drift}")
+    return EXIT_OK
+
+
+def _run(cfg: Config, job: str, local: bool, params: list[str]) -> int:
+    if job not in cfg.jobs:
+        raise ConfigError(f"{cfg.path}: no job named {job!r}")
+    values: dict[str, str] = {}
+    for p in params:
+        key, sep, value = p.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--param {p!r}: expected NAME=VALUE")
+        values[key] = value
+    spec = cfg.jobs[job]
+    run_id = f"{job}@manual-{uuid.uuid4().hex}"
+    now = datetime.now(UTC)
+    if local:
+        from worker.executor import Execution, job_environment
+
+        env = {"CRONSUL_JOB": job, "CRONSUL_RUN_ID": run_id, "CRONSUL_SCHEDULED_AT": iso_utc(now),
+               "CRONSUL_ATTEMPT": "1", "CRONSUL_NODE": cfg.agent.node}
+        env.update({f"CRONSUL_PARAM_{k.upper()}": v for k, v in values.items()})
+        outcome = Execution(None, cfg.worker.kill_grace.total_seconds()).run(
+            spec.command, job_environment(os.environ, spec.env, env), spec.working_dir,
+            spec.timeout.total_seconds())
+        sys.stdout.write(outcome.output)
+        if outcome.error:
+            print(f"cronsul: {outcome.error}", file=sys.stderr)
+        print(f"cronsul: {run_id} exit_code={outcome.exit_code} signal={outcome.signal} "
+              f"timed_out={outcome.timed_out} duration={outcome.duration_s:.3f}s", file=sys.stderr)
+        return EXIT_OK if outcome.ok else EXIT_FAILURE
+    import redis
+
+    from worker.agent import redis_client
+    from worker.keys import Keys
+    from worker.sink import run_payload
+
+    keys = Keys(cfg.redis.key_prefix)
+    r = redis_client(cfg.redis.url)
+    try:
+        r.xadd(keys.stream(spec.queue), {"p": run_payload(run_id, job, now, values)})
+    except redis.RedisError as exc:
+        raise ConnectionFailure(f"cannot reach Redis: {exc}") from exc
+    print(run_id)
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

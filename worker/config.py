@@ -1,0 +1,285 @@
+"""The agent's TOML configuration: parsed once, validated completely, refused precisely.
+
+Every error names the file, the section (``[jobs.<name>]``) and the key, and is raised before
+the agent touches Consul or Redis (exit code 2).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import tomllib
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from scheduler.errors import ConfigError, ScheduleError
+from scheduler.runs import check_job_name
+from scheduler.schedule import Schedule, parse_schedule, validate_timezone
+from scheduler.ticker import CatchUp, ScheduledJob
+from worker.tomlread import Section
+
+# Consul refuses session TTLs outside 10s..24h (agent/structs: SessionTTLMin/Max).
+SESSION_TTL_MIN = timedelta(seconds=10)
+SESSION_TTL_MAX = timedelta(hours=24)
+# Consul caps lock-delay at 60s. We need at least 1s: the leader's local lease is derived from
+# min(session_ttl, lock_delay), and with no lock-delay a successor could take the key the
+# instant our session dies, leaving no window in which our lease is provably still ours.
+LOCK_DELAY_MIN = timedelta(seconds=1)
+LOCK_DELAY_MAX = timedelta(seconds=60)
+# The TTL check is passed every check_ttl/3; below one second that is a busy loop on Consul.
+CHECK_TTL_MIN = timedelta(seconds=1)
+# Runs whose lease is not renewed for this long are re-delivered. Shorter than 2 s leaves no room
+# for a renewal round trip at visibility/3 intervals.
+VISIBILITY_MIN = timedelta(seconds=2)
+DEFAULT_CONSUL = "127.0.0.1:8500"
+
+
+@dataclass(frozen=True)
+class AgentSection:
+    node: str
+    address: str
+    timezone: str
+    leader_eligible: bool
+
+
+@dataclass(frozen=True)
+class ConsulSection:
+    scheme: str
+    host: str
+    port: int
+    token: str | None
+    prefix: str
+    session_ttl: timedelta
+    check_ttl: timedelta
+    lock_delay: timedelta
+
+    @property
+    def leader_key(self) -> str:
+        return f"{self.prefix}/leader"
+
+
+@dataclass(frozen=True)
+class RedisSection:
+    url: str
+    key_prefix: str
+
+
+@dataclass(frozen=True)
+class WorkerSection:
+    concurrency: int
+    visibility_timeout: timedelta
+    default_timeout: timedelta
+    kill_grace: timedelta
+    shutdown_grace: timedelta
+    queues: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """A job as the operator defined it."""
+
+    name: str
+    schedule: Schedule
+    timezone: str
+    command: tuple[str, ...]
+    timeout: timedelta
+    catchup: CatchUp
+    catchup_window: timedelta
+    jitter: timedelta
+    queue: str
+    env: tuple[tuple[str, str], ...] = ()
+    working_dir: str | None = None
+
+    def scheduled(self) -> ScheduledJob:
+        return ScheduledJob(
+            name=self.name, schedule=self.schedule, queue=self.queue, catchup=self.catchup,
+            catchup_window=self.catchup_window, jitter=self.jitter,
+        )
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    agent: AgentSection
+    consul: ConsulSection
+    redis: RedisSection
+    worker: WorkerSection
+    jobs: dict[str, JobSpec] = field(default_factory=dict)
+    digest: str = ""
+
+    @property
+    def config_hash(self) -> str:
+        """Short hash of the job definitions, to spot nodes whose schedules drifted apart."""
+        return self.digest[:12]
+
+
+def load_config(path: str | os.PathLike[str], env: dict[str, str] | None = None) -> Config:
+    """Read and validate ``path``. Raises ConfigError naming the file, section and key."""
+    environ = dict(os.environ) if env is None else env
+    file = Path(path)
+    try:
+        raw = file.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{file}: cannot read config: {exc.strerror or exc}") from exc
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{file}: invalid TOML: {exc}") from exc
+
+    top = Section(file, "top level", data)
+    agent = _agent(Section(file, "agent", top.table("agent")))
+    consul = _consul(Section(file, "consul", top.table("consul")), environ)
+    redis = _redis(Section(file, "redis", top.table("redis")))
+    worker = _worker(Section(file, "worker", top.table("worker")))
+    jobs_table = top.table("jobs")
+    top.check_unknown()
+    jobs: dict[str, JobSpec] = {}
+    for name, body in jobs_table.items():
+        try:
+            check_job_name(name)
+        except ConfigError as exc:
+            raise ConfigError(f"{file}: [jobs.{name}]: {exc}") from exc
+        if not isinstance(body, dict):
+            raise ConfigError(f"{file}: [jobs.{name}]: expected a table, got {body!r}")
+        jobs[name] = _job(Section(file, f"jobs.{name}", body), name, agent, worker)
+    digest = hashlib.sha256(
+        json.dumps(jobs_table, sort_keys=True, default=str).encode()
+    ).hexdigest()
+    return Config(file, agent, consul, redis, worker, jobs, digest)
+
+
+def _agent(s: Section) -> AgentSection:
+    node = s.string("node") or socket.gethostname()
+    try:
+        check_job_name(node)
+    except ConfigError as exc:
+        raise s.fail("node", f"{node!r} is not a valid node name (same alphabet as job names)") \
+            from exc
+    timezone = s.string("timezone", "UTC") or "UTC"
+    try:
+        validate_timezone(timezone, job="(agent default)")
+    except ScheduleError as exc:
+        raise s.fail("timezone", str(exc)) from exc
+    out = AgentSection(
+        node=node,
+        address=s.string("address") or socket.gethostname(),
+        timezone=timezone,
+        leader_eligible=s.boolean("leader_eligible", True),
+    )
+    s.check_unknown()
+    return out
+
+
+def _consul(s: Section, env: dict[str, str]) -> ConsulSection:
+    address = s.string("address") or env.get("CONSUL_HTTP_ADDR") or DEFAULT_CONSUL
+    scheme, host, port = _parse_address(s, address)
+    token = s.string("token")
+    token_file = s.string("token_file")
+    if token and token_file:
+        raise s.fail("token_file", "set token or token_file, not both")
+    if token_file:
+        try:
+            token = Path(token_file).read_text().strip()
+        except OSError as exc:
+            raise s.fail("token_file", f"cannot read {token_file}: {exc.strerror}") from exc
+    token = token or env.get("CONSUL_HTTP_TOKEN") or None
+    prefix = (s.string("prefix", "cronsul") or "cronsul").strip("/")
+    out = ConsulSection(
+        scheme=scheme, host=host, port=port, token=token, prefix=prefix,
+        session_ttl=s.duration("session_ttl", "15s", low=SESSION_TTL_MIN, high=SESSION_TTL_MAX),
+        check_ttl=s.duration("check_ttl", "5s", low=CHECK_TTL_MIN),
+        lock_delay=s.duration("lock_delay", "5s", low=LOCK_DELAY_MIN, high=LOCK_DELAY_MAX),
+    )
+    s.check_unknown()
+    return out
+
+
+def _parse_address(s: Section, address: str) -> tuple[str, str, int]:
+    text = address if "://" in address else f"http://{address}"
+    parsed = urlparse(text)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise s.fail("address", f"{address!r} is not host:port or an http(s) URL")
+    try:
+        port = parsed.port or (443 if parsed.scheme == "https" else 8500)
+    except ValueError as exc:
+        raise s.fail("address", f"{address!r} has an invalid port") from exc
+    return parsed.scheme, parsed.hostname, port
+
+
+def _redis(s: Section) -> RedisSection:
+    url = s.string("url", "redis://127.0.0.1:6379/0") or ""
+    if urlparse(url).scheme not in ("redis", "rediss", "unix"):
+        raise s.fail("url", f"{url!r} is not a redis://, rediss:// or unix:// URL")
+    out = RedisSection(url=url, key_prefix=s.string("key_prefix", "cronsul") or "cronsul")
+    s.check_unknown()
+    return out
+
+
+def _worker(s: Section) -> WorkerSection:
+    queues = s.strings("queues") or ["default"]
+    out = WorkerSection(
+        concurrency=s.integer("concurrency", 4, low=1, high=1024),
+        visibility_timeout=s.duration("visibility_timeout", "30s", low=VISIBILITY_MIN),
+        default_timeout=s.duration("default_timeout", "1h", low=timedelta(seconds=1)),
+        kill_grace=s.duration("kill_grace", "10s", low=timedelta(0)),
+        shutdown_grace=s.duration("shutdown_grace", "30s", low=timedelta(0)),
+        queues=tuple(queues),
+    )
+    for q in out.queues:
+        try:
+            check_job_name(q)
+        except ConfigError as exc:
+            raise s.fail("queues", f"queue name {q!r} is invalid") from exc
+    s.check_unknown()
+    return out
+
+
+def _job(s: Section, name: str, agent: AgentSection, worker: WorkerSection) -> JobSpec:
+    expr = s.string("schedule")
+    if expr is None:
+        raise s.fail("schedule", "is required")
+    timezone = s.string("timezone", agent.timezone) or agent.timezone
+    try:
+        validate_timezone(timezone, job=name)
+    except ScheduleError as exc:
+        raise s.fail("timezone", str(exc)) from exc
+    try:
+        schedule = parse_schedule(expr, job=name, timezone=timezone)
+    except ScheduleError as exc:
+        raise s.fail("schedule", str(exc)) from exc
+    command = s.strings("command")
+    if not command:
+        raise s.fail("command", "is required: a non-empty list of strings (argv, no shell)")
+    env: dict[str, Any] = dict(s.table("env"))
+    for key, value in env.items():
+        if not isinstance(value, str):
+            raise s.fail("env", f"value of {key!r} must be a string")
+        if not key or "=" in key or "\0" in key:
+            raise s.fail("env", f"{key!r} is not a valid environment variable name")
+    queue = s.string("queue", "default") or "default"
+    try:
+        check_job_name(queue)
+    except ConfigError as exc:
+        raise s.fail("queue", f"queue name {queue!r} is invalid") from exc
+    catchup = s.choice("catchup", "all", ("all", "latest", "none"))
+    out = JobSpec(
+        name=name,
+        schedule=schedule,
+        timezone=schedule.timezone,
+        command=tuple(command),
+        timeout=s.duration("timeout", f"{int(worker.default_timeout.total_seconds())}s",
+                           low=timedelta(milliseconds=100)),
+        catchup=catchup,  # type: ignore[arg-type]  # checked against the Literal's values above
+        catchup_window=s.duration("catchup_window", "5m", low=timedelta(seconds=1)),
+        jitter=s.duration("jitter", "0s", low=timedelta(0)),
+        queue=queue,
+        env=tuple(sorted(env.items())),
+        working_dir=s.string("working_dir"),
+    )
+    s.check_unknown()
+    return out

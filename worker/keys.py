@@ -1,0 +1,42 @@
+"""Every Redis key cronsul uses, in one place. Names are built only from validated identifiers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# The consumer group every node joins on every queue stream.
+GROUP = "cronsul"
+
+
+@dataclass(frozen=True)
+class Keys:
+    prefix: str
+
+    @property
+    def fence(self) -> str:
+        """Hash {epoch, index}: the highest fence token any leader has written with."""
+        return f"{self.prefix}:fence"
+
+    def run(self, run_id: str) -> str:
+        """Hash: the run record; its creation (HSETNX state) is the run id's one-time claim."""
+        return f"{self.prefix}:run:{run_id}"
+
+    def lease(self, run_id: str) -> str:
+        """String: the token of the node executing the run, with a PX expiry renewed by heartbeat."""
+        return f"{self.prefix}:lease:{run_id}"
+
+    def cursor(self, job: str) -> str:
+        """String: epoch ms of the newest scheduled tick of ``job`` already handled."""
+        return f"{self.prefix}:cursor:{job}"
+
+    def stream(self, queue: str) -> str:
+        return f"{self.prefix}:q:{queue}"
+
+    @property
+    def dead(self) -> str:
+        """Stream of dead letters: reason, error, payload."""
+        return f"{self.prefix}:dlq"
+
+    def history(self, job: str) -> str:
+        """Sorted set of run ids by finish time, for ``cronsul history``."""
+        return f"{self.prefix}:hist:{job}"

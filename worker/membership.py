@@ -1,0 +1,73 @@
+"""Service registration and the TTL health check that keeps this node's session alive."""
+
+from __future__ import annotations
+
+import threading
+
+import consul
+import structlog
+
+from worker.consulapi import CONSUL_ERRORS
+
+SERVICE_NAME = "cronsul"
+
+
+class Membership:
+    """Registers ``cronsul-<node>`` with a TTL check and passes it every check_ttl/3."""
+
+    def __init__(self, client: consul.Consul, node: str, address: str, check_ttl_s: float,
+                 meta: dict[str, str]) -> None:
+        self._c = client
+        self.node = node
+        self.service_id = f"{SERVICE_NAME}-{node}"
+        self.check_id = f"service:{self.service_id}"
+        self._address = address
+        self._ttl = check_ttl_s
+        self._meta = meta
+        self._log = structlog.get_logger("cronsul.membership").bind(node=node)
+        self.registered = threading.Event()
+        self.healthy = True  # cleared while the agent should look unhealthy (wedged)
+
+    def register(self) -> None:
+        # Register passing: a session listing a critical check cannot be created, and a TTL
+        # check registered without a status starts critical (consul-semantics.md).
+        self._c.agent.service.register(
+            SERVICE_NAME, service_id=self.service_id, address=self._address,
+            tags=["cronsul"], meta=self._meta,
+            check={"TTL": f"{self._ttl:g}s", "Status": "passing",
+                   # A node that vanished for good leaves no ghost service behind.
+                   "DeregisterCriticalServiceAfter": "24h",
+                   "Notes": "passed by the cronsul agent every check_ttl/3"},
+        )
+        self.registered.set()
+        self._log.info("service_registered", service_id=self.service_id)
+
+    def heartbeat(self) -> bool:
+        """Pass the TTL check; re-register when Consul forgot us (its state was lost)."""
+        try:
+            self._c.agent.check.ttl_pass(self.check_id, notes="ok")
+            return True
+        except CONSUL_ERRORS as exc:
+            # 404 on new Consul, 500 "does not have associated TTL" on 1.10: both mean the
+            # check is gone. Anything else is a transient failure; either way re-register.
+            self._log.warning("check_pass_failed", error=str(exc)[:200])
+            try:
+                self.register()
+                return True
+            except CONSUL_ERRORS as exc2:
+                self._log.warning("register_failed", error=str(exc2)[:200])
+                return False
+
+    def deregister(self) -> None:
+        try:
+            self._c.agent.service.deregister(self.service_id)
+            self._log.info("service_deregistered", service_id=self.service_id)
+        except CONSUL_ERRORS as exc:
+            self._log.warning("deregister_failed", error=str(exc)[:200])
+        self.registered.clear()
+
+    def run(self, stop: threading.Event) -> None:
+        """The heartbeat loop (its own thread)."""
+        interval = self._ttl / 3
+        while not stop.wait(interval):
+            self.heartbeat()

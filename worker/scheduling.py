@@ -1,0 +1,107 @@
+"""Runs the pure TickLoop while this node leads, with the fence and lease wired in."""
+
+from __future__ import annotations
+
+import threading
+
+import redis
+import structlog
+
+from scheduler.clock import Clock
+from scheduler.errors import FencedOff, LeadershipLost
+from scheduler.ports import Fence
+from scheduler.runs import iso_utc
+from scheduler.ticker import ScheduledJob, TickLoop
+from worker.leadership import Elector, Term
+from worker.sink import RedisSink
+
+# Upper bound on one sleep of the loop, so a lease that lapses between ticks is noticed (and a
+# term change picked up) even when the next tick is an hour away.
+MAX_SLEEP_S = 1.0
+# Pause after a Redis error before the next attempt.
+REDIS_BACKOFF_S = 0.5
+
+
+class SchedulerDriver:
+    def __init__(self, ticker: TickLoop, sink: RedisSink, elector: Elector, clock: Clock,
+                 settle_s: float) -> None:
+        self.ticker = ticker
+        self._sink = sink
+        self._elector = elector
+        self._clock = clock
+        # How long any earlier leader's local lease can outlive its loss of the key; waited
+        # out before raising the fence epoch after Consul's index went backwards.
+        self._settle_s = settle_s
+        self.wake = threading.Event()
+        self._pending: list[ScheduledJob] | None = None
+        self._log = structlog.get_logger("cronsul.scheduler")
+
+    def run(self, stop: threading.Event) -> None:
+        current: Term | None = None
+        while not stop.is_set():
+            pending, self._pending = self._pending, None
+            if pending is not None:
+                self.ticker.set_jobs(pending, self._clock.now())
+                self._log.info("schedules_reloaded", jobs=len(pending))
+            term = self._elector.term
+            lease = self._elector.lease
+            if term is None or not lease.valid():
+                if current is not None:
+                    self.ticker.end_term()
+                    current = None
+                self.wake.wait(0.1)
+                self.wake.clear()
+                continue
+            try:
+                if term is not current:
+                    fence = self._open_fence(term, stop)
+                    if fence is None:
+                        continue
+                    self.ticker.start_term(fence, self._clock.now())
+                    current = term
+                    self._log.info("scheduler_started", fence=f"{fence.epoch}/{fence.index}",
+                                   jobs=len(self.ticker.jobs))
+                deadline = self.ticker.tick(self._clock.now(), lease)
+                self._report()
+            except FencedOff as exc:
+                self._log.error("fenced_off", error=str(exc))
+                self._elector.shutdown()  # another leader has written: step down for good
+                current = None
+                continue
+            except LeadershipLost as exc:
+                self._log.warning("tick_refused", reason=str(exc))
+                continue
+            except redis.RedisError as exc:
+                self._log.warning("redis_error", error=str(exc)[:200])
+                stop.wait(REDIS_BACKOFF_S)
+                continue
+            sleep = (deadline - self._clock.now()).total_seconds()
+            if sleep > 0:
+                self.wake.wait(min(sleep, MAX_SLEEP_S))
+                self.wake.clear()
+
+    def reload(self, jobs: list[ScheduledJob]) -> None:
+        """Hand new schedules to the loop thread; applied before its next pass."""
+        self._pending = jobs
+        self.wake.set()
+
+    def _open_fence(self, term: Term, stop: threading.Event) -> Fence | None:
+        fence = self._sink.open_fence(term.index)
+        if fence is not None:
+            return fence
+        seen = self._sink.highest_fence()
+        self._log.warning("consul_index_regressed", consul_index=term.index,
+                          highest=f"{seen.epoch}/{seen.index}", settle_s=self._settle_s)
+        # Consul's state was lost or restored. Earlier leaders' fences are higher than ours,
+        # but their leases end at most settle_s after they lost the key: wait that out while
+        # still leading, then raise the epoch (CAS) so any of them still writing is refused.
+        if stop.wait(self._settle_s) or self._elector.term is not term:
+            return None
+        return self._sink.rebase_fence(seen, term.index)
+
+    def _report(self) -> None:
+        r = self.ticker.last_report
+        if r.enqueued or r.deduplicated:
+            self._log.info("ticks_enqueued", enqueued=r.enqueued, deduplicated=r.deduplicated,
+                           max_lag_ms=round(max(r.lags, default=0.0) * 1000, 1),
+                           at=iso_utc(self._clock.now()))
