@@ -1,0 +1,164 @@
+"""Cron lines: 5 fields, 6 fields with seconds first, names, L/#/W, aliases and Jenkins ``H``.
+
+croniter does the field math, always on NAIVE local wall-clock times (its own time-zone
+handling has had DST bugs); :mod:`scheduler.wallclock` turns each candidate into UTC under the
+DST policy. The expression is expanded once, at parse time; ``next_fire`` only iterates.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from zoneinfo import ZoneInfo
+
+from croniter import CroniterBadDateError, CroniterError, croniter
+
+from scheduler.wallclock import (
+    local_wall_time,
+    overlap_end,
+    require_aware,
+    resolve_wall_time,
+    schedule_error,
+)
+
+# Plain cron meaning, whatever hashing is in use: "@hourly" is minute 0, not a hashed minute as
+# in Jenkins (write "H * * * *" for that). croniter's own alias table is bypassed on purpose,
+# because it switches to hashed forms as soon as a hash_id is given.
+ALIASES: dict[str, str] = {
+    "@yearly": "0 0 1 1 *",
+    "@annually": "0 0 1 1 *",
+    "@monthly": "0 0 1 * *",
+    "@weekly": "0 0 * * 0",
+    "@daily": "0 0 * * *",
+    "@midnight": "0 0 * * *",
+    "@hourly": "0 * * * *",
+}
+
+MINUTE_FIELDS = 5  # minute hour day-of-month month day-of-week
+SECOND_FIELDS = 6  # second minute hour day-of-month month day-of-week (seconds FIRST)
+_DOM_INDEX = {MINUTE_FIELDS: 2, SECOND_FIELDS: 3}
+_UNIX_NAMES = ("minute", "hour", "day-of-month", "month", "day-of-week")
+FIELD_NAMES = {MINUTE_FIELDS: _UNIX_NAMES, SECOND_FIELDS: ("second", *_UNIX_NAMES)}
+
+# Jenkins hashes H in day-of-month over 1-28 so that the day exists in every month; croniter
+# would use 1-31 (and a job hashed to the 30th would skip February). Rewrite to match Jenkins.
+_BARE_DOM_HASH = re.compile(r"^[hH](/\d+)?$", re.ASCII)
+# croniter's R (random) differs per process: two leaders would disagree on the fire times.
+_RANDOM_ITEM = re.compile(r"(^|,)[rR]($|[(/,])", re.ASCII)
+_FIELDS = re.compile(r"\S+", re.ASCII)
+_HASH = re.compile(r"[hH]", re.ASCII)
+
+# A fixed, arbitrary start for the parse-time "does this ever fire?" probe, so that parsing
+# stays pure (no clock) and gives the same verdict on every node.
+_PROBE_START = datetime(2000, 1, 1)
+# Safety net for the resolve loop in next_fire: by the policy's monotonicity the first candidate
+# past the start almost always resolves after `after`; this only bounds pathological zones.
+_MAX_CANDIDATES = 10_000
+
+
+@dataclass(frozen=True)
+class CronSchedule:
+    """One cron line in one zone. Satisfies :class:`scheduler.schedule.Schedule`."""
+
+    expression: str
+    timezone: str
+    job: str
+    zone: ZoneInfo = field(repr=False)
+    # The expanded expression (croniter instance, never advanced itself: each call works on a
+    # shallow copy so that concurrent callers cannot disturb each other).
+    _prototype: croniter = field(repr=False, compare=False)
+    uses_seconds: bool = field(default=False, compare=False)
+
+    def next_fire(self, after: datetime) -> datetime | None:
+        after_utc = require_aware(after, "after")
+        start = overlap_end(after_utc, self.zone)
+        if start is None:
+            start = local_wall_time(after_utc, self.zone)
+        else:
+            start -= timedelta(seconds=1)  # so that the end of the overlap is itself a candidate
+        # Candidates are whole seconds: dropping the fraction keeps croniter's float timestamps
+        # exact and cannot skip one (a candidate > start is > the fractional time as well).
+        start = start.replace(microsecond=0, fold=0)
+        iterator = copy.copy(self._prototype)
+        try:
+            for _ in range(_MAX_CANDIDATES):
+                candidate: datetime = iterator.get_next(datetime, start_time=start)
+                fire = resolve_wall_time(candidate, self.zone)
+                if fire > after_utc:
+                    return fire
+                start = candidate
+        except (CroniterBadDateError, OverflowError):
+            return None  # no further match before the end of the calendar
+        return None
+
+
+def parse_cron_line(line: str, *, job: str, timezone: str, zone: ZoneInfo) -> CronSchedule:
+    """Parse one cron line (or alias); ScheduleError naming job and line on any problem."""
+    text = line.strip()
+    lowered = text.lower()
+    if lowered.startswith("@"):
+        if lowered not in ALIASES:
+            known = ", ".join([*ALIASES, "@every", "@at"])
+            raise schedule_error(job, line, f"unknown alias {text!r} (known: {known})")
+        text = ALIASES[lowered]
+    fields = _FIELDS.findall(text)
+    if len(fields) not in (MINUTE_FIELDS, SECOND_FIELDS):
+        raise schedule_error(
+            job, line,
+            f"expected 5 fields (minute hour day-of-month month day-of-week) or 6 fields "
+            f"(second minute hour day-of-month month day-of-week), got {len(fields)}")
+    for item in fields:
+        if _RANDOM_ITEM.search(item):
+            raise schedule_error(
+                job, line, f"field {item!r}: R (random) is not supported because every node "
+                f"must compute the same times; use H (hashed from the job name)")
+    dom = _DOM_INDEX[len(fields)]
+    if _BARE_DOM_HASH.match(fields[dom]):
+        fields[dom] = "H(1-28)" + fields[dom][1:]
+    normalized = " ".join(fields)
+    hashed = any(_HASH.search(item) for item in fields)
+    try:
+        prototype = croniter(
+            normalized,
+            _PROBE_START,
+            ret_type=datetime,
+            hash_id=job.encode("utf-8") if hashed else None,
+            second_at_beginning=len(fields) == SECOND_FIELDS,
+        )
+    except (CroniterError, ValueError, KeyError, IndexError, TypeError) as exc:
+        reason = _bad_field(fields, job) or _croniter_reason(exc)
+        raise schedule_error(job, line, f"invalid cron expression: {reason}") from exc
+    try:
+        copy.copy(prototype).get_next(datetime, start_time=_PROBE_START)
+    except CroniterBadDateError as exc:
+        raise schedule_error(job, line, "never fires (no date matches all fields)") from exc
+    return CronSchedule(
+        expression=line,
+        timezone=timezone,
+        job=job,
+        zone=zone,
+        _prototype=prototype,
+        uses_seconds=len(fields) == SECOND_FIELDS,
+    )
+
+
+def _bad_field(fields: list[str], job: str) -> str | None:
+    """Name the first field croniter refuses on its own, e.g. "hour field '25': ..."."""
+    names = FIELD_NAMES[len(fields)]
+    for index, item in enumerate(fields):
+        probe = ["*"] * len(fields)
+        probe[index] = item
+        try:
+            croniter(" ".join(probe), _PROBE_START, hash_id=job.encode("utf-8"),
+                     second_at_beginning=len(fields) == SECOND_FIELDS)
+        except (CroniterError, ValueError, KeyError, IndexError, TypeError) as exc:
+            return f"{names[index]} field {item!r}: {_croniter_reason(exc)}"
+    return None
+
+
+def _croniter_reason(exc: Exception) -> str:
+    """croniter's message without the traceback it sometimes embeds."""
+    lines = [part.strip() for part in str(exc).strip().splitlines() if part.strip()]
+    return lines[-1] if lines else type(exc).__name__
