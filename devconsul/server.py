@@ -93,7 +93,14 @@ class Handler(BaseHTTPRequestHandler):
             query=parse_qs(parts.query, keep_blank_values=True), body=body,
             headers={k.lower(): v for k, v in self.headers.items()},
         )
-        resp = self.server.app.dispatch(req)
+        faults = self.server.app.faults
+        if control:  # a control call (say, "refuse this node") must not cut itself off
+            faults.untrack(self.server.node, self.connection)
+        try:
+            resp = self.server.app.dispatch(req)
+        finally:
+            if control:
+                faults.track(self.server.node, self.connection)
         if not control and not self._gate():
             return
         self._send(resp)
