@@ -48,13 +48,13 @@ _BARE_DOM_HASH = re.compile(r"^[hH](/\d+)?$", re.ASCII)
 # croniter's R (random) differs per process: two leaders would disagree on the fire times.
 _RANDOM_ITEM = re.compile(r"(^|,)[rR]($|[(/,])", re.ASCII)
 _FIELDS = re.compile(r"\S+", re.ASCII)
-_HASH = re.compile(r"[hH]", re.ASCII)
 
 # A fixed, arbitrary start for the parse-time "does this ever fire?" probe, so that parsing
 # stays pure (no clock) and gives the same verdict on every node.
 _PROBE_START = datetime(2000, 1, 1)
 # Safety net for the resolve loop in next_fire: by the policy's monotonicity the first candidate
-# past the start almost always resolves after `after`; this only bounds pathological zones.
+# past the start resolves after `after` in every zone tested; this only bounds the unforeseen
+# (an error then, never a silent "no more fires").
 _MAX_CANDIDATES = 10_000
 
 
@@ -69,7 +69,6 @@ class CronSchedule:
     # The expanded expression (croniter instance, never advanced itself: each call works on a
     # shallow copy so that concurrent callers cannot disturb each other).
     _prototype: croniter = field(repr=False, compare=False)
-    uses_seconds: bool = field(default=False, compare=False)
 
     def next_fire(self, after: datetime) -> datetime | None:
         after_utc = require_aware(after, "after")
@@ -91,7 +90,8 @@ class CronSchedule:
                 start = candidate
         except (CroniterBadDateError, OverflowError):
             return None  # no further match before the end of the calendar
-        return None
+        raise schedule_error(self.job, self.expression, f"no fire time found after "
+                             f"{after_utc.isoformat()} within {_MAX_CANDIDATES} candidates")
 
 
 def parse_cron_line(line: str, *, job: str, timezone: str, zone: ZoneInfo) -> CronSchedule:
@@ -118,13 +118,14 @@ def parse_cron_line(line: str, *, job: str, timezone: str, zone: ZoneInfo) -> Cr
     if _BARE_DOM_HASH.match(fields[dom]):
         fields[dom] = "H(1-28)" + fields[dom][1:]
     normalized = " ".join(fields)
-    hashed = any(_HASH.search(item) for item in fields)
     try:
         prototype = croniter(
             normalized,
             _PROBE_START,
             ret_type=datetime,
-            hash_id=job.encode("utf-8") if hashed else None,
+            # Only H fields use it (aliases were expanded above, so croniter's hashed alias
+            # table never applies): crc32 of the job name, stable across processes.
+            hash_id=job.encode("utf-8"),
             second_at_beginning=len(fields) == SECOND_FIELDS,
         )
     except (CroniterError, ValueError, KeyError, IndexError, TypeError) as exc:
@@ -140,7 +141,6 @@ def parse_cron_line(line: str, *, job: str, timezone: str, zone: ZoneInfo) -> Cr
         job=job,
         zone=zone,
         _prototype=prototype,
-        uses_seconds=len(fields) == SECOND_FIELDS,
     )
 
 
