@@ -30,7 +30,7 @@ def epoch_ms(when: datetime) -> int:
     """Milliseconds since the Unix epoch of an aware datetime."""
     if when.tzinfo is None:
         raise ValueError("epoch_ms needs an aware datetime")
-    return int(round(when.timestamp() * 1000))
+    return round(when.timestamp() * 1000)
 
 
 def from_epoch_ms(ms: int) -> datetime:

@@ -169,7 +169,9 @@ class TickLoop:
         self.last_report = report
         return next_deadline
 
-    def _due_ticks(self, job: ScheduledJob, now: datetime) -> tuple[list[datetime], datetime | None]:
+    def _due_ticks(
+        self, job: ScheduledJob, now: datetime
+    ) -> tuple[list[datetime], datetime | None]:
         """Ticks after the cursor whose fire time has come, and the next fire time after them."""
         due: list[datetime] = []
         cursor = self._cursors.setdefault(job.name, now)

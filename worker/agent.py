@@ -91,7 +91,7 @@ class Agent:
             try:
                 call()
                 return
-            except (redis.RedisError, *CONSUL_ERRORS) as exc:
+            except (redis.RedisError, *CONSUL_ERRORS) as exc:  # type: ignore[misc]
                 if self.clock.monotonic() > deadline or self.stop.is_set():
                     raise ConnectionFailure(f"cannot reach {what}: {exc}") from exc
                 self._log.warning("startup_waiting", service=what, error=str(exc)[:200])

@@ -17,7 +17,6 @@ from typing import Any
 
 from scheduler.errors import ConfigError, ConnectionFailure, CronsulError
 from scheduler.runs import iso_utc
-from scheduler.schedule import fire_times
 from worker.config import Config, load_config
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3

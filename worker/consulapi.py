@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import consul
 import requests
 
+import consul
 from worker.config import ConsulSection
 
 # Ordinary calls (renew, acquire, register) should answer in milliseconds; five seconds is long

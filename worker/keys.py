@@ -22,7 +22,7 @@ class Keys:
         return f"{self.prefix}:run:{run_id}"
 
     def lease(self, run_id: str) -> str:
-        """String: the token of the node executing the run, with a PX expiry renewed by heartbeat."""
+        """String: the executing node's token, with a PX expiry renewed by heartbeat."""
         return f"{self.prefix}:lease:{run_id}"
 
     def cursor(self, job: str) -> str:

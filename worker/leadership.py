@@ -237,7 +237,9 @@ class Elector:
             was, self._term = self._term, None
             sid, self._session = self._session, None
         if was is not None:
-            self._log.warning("leadership_lost", reason=reason, session=was.session)
+            level = self._log.info if reason == "shutdown" else self._log.warning
+            level("leadership_lost" if reason != "shutdown" else "leadership_released",
+                  reason=reason, session=was.session)
             self._on_change(None)
         if sid is not None:
             self._release_and_destroy(sid)

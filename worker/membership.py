@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import threading
 
-import consul
 import structlog
 
+import consul
 from worker.consulapi import CONSUL_ERRORS
 
 SERVICE_NAME = "cronsul"
@@ -39,6 +39,9 @@ class Membership:
                    "DeregisterCriticalServiceAfter": "24h",
                    "Notes": "passed by the cronsul agent every check_ttl/3"},
         )
+        # Re-registering keeps the check's old status (a restarted agent's check may still be
+        # critical from its dead predecessor), so pass it explicitly before anyone relies on it.
+        self._c.agent.check.ttl_pass(self.check_id, notes="registered")
         self.registered.set()
         self._log.info("service_registered", service_id=self.service_id)
 

@@ -102,7 +102,7 @@ class RedisQueue:
                     raise
 
     def fetch(self, queues: Sequence[str], count: int, block_ms: int) -> list[Delivery]:
-        streams = {self._keys.stream(q): ">" for q in queues}
+        streams: dict[Any, Any] = {self._keys.stream(q): ">" for q in queues}
         try:
             reply = self._r.xreadgroup(GROUP, self._consumer, streams, count=count, block=block_ms)
         except redis.ResponseError as exc:
@@ -180,17 +180,22 @@ class RedisQueue:
             except redis.ResponseError:
                 continue
             for item in pending:
-                entry_id = _s(item["message_id"])
-                entries = self._r.xrange(stream, entry_id, entry_id)
-                payload = entries[0][1].get(b"p") if entries else None
-                run_id = _run_id_of(payload)
-                if run_id is not None and self._r.exists(self._keys.lease(run_id)):
-                    continue  # alive on some node: its lease is being renewed
-                claimed = self._r.xclaim(stream, GROUP, self._consumer, min_idle_ms, [entry_id])
-                for cid, fields in claimed or []:
-                    out.append(Delivery(q, _s(cid), (fields or {}).get(b"p"),
-                                        int(item.get("times_delivered", 1)) + 1))
+                out.extend(self._reclaim_one(q, stream, item, min_idle_ms))
         return out
+
+    def _reclaim_one(self, queue: str, stream: str, item: Any, min_idle_ms: int) -> list[Delivery]:
+        entry_id = _s(item["message_id"])
+        entries: Any = self._r.xrange(stream, entry_id, entry_id)
+        payload = entries[0][1].get(b"p") if entries else None
+        run_id = _run_id_of(payload)
+        if run_id is not None and self._r.exists(self._keys.lease(run_id)):
+            return []  # alive on some node: its lease is being renewed
+        claimed: Any = self._r.xclaim(stream, GROUP, self._consumer, min_idle_ms, [entry_id])
+        return [
+            Delivery(queue, _s(cid), (fields or {}).get(b"p"),
+                     int(item.get("times_delivered", 1)) + 1)
+            for cid, fields in claimed or []
+        ]
 
     def record(self, run_id: str) -> dict[str, str]:
         raw = self._r.hgetall(self._keys.run(run_id))

@@ -15,6 +15,7 @@ Commands, one per line: ``track <pgid>``, ``untrack <pgid>``, ``deadline <monoto
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import signal
@@ -26,10 +27,8 @@ import time
 
 def _kill_groups(groups: set[int]) -> None:
     for pgid in groups:
-        try:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pgid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
     groups.clear()
 
 

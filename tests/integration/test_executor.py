@@ -1,0 +1,105 @@
+"""Job processes: argv without a shell, process groups killed on timeout and with the agent."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from cronsul_testing import wait_until
+from worker.executor import Execution, job_environment
+from worker.watchdog import Watchdog
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is dead for our purpose; it only waits for its parent to reap it.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_argv_is_not_interpreted_by_a_shell(tmp_path: Path) -> None:
+    hostile = "$(touch pwned); `touch pwned2`; rm -rf /nonexistent"
+    out = Execution(None, 1).run(["/bin/echo", hostile], {"PATH": "/usr/bin:/bin"},
+                                 str(tmp_path), 10)
+    assert out.ok and out.output == hostile + "\n"
+    assert not (tmp_path / "pwned").exists() and not (tmp_path / "pwned2").exists()
+
+
+def test_environment_has_base_job_and_cronsul_variables_only() -> None:
+    env = job_environment({"PATH": "/bin", "CONSUL_HTTP_TOKEN": "secret", "HOME": "/root"},
+                          [("APP_MODE", "batch")], {"CRONSUL_JOB": "j"})
+    assert env == {"PATH": "/bin", "HOME": "/root", "APP_MODE": "batch", "CRONSUL_JOB": "j"}
+
+
+def test_timeout_kills_the_whole_process_group(tmp_path: Path) -> None:
+    pidfile = tmp_path / "child.pid"
+    script = f"sleep 300 & echo $! > {pidfile}; wait"
+    started = time.monotonic()
+    out = Execution(None, 0.5).run(["/bin/sh", "-c", script], {"PATH": "/usr/bin:/bin"}, None, 1.0)
+    assert out.timed_out and not out.ok
+    assert time.monotonic() - started < 5
+    child = int(pidfile.read_text())
+    wait_until(lambda: not pid_alive(child), 5, what="grandchild to die")
+
+
+def test_term_ignoring_job_is_killed_after_grace(tmp_path: Path) -> None:
+    script = "trap '' TERM; sleep 300"
+    out = Execution(None, 0.3).run(["/bin/sh", "-c", script], {"PATH": "/usr/bin:/bin"}, None, 0.5)
+    assert out.timed_out and out.signal == signal.SIGKILL
+
+
+def test_output_tail_is_capped() -> None:
+    out = Execution(None, 1).run(
+        [sys.executable, "-c", "import sys; sys.stdout.write('x' * 300000 + 'END')"],
+        {"PATH": "/usr/bin:/bin"}, None, 10)
+    assert out.output_bytes == 300003
+    assert out.output.endswith("END") and len(out.output) == 64 * 1024
+
+
+def test_missing_command_is_reported_not_raised() -> None:
+    out = Execution(None, 1).run(["/nonexistent/binary"], {}, None, 5)
+    assert not out.ok and out.error is not None and "/nonexistent/binary" in out.error
+
+
+def test_watchdog_kills_tracked_groups_when_its_owner_dies(tmp_path: Path) -> None:
+    # A throwaway "agent" process owns a watchdog and a job, then is SIGKILLed.
+    pidfile = tmp_path / "job.pid"
+    owner_code = f"""
+import subprocess, sys, time
+from worker.watchdog import Watchdog
+w = Watchdog(); w.start()
+p = subprocess.Popen(["sleep", "300"], start_new_session=True)
+w.track(p.pid)
+open({str(pidfile)!r}, "w").write(str(p.pid))
+time.sleep(300)
+"""
+    owner = subprocess.Popen([sys.executable, "-c", owner_code],
+                             env={**os.environ, "PYTHONPATH": os.getcwd()})
+    wait_until(lambda: pidfile.exists() and pidfile.read_text(), 10, what="job start")
+    job = int(pidfile.read_text())
+    assert pid_alive(job)
+    owner.kill()
+    owner.wait()
+    wait_until(lambda: not pid_alive(job), 5, what="orphaned job to be killed")
+
+
+def test_watchdog_kills_when_the_deadline_passes_unrenewed() -> None:
+    w = Watchdog()
+    w.start()
+    try:
+        p = subprocess.Popen(["sleep", "300"], start_new_session=True)
+        w.track(p.pid)
+        w.deadline(time.monotonic() + 0.5)  # as if the agent froze right after this renewal
+        assert p.wait(5) == -signal.SIGKILL
+    finally:
+        w.stop()
