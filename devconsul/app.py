@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import socket
 import threading
 from collections.abc import Callable
 
@@ -17,6 +19,8 @@ from devconsul.web import Request, Response
 
 log = logging.getLogger("devconsul")
 
+# serve_forever's selector timeout: only a fallback, shutdown() wakes servers with a connection.
+POLL_INTERVAL = 5.0
 Handler = Callable[["App", Request, str], Response]
 READ = ("GET", "HEAD")
 WRITE = ("PUT", "POST")
@@ -91,8 +95,8 @@ class App:
             server = AgentHTTPServer((self.host, port), self, node)
             self._servers[node] = server
             bound = int(server.server_address[1])
-            threading.Thread(target=server.serve_forever, name=f"devconsul-http-{node}",
-                             daemon=True).start()
+            threading.Thread(target=server.serve_forever, args=(POLL_INTERVAL,),
+                             name=f"devconsul-http-{node}", daemon=True).start()
         if node != self.main_node:
             self.store.write(lambda st, idx, now: st.agents.__setitem__(node, bound))
             self.store.save()
@@ -131,7 +135,16 @@ class App:
         self.store.stop()
         with self._lock:
             servers = list(self._servers.values())
+        # shutdown() blocks until serve_forever notices; stop them all at once and wake each
+        # selector with a connection instead of waiting for its poll interval.
+        stoppers = [threading.Thread(target=s.shutdown, daemon=True) for s in servers]
+        for t in stoppers:
+            t.start()
         for server in servers:
-            server.shutdown()
+            with contextlib.suppress(OSError), \
+                    socket.create_connection((self.host, server.server_address[1]), timeout=1):
+                pass
+        for t, server in zip(stoppers, servers, strict=True):
+            t.join(POLL_INTERVAL + 1)
             server.server_close()
-        self.store.save()
+        self.store.close()

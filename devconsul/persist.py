@@ -1,4 +1,10 @@
-"""Saving and reloading the state (``--data-dir``), like a Consul server's Raft snapshot.
+"""Saving and reloading the state (``--data-dir``), like a Consul server's snapshot + log.
+
+``state.json`` is a full snapshot written atomically (temp file + rename); ``journal.log``
+holds one JSON line per KV-only apply after it (the common, hot case), so a KV write costs an
+append instead of a snapshot. Lines at or below the snapshot's index are skipped on replay,
+and a torn last line is ignored. The journal is folded into a new snapshot every
+``MAX_JOURNAL_LINES`` lines and whenever sessions or the catalog change.
 
 Deadlines are not saved: on reload, like after a real leader change, session TTL timers
 restart at the full 2 x TTL, check TTLs restart at their full TTL, and lock-delays are gone
@@ -10,14 +16,16 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from devconsul import catalog, sessions
 from devconsul.model import CRITICAL, Check, KVEntry, Node, Service, Session
-from devconsul.state import TABLES, State
+from devconsul.state import TABLES, Changes, State
 
 FORMAT_VERSION = 1
 STATE_FILE = "state.json"
+JOURNAL_FILE = "journal.log"
+MAX_JOURNAL_LINES = 2000
 
 
 def dump(st: State) -> dict[str, Any]:
@@ -60,18 +68,70 @@ def load(raw: dict[str, Any], now: float) -> State:
     return st
 
 
-def save(st: State, data_dir: Path) -> None:
-    """Write atomically: a crash leaves either the old file or the new one."""
-    target = data_dir / STATE_FILE
-    tmp = data_dir / (STATE_FILE + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(dump(st), fh, separators=(",", ":"))
-    os.replace(tmp, target)
+def _replay(st: State, line: str) -> None:
+    rec = json.loads(line)
+    if int(rec["i"]) <= st.index:
+        return
+    for raw in rec["set"]:
+        st.kvs[raw["key"]] = KVEntry.from_state(raw)
+    for key, idx in rec["del"].items():
+        st.kvs.pop(key, None)
+        st.tombstones[key] = int(idx)
+    st.index = int(rec["i"])
+    st.table_index["kvs"] = int(rec["t"])
 
 
-def read(data_dir: Path, now: float) -> State | None:
-    path = data_dir / STATE_FILE
-    if not path.exists():
-        return None
-    with open(path, encoding="utf-8") as fh:
-        return load(json.load(fh), now)
+class Persister:
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        self._journal: IO[str] | None = None
+        self._lines = 0
+
+    def read(self, now: float) -> State | None:
+        path = self.data_dir / STATE_FILE
+        if not path.exists():
+            return None
+        with open(path, encoding="utf-8") as fh:
+            st = load(json.load(fh), now)
+        journal = self.data_dir / JOURNAL_FILE
+        if journal.exists():
+            with open(journal, encoding="utf-8") as fh:
+                for line in fh:
+                    try:
+                        _replay(st, line)
+                    except (ValueError, KeyError):  # a line torn by a crash: the end
+                        break
+        return st
+
+    def save(self, st: State) -> None:
+        """Write a full snapshot atomically, then start an empty journal."""
+        target = self.data_dir / STATE_FILE
+        tmp = self.data_dir / (STATE_FILE + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump(dump(st), fh, separators=(",", ":"))
+        os.replace(tmp, target)
+        if self._journal is not None:
+            self._journal.close()
+        self._journal = open(self.data_dir / JOURNAL_FILE, "w", encoding="utf-8")  # noqa: SIM115
+        self._lines = 0
+
+    def commit(self, st: State, changes: Changes) -> None:
+        """Persist one apply: a journal line for KV-only changes, else a snapshot."""
+        if changes.tables != {"kvs"} or self._journal is None \
+                or self._lines >= MAX_JOURNAL_LINES:
+            self.save(st)
+            return
+        rec = {
+            "i": st.index,
+            "t": st.table_index["kvs"],
+            "set": [st.kvs[k].to_state() for k in sorted(changes.kv_keys) if k in st.kvs],
+            "del": {k: st.tombstones[k] for k in sorted(changes.kv_keys) if k not in st.kvs},
+        }
+        self._journal.write(json.dumps(rec, separators=(",", ":")) + "\n")
+        self._journal.flush()  # in the OS's hands: survives the process being killed
+        self._lines += 1
+
+    def close(self) -> None:
+        if self._journal is not None:
+            self._journal.close()
+            self._journal = None

@@ -60,9 +60,12 @@ class Store:
         self._timer_cond = threading.Condition(self._lock)
         self._waiters: set[_Waiter] = set()
         self._stopped = False
-        loaded = persist.read(data_dir, clock.now()) if data_dir else None
+        self._persister = persist.Persister(data_dir) if data_dir is not None else None
+        loaded = self._persister.read(clock.now()) if self._persister is not None else None
         self.state = loaded if loaded is not None else State()
         self.restored = loaded is not None
+        if self._persister is not None:
+            self._persister.save(self.state)
         self._thread = threading.Thread(target=self._timer_loop, name="devconsul-timers",
                                         daemon=True)
 
@@ -99,8 +102,16 @@ class Store:
 
     def save(self) -> None:
         with self._lock:
-            if self.data_dir is not None:
-                persist.save(self.state, self.data_dir)
+            if self._persister is not None:
+                self._persister.save(self.state)
+
+    def close(self) -> None:
+        """Final snapshot; no more persistence afterwards."""
+        with self._lock:
+            if self._persister is not None:
+                self._persister.save(self.state)
+                self._persister.close()
+                self._persister = None
 
     def _committed(self) -> None:
         st = self.state
@@ -109,8 +120,8 @@ class Store:
             for w in self._waiters:
                 if w.watch.touched_by(changes):
                     w.event.set()
-            if self.data_dir is not None:
-                persist.save(st, self.data_dir)
+            if self._persister is not None:
+                self._persister.commit(st, changes)
         if st.timers_moved_earlier:
             st.timers_moved_earlier = False
             self._timer_cond.notify()

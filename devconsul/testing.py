@@ -33,7 +33,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
-from devconsul.persist import STATE_FILE
+from devconsul.persist import JOURNAL_FILE, STATE_FILE
 
 HOST = "127.0.0.1"
 READY_PREFIX = "devconsul listening on "
@@ -163,8 +163,9 @@ class DevConsul:
         """Stop and start on the same ports (agent endpoints included)."""
         self.stop()
         if not keep_state:
-            with contextlib.suppress(FileNotFoundError):
-                (self.data_dir / STATE_FILE).unlink()
+            for name in (STATE_FILE, JOURNAL_FILE):
+                with contextlib.suppress(FileNotFoundError):
+                    (self.data_dir / name).unlink()
         self.start()
 
     def close(self) -> None:

@@ -8,9 +8,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-import consul
 import requests
 
+import consul
 from devconsul.testing import DevConsul
 
 T = TypeVar("T")

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any
 
-import consul
 import pytest
 import requests
 
+import consul
 from devconsul.testing import DevConsul
 
 
@@ -25,7 +26,7 @@ def cluster(own_dev: DevConsul) -> tuple[DevConsul, Any, Any]:
 
 
 def test_each_endpoint_is_its_own_node(cluster: tuple[DevConsul, Any, Any]) -> None:
-    dev, a, b = cluster
+    _, a, b = cluster
     assert a.agent.self()["Config"]["NodeName"] == "node-a"
     assert b.agent.self()["Config"]["NodeName"] == "node-b"
     a.agent.service.register("web", service_id="web-a", check={"TTL": "30s",
@@ -59,8 +60,6 @@ def test_refuse_cuts_an_open_blocking_query(cluster: tuple[DevConsul, Any, Any])
     dev, a, _ = cluster
     index, _ = a.kv.get("blocked")
     blocking = client(dev.agent_address("node-a"), timeout=20)
-    import threading
-
     threading.Timer(0.5, lambda: dev.fault("node-a", "refuse")).start()
     start = time.monotonic()
     with pytest.raises(requests.exceptions.ConnectionError):

@@ -5,9 +5,9 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import consul
 import requests
 
+import consul
 from devconsul.testing import DevConsul
 
 

@@ -7,7 +7,6 @@ import threading
 import time
 from typing import Any
 
-import consul
 from consul_contract_support import (
     Target,
     catalog_check,
@@ -16,6 +15,8 @@ from consul_contract_support import (
     unique,
     wait_check_status,
 )
+
+import consul
 
 
 def register(c: Any, target: Target, services: list[str], ttl: str = "30s",

@@ -6,9 +6,10 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import consul
 import pytest
 from consul_contract_support import Target
+
+import consul
 
 LOCK_DELAY = 1.0  # seconds; short so the suite stays fast
 

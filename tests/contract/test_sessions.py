@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import consul
 import pytest
 from consul_contract_support import Target
+
+import consul
 
 
 def test_defaults(c: Any, target: Target, sessions: list[str]) -> None:
