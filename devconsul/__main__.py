@@ -16,6 +16,7 @@ from pathlib import Path
 from types import FrameType
 
 from devconsul import catalog
+from devconsul.acl import KnownTokens
 from devconsul.app import App
 from devconsul.clock import Clock
 from devconsul.store import Store
@@ -37,6 +38,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--agent", type=_agent_arg, action="append", default=[],
                    metavar="NAME=PORT", help="extra agent endpoint (PORT 0 = pick a free one)")
     p.add_argument("--data-dir", type=Path, help="persist state here and reload it on start")
+    p.add_argument("--acl-token", action="append", default=[], metavar="TOKEN",
+                   help="enforce ACLs coarsely: /v1/ calls need one of these tokens, else 403")
     p.add_argument("--verbose", action="store_true", help="log every request to stderr")
     return p.parse_args(argv)
 
@@ -50,7 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     store = Store(Clock(), args.data_dir)
     store.start()
     lines: list[str] = []
-    app = App(store, args.node_name, args.host, announce=lines.append, verbose=args.verbose)
+    acl = KnownTokens(args.acl_token) if args.acl_token else None
+    app = App(store, args.node_name, args.host, announce=lines.append, verbose=args.verbose,
+              acl=acl)
     store.write(lambda st, idx, now: catalog.ensure_node(st, idx, args.node_name))
     app.add_agent(args.node_name, args.port)
     agents = dict(store.read(lambda st: dict(st.agents)))

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from devconsul import catalog, control
 from devconsul import routes_agent as ra
 from devconsul import routes_kv as rk
+from devconsul.acl import AllowAll, Authorizer
 from devconsul.errors import ConsulError
 from devconsul.faults import FaultBoard
 from devconsul.server import AgentHTTPServer
@@ -72,8 +73,10 @@ ROUTES: list[tuple[tuple[str, ...], str, bool, Handler]] = [
 
 class App:
     def __init__(self, store: Store, main_node: str, host: str = "127.0.0.1",
-                 announce: Callable[[str], None] = print, verbose: bool = False) -> None:
+                 announce: Callable[[str], None] = print, verbose: bool = False,
+                 acl: Authorizer | None = None) -> None:
         self.store = store
+        self.acl: Authorizer = acl or AllowAll()
         self.main_node = main_node
         self.host = host
         self.faults = FaultBoard()
@@ -121,6 +124,7 @@ class App:
 
     def _call(self, handler: Handler, req: Request, arg: str) -> Response:
         try:
+            self.acl.authorize(req)
             return handler(self, req, arg)
         except ConsulError as exc:
             return Response.of_text(exc.message, exc.status)

@@ -87,7 +87,7 @@ def test_parked_blocking_queries_and_load(own_dev: DevConsul) -> None:
     assert not errors
     assert rate > WRITE_RATE * 0.8, f"only {rate:.0f} requests/s"
     assert not results, "unrelated writes woke a blocking query on another key"
-    assert busy < 0.8, f"server used {busy:.0%} CPU for {rate:.0f} writes/s"
+    assert busy < 0.5, f"server used {busy:.0%} CPU for {rate:.0f} writes/s"
 
     # 3. Each parked query answers promptly once its own key changes.
     written_at = time.monotonic()

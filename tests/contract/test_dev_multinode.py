@@ -152,3 +152,23 @@ def test_state_dump(own_dev: DevConsul) -> None:
     state = own_dev.state()
     assert [e["key"] for e in state["kvs"]] == ["k"]
     assert state["endpoints"][own_dev.node_name] == own_dev.port
+
+
+def test_deregister_critical_service_after_reaps_the_service(own_dev: DevConsul) -> None:
+    """Consul raises DeregisterCriticalServiceAfter to at least 1 minute; step past it."""
+    c = client(own_dev.address)
+    c.agent.service.register("doomed", service_id="doomed",
+                             check={"TTL": "1s", "Status": "passing",
+                                    "DeregisterCriticalServiceAfter": "1s"})
+    deadline = time.monotonic() + 4
+    while c.agent.checks()["service:doomed"]["Status"] != "critical":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    own_dev.step_clock(30)
+    time.sleep(0.1)
+    assert "doomed" in c.agent.services()
+    own_dev.step_clock(31)
+    deadline = time.monotonic() + 2
+    while "doomed" in c.agent.services():
+        assert time.monotonic() < deadline
+        time.sleep(0.02)

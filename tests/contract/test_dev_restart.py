@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
+import pytest
 import requests
 
 import consul
-from devconsul.testing import DevConsul
+from devconsul.testing import REPO_ROOT, DevConsul, free_port
 
 
 def client(address: str, timeout: float = 5.0) -> Any:
@@ -75,3 +81,32 @@ def test_sigkill_keeps_what_was_written(own_dev: DevConsul) -> None:
     own_dev.kill()
     own_dev.start()
     assert client(own_dev.address).kv.get("durable")[1]["Value"] == b"yes"
+
+
+def test_sigterm_exits_cleanly(own_dev: DevConsul) -> None:
+    proc = own_dev.proc
+    assert proc is not None
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(10) == 0
+
+
+@pytest.mark.skipif(bool(os.environ.get("CONSUL_HTTP_ADDR")), reason="dev-server-only test")
+def test_acl_enforcement_mode(tmp_path: Path) -> None:
+    """Optional coarse mode (--acl-token): unknown tokens get 403 Permission denied."""
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "devconsul", "--port", str(port),
+                             "--acl-token", "s3cret"], stdout=subprocess.PIPE, text=True,
+                            env=env)
+    try:
+        assert proc.stdout is not None and "listening" in proc.stdout.readline()
+        url = f"http://127.0.0.1:{port}/v1/kv/k"
+        r = requests.put(url, data=b"v", timeout=5)
+        assert r.status_code == 403 and "Permission denied" in r.text
+        with pytest.raises(consul.ACLPermissionDenied):
+            consul.Consul(port=port, timeout=5).kv.put("k", "v")
+        assert consul.Consul(port=port, token="s3cret", timeout=5).kv.put("k", "v") is True
+        assert requests.get(url, params={"token": "s3cret"}, timeout=5).status_code == 200
+    finally:
+        proc.terminate()
+        proc.wait(10)
