@@ -113,7 +113,14 @@ def redis_server(appendonly: bool = False) -> Iterator[RedisServer]:
 
 
 def toml_value(value: Any) -> str:
-    return json.dumps(value) if not isinstance(value, bool) else str(value).lower()
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{json.dumps(k)} = {toml_value(v)}"
+                                for k, v in value.items()) + " }"
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    return json.dumps(value)
 
 
 def render_config(sections: dict[str, dict[str, Any]], jobs: dict[str, dict[str, Any]]) -> str:

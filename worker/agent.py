@@ -21,9 +21,13 @@ from scheduler.ticker import TickLoop
 from worker.config import Config, load_config
 from worker.consulapi import CALL_TIMEOUT_S, CONSUL_ERRORS, make_clients
 from worker.consumer import Consumer
+from worker.controls import PauseWatcher, SchedulePublisher, schedule_document
 from worker.keys import Keys
 from worker.leadership import CONTEND_WAIT_S, Elector, Term
+from worker.maintenance import MaintenanceWatch
 from worker.membership import Membership
+from worker.metrics import AgentMetrics
+from worker.ops import Ops
 from worker.queue import RedisQueue
 from worker.scheduling import SchedulerDriver
 from worker.sink import RedisSink
@@ -54,30 +58,56 @@ class Agent:
         self._threads: list[threading.Thread] = []
         self._reload_requested = threading.Event()
 
+        self.metrics = AgentMetrics()
         self.redis = redis_client(cfg.redis.url)
+        self.metrics.instrument_redis(self.redis)
         keys = Keys(cfg.redis.key_prefix)
         self.sink = RedisSink(self.redis, keys)
         self.queue = RedisQueue(self.redis, keys, cfg.agent.node)
         c = cfg.consul
         self.membership = Membership(
-            make_clients(c, CALL_TIMEOUT_S).call, cfg.agent.node, cfg.agent.address,
+            make_clients(c, CALL_TIMEOUT_S, self.metrics.consul_error).call, cfg.agent.node,
+            cfg.agent.address,
             c.check_ttl.total_seconds(), {"config_hash": cfg.config_hash, "pid": str(os.getpid())},
         )
         self.elector = Elector(
-            make_clients(c, CONTEND_WAIT_S), c, self.membership, cfg.agent.address, self.clock,
+            make_clients(c, CONTEND_WAIT_S, self.metrics.consul_error), c, self.membership,
+            cfg.agent.address, self.clock,
             eligible=self._eligible, on_change=self._leadership_changed,
         )
+        self.pauses = PauseWatcher(make_clients(c, CONTEND_WAIT_S), c.prefix)
         self.ticker = TickLoop([j.scheduled() for j in cfg.jobs.values()], self.sink, self.sink)
         settle = max(c.session_ttl, c.lock_delay).total_seconds() + 1.0
-        self.driver = SchedulerDriver(self.ticker, self.sink, self.elector, self.clock, settle)
+        self.driver = SchedulerDriver(self.ticker, self.sink, self.elector, self.clock, settle,
+                                      self.pauses)
+        self.publisher = SchedulePublisher(make_clients(c, CALL_TIMEOUT_S), c.prefix, self.clock,
+                                           self._schedule_document)
         self.watchdog = Watchdog()
         self.consumer = Consumer(cfg, self.queue, self.watchdog, self.clock)
+        self.consumer.hooks = self.metrics
+        self.driver.on_report = self.metrics.tick_report
+        self.maintenance = MaintenanceWatch(
+            make_clients(c, CALL_TIMEOUT_S, self.metrics.consul_error).call,
+            self.membership.service_id, self.consumer.accepting, self.elector.step_down,
+            lambda: self.consumer.running, self.stop)
+        self.ops = Ops(self, lambda: self._threads)  # sd_notify, watchdog, /metrics, /healthz
 
     def _eligible(self) -> bool:
-        return self.cfg.agent.leader_eligible and not self.stop.is_set()
+        return (self.cfg.agent.leader_eligible and not self.stop.is_set()
+                and not self.maintenance.active)
 
     def _leadership_changed(self, term: Term | None) -> None:
+        self.metrics.leadership(term is not None)
         self.driver.wake.set()
+        self.publisher.wake.set()
+
+    def _schedule_document(self) -> str | None:
+        term = self.elector.term
+        if term is None:
+            return None
+        jobs = {n: j.scheduled() for n, j in self.cfg.jobs.items()}
+        return schedule_document(jobs, self.cfg.agent.node, term.since, self.cfg.config_hash,
+                                 self.pauses.paused, self.clock.now())
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -107,16 +137,22 @@ class Agent:
         """Run until SIGTERM/SIGINT. Returns the exit code."""
         self._install_signals()
         self._startup()
+        self.maintenance.poll_once()  # a node started in maintenance never contends
         self.watchdog.start()
         run_stop = threading.Event()  # consumer threads outlive leadership during shutdown
         self._spawn("membership", self.membership.run, run_stop)
         self._spawn("elector", self.elector.run, self.stop)
+        self._spawn("paused-watch", self.pauses.run, self.stop)
         self._spawn("scheduler", self.driver.run, self.stop)
+        self._spawn("schedule-publisher", self.publisher.run, self.stop)
         self._spawn("consumer", self.consumer.run, self.stop)
         self._spawn("lease-heartbeat", self.consumer.heartbeat, run_stop)
+        self._spawn("maintenance", self.maintenance.run, self.stop)
         self._log.info("agent_started", jobs=len(self.cfg.jobs), pid=os.getpid(),
                        eligible=self.cfg.agent.leader_eligible, config_hash=self.cfg.config_hash)
+        self.ops.start()
         while not self.stop.wait(0.5):
+            self.ops.tick()
             if self._reload_requested.is_set():
                 self._reload_requested.clear()
                 self.reload()
@@ -124,13 +160,16 @@ class Agent:
 
     def _shutdown(self, run_stop: threading.Event) -> int:
         self._log.info("agent_stopping", running=self.consumer.running)
+        self.ops.stopping()
         self.elector.shutdown()  # revoke the lease, release, destroy: successor takes over now
         self.driver.wake.set()
+        self.publisher.wake.set()
         self.membership.deregister()
         finished = self.consumer.drain(self.cfg.worker.shutdown_grace.total_seconds())
         run_stop.set()
         self.consumer.close()
         self.watchdog.stop()  # kills whatever is still running; its lease lapses, it is reclaimed
+        self.ops.close()
         self._log.info("agent_stopped", all_runs_finished=finished)
         return 0
 
@@ -143,6 +182,8 @@ class Agent:
         self.cfg = cfg
         self.consumer.set_jobs(cfg)
         self.driver.reload([j.scheduled() for j in cfg.jobs.values()])
+        self.publisher.wake.set()
+        self.membership.update_meta({"config_hash": cfg.config_hash, "pid": str(os.getpid())})
         self._log.info("config_reloaded", jobs=len(cfg.jobs), config_hash=cfg.config_hash)
 
     def _install_signals(self) -> None:

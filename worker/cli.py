@@ -53,6 +53,17 @@ def build_parser() -> argparse.ArgumentParser:
     rn.add_argument("job")
     rn.add_argument("--local", action="store_true", help="run in the foreground, no Consul/Redis")
     rn.add_argument("--param", action="append", default=[], metavar="K=V")
+    rn.add_argument("--wait", action="store_true", help="follow the run; exit with its status")
+    pa = with_config(sub.add_parser("pause", help="pause a job (writes <prefix>/paused/<job>)"))
+    pa.add_argument("job")
+    pa.add_argument("--reason", default="")
+    rs = with_config(sub.add_parser("resume", help="resume a paused job"))
+    rs.add_argument("job")
+    ic = sub.add_parser("import-crontab", help="turn a crontab into [jobs.*] TOML")
+    ic.add_argument("file", nargs="?", default="-", help="crontab file, or - for stdin")
+    ic.add_argument("--system", action="store_true",
+                    help="system crontab format (/etc/crontab, /etc/cron.d): a user column")
+    ic.add_argument("--prefix", default="cron", help="job name prefix (default: cron)")
     return p
 
 
@@ -72,6 +83,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "import-crontab":
+        from worker.crontab import import_crontab
+
+        return import_crontab(args.file, system=args.system, prefix=args.prefix)
     cfg = load_config(args.config)
     if args.command == "agent":
         from worker.agent import Agent
@@ -86,7 +101,17 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "status":
         return _status(cfg, args.json)
     if args.command == "run":
-        return _run(cfg, args.job, args.local, args.param)
+        if args.local:
+            return _run(cfg, args.job, args.local, args.param)
+        from worker import opcmds
+
+        return opcmds.enqueue(cfg, args.job, args.param, args.wait)
+    if args.command in ("pause", "resume"):
+        from worker import opcmds
+
+        if args.command == "pause":
+            return opcmds.pause(cfg, args.job, args.reason)
+        return opcmds.resume(cfg, args.job)
     raise ConfigError(f"unknown command {args.command!r}")  # argparse prevents this
 
 
@@ -149,6 +174,7 @@ def _status(cfg: Config, as_json: bool) -> int:
     try:
         _, entry = c.kv.get(cfg.consul.leader_key)
         _, nodes = c.health.service("cronsul")
+        _, published = c.kv.get(f"{cfg.consul.prefix}/schedule")
     except CONSUL_ERRORS as exc:
         raise ConnectionFailure(f"cannot reach Consul at {cfg.consul.host}:{cfg.consul.port}: "
                                 f"{exc}") from exc
@@ -158,6 +184,13 @@ def _status(cfg: Config, as_json: bool) -> int:
             leader = json.loads(entry["Value"])
         except ValueError:
             leader = {"raw": entry["Value"].decode(errors="replace")}
+    schedule: dict[str, Any] = {}
+    if published and published.get("Value"):
+        try:
+            schedule = json.loads(published["Value"])
+        except ValueError:
+            schedule = {}
+    reference = schedule.get("config_hash") or cfg.config_hash
     members = [
         {"node": n["Service"]["ID"].removeprefix("cronsul-"),
          "address": n["Service"].get("Address"),
@@ -165,59 +198,47 @@ def _status(cfg: Config, as_json: bool) -> int:
          "config_hash": (n["Service"].get("Meta") or {}).get("config_hash")}
         for n in nodes or []
     ]
+    for m in members:
+        m["drift"] = m["config_hash"] != reference
     if as_json:
-        print(json.dumps({"leader": leader, "nodes": members}, indent=2))
+        print(json.dumps({"leader": leader, "nodes": members, "schedule": schedule}, indent=2))
         return EXIT_OK
     print(f"leader: {leader['node']} since {leader['since']} (fence {leader['fence']})"
           if leader else "leader: none")
+    paused = sorted(n for n, j in schedule.get("jobs", {}).items() if j.get("paused"))
+    if paused:
+        print(f"paused jobs: {', '.join(paused)}")
     for m in members:
         health = "passing" if all(s == "passing" for s in m["checks"].values()) else "critical"
-        drift = "" if m["config_hash"] == cfg.config_hash else "  config differs from local"
+        drift = "  CONFIG DIFFERS FROM THE LEADER'S" if m["drift"] else ""
         print(f"  {m['node']:<20} {m['address'] or '':<16} {health}{drift}")
     return EXIT_OK
 
 
 def _run(cfg: Config, job: str, local: bool, params: list[str]) -> int:
+    """`cronsul run JOB --local`: the job in the foreground, same environment and timeout."""
+    from worker.executor import Execution, job_environment
+    from worker.opcmds import parse_params
+    from worker.params import render_argv
+
     if job not in cfg.jobs:
         raise ConfigError(f"{cfg.path}: no job named {job!r}")
-    values: dict[str, str] = {}
-    for p in params:
-        key, sep, value = p.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--param {p!r}: expected NAME=VALUE")
-        values[key] = value
+    values = parse_params(cfg, job, params)
     spec = cfg.jobs[job]
     run_id = f"{job}@manual-{uuid.uuid4().hex}"
-    now = datetime.now(UTC)
-    if local:
-        from worker.executor import Execution, job_environment
-
-        env = {"CRONSUL_JOB": job, "CRONSUL_RUN_ID": run_id, "CRONSUL_SCHEDULED_AT": iso_utc(now),
-               "CRONSUL_ATTEMPT": "1", "CRONSUL_NODE": cfg.agent.node}
-        env.update({f"CRONSUL_PARAM_{k.upper()}": v for k, v in values.items()})
-        outcome = Execution(None, cfg.worker.kill_grace.total_seconds()).run(
-            spec.command, job_environment(os.environ, spec.env, env), spec.working_dir,
-            spec.timeout.total_seconds())
-        sys.stdout.write(outcome.output)
-        if outcome.error:
-            print(f"cronsul: {outcome.error}", file=sys.stderr)
-        print(f"cronsul: {run_id} exit_code={outcome.exit_code} signal={outcome.signal} "
-              f"timed_out={outcome.timed_out} duration={outcome.duration_s:.3f}s", file=sys.stderr)
-        return EXIT_OK if outcome.ok else EXIT_FAILURE
-    import redis
-
-    from worker.agent import redis_client
-    from worker.keys import Keys
-    from worker.sink import run_payload
-
-    keys = Keys(cfg.redis.key_prefix)
-    r = redis_client(cfg.redis.url)
-    try:
-        r.xadd(keys.stream(spec.queue), {"p": run_payload(run_id, job, now, values)})
-    except redis.RedisError as exc:
-        raise ConnectionFailure(f"cannot reach Redis: {exc}") from exc
-    print(run_id)
-    return EXIT_OK
+    env = {"CRONSUL_JOB": job, "CRONSUL_RUN_ID": run_id,
+           "CRONSUL_SCHEDULED_AT": iso_utc(datetime.now(UTC)), "CRONSUL_ATTEMPT": "1",
+           "CRONSUL_NODE": cfg.agent.node}
+    env.update({f"CRONSUL_PARAM_{k.upper()}": v for k, v in values.items()})
+    outcome = Execution(None, cfg.worker.kill_grace.total_seconds()).run(
+        render_argv(spec.command, values), job_environment(os.environ, spec.env, env),
+        spec.working_dir, spec.timeout.total_seconds())
+    sys.stdout.write(outcome.output)
+    if outcome.error:
+        print(f"cronsul: {outcome.error}", file=sys.stderr)
+    print(f"cronsul: {run_id} exit_code={outcome.exit_code} signal={outcome.signal} "
+          f"timed_out={outcome.timed_out} duration={outcome.duration_s:.3f}s", file=sys.stderr)
+    return EXIT_OK if outcome.ok else EXIT_FAILURE
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ the agent touches Consul or Redis (exit code 2).
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -21,6 +22,7 @@ from scheduler.errors import ConfigError, ScheduleError
 from scheduler.runs import check_job_name
 from scheduler.schedule import Schedule, parse_schedule, validate_timezone
 from scheduler.ticker import CatchUp, ScheduledJob
+from worker.params import load_params_file, normalise_sets, placeholders
 from worker.tomlread import Section
 
 # Consul refuses session TTLs outside 10s..24h (agent/structs: SessionTTLMin/Max).
@@ -80,6 +82,15 @@ class WorkerSection:
 
 
 @dataclass(frozen=True)
+class HttpSection:
+    """``[http] listen = "host:port"``: /metrics and /healthz. None (the default): no server."""
+
+    listen: str | None = None
+    host: str = ""
+    port: int = 0
+
+
+@dataclass(frozen=True)
 class JobSpec:
     """A job as the operator defined it."""
 
@@ -94,11 +105,13 @@ class JobSpec:
     queue: str
     env: tuple[tuple[str, str], ...] = ()
     working_dir: str | None = None
+    params: tuple[dict[str, str], ...] = ()
+    param_names: frozenset[str] = frozenset()
 
     def scheduled(self) -> ScheduledJob:
         return ScheduledJob(
             name=self.name, schedule=self.schedule, queue=self.queue, catchup=self.catchup,
-            catchup_window=self.catchup_window, jitter=self.jitter,
+            catchup_window=self.catchup_window, jitter=self.jitter, params=self.params,
         )
 
 
@@ -111,6 +124,7 @@ class Config:
     worker: WorkerSection
     jobs: dict[str, JobSpec] = field(default_factory=dict)
     digest: str = ""
+    http: HttpSection = field(default_factory=HttpSection)
 
     @property
     def config_hash(self) -> str:
@@ -136,21 +150,53 @@ def load_config(path: str | os.PathLike[str], env: dict[str, str] | None = None)
     consul = _consul(Section(file, "consul", top.table("consul")), environ)
     redis = _redis(Section(file, "redis", top.table("redis")))
     worker = _worker(Section(file, "worker", top.table("worker")))
-    jobs_table = top.table("jobs")
+    http = _http(Section(file, "http", top.table("http")))
+    sources = [(file, top.table("jobs"))]
+    for pattern in top.strings("include") or []:
+        sources.extend(_included(file, pattern))
     top.check_unknown()
     jobs: dict[str, JobSpec] = {}
-    for name, body in jobs_table.items():
+    origin: dict[str, Path] = {}
+    for source, table in sources:
+        for name, body in table.items():
+            try:
+                check_job_name(name)
+            except ConfigError as exc:
+                raise ConfigError(f"{source}: [jobs.{name}]: {exc}") from exc
+            if name in origin:
+                raise ConfigError(f"{source}: [jobs.{name}]: already defined in {origin[name]}")
+            if not isinstance(body, dict):
+                raise ConfigError(f"{source}: [jobs.{name}]: expected a table, got {body!r}")
+            jobs[name] = _job(Section(source, f"jobs.{name}", body), name, agent, worker)
+            origin[name] = source
+    canonical = {name: [list(spec.command), spec.schedule.expression, spec.timezone,
+                        list(spec.params), spec.queue, str(spec.timeout)]
+                 for name, spec in sorted(jobs.items())}
+    digest = hashlib.sha256(json.dumps(canonical, sort_keys=True).encode()).hexdigest()
+    return Config(file, agent, consul, redis, worker, jobs, digest, http)
+
+
+def _included(main: Path, pattern: str) -> list[tuple[Path, dict[str, Any]]]:
+    """Files matched by an `include` glob (relative to the main file's folder), sorted; each
+    may hold only [jobs.*] tables, like a cron.d for teams."""
+    base = pattern if Path(pattern).is_absolute() else str(main.parent / pattern)
+    out: list[tuple[Path, dict[str, Any]]] = []
+    for name in sorted(glob.glob(base)):
+        path = Path(name)
         try:
-            check_job_name(name)
-        except ConfigError as exc:
-            raise ConfigError(f"{file}: [jobs.{name}]: {exc}") from exc
-        if not isinstance(body, dict):
-            raise ConfigError(f"{file}: [jobs.{name}]: expected a table, got {body!r}")
-        jobs[name] = _job(Section(file, f"jobs.{name}", body), name, agent, worker)
-    digest = hashlib.sha256(
-        json.dumps(jobs_table, sort_keys=True, default=str).encode()
-    ).hexdigest()
-    return Config(file, agent, consul, redis, worker, jobs, digest)
+            data = tomllib.loads(path.read_text())
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read included file: {exc.strerror}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: invalid TOML: {exc}") from exc
+        extra = sorted(set(data) - {"jobs"})
+        if extra:
+            raise ConfigError(f"{path}: [{extra[0]}]: an included file may only define [jobs.*]")
+        jobs = data.get("jobs", {})
+        if not isinstance(jobs, dict):
+            raise ConfigError(f"{path}: jobs: expected tables [jobs.<name>]")
+        out.append((path, jobs))
+    return out
 
 
 def _agent(s: Section) -> AgentSection:
@@ -239,6 +285,18 @@ def _worker(s: Section) -> WorkerSection:
     return out
 
 
+def _http(s: Section) -> HttpSection:
+    listen = s.string("listen")
+    s.check_unknown()
+    if listen is None:
+        return HttpSection()
+    host, sep, port_text = listen.rpartition(":")
+    host = host.strip("[]")  # "[::1]:9464"
+    if not sep or not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise s.fail("listen", f"{listen!r} is not host:port (e.g. \"127.0.0.1:9464\")")
+    return HttpSection(listen=listen, host=host, port=int(port_text))
+
+
 def _job(s: Section, name: str, agent: AgentSection, worker: WorkerSection) -> JobSpec:
     expr = s.string("schedule")
     if expr is None:
@@ -267,6 +325,16 @@ def _job(s: Section, name: str, agent: AgentSection, worker: WorkerSection) -> J
     except ConfigError as exc:
         raise s.fail("queue", f"queue name {queue!r} is invalid") from exc
     catchup = s.choice("catchup", "all", ("all", "latest", "none"))
+    params = _params(s)
+    names = frozenset(k for p in params for k in p)
+    used = placeholders(command, f"{s.path}: [{s.where}] command")
+    for p in params:
+        missing = used - set(p)
+        if missing:
+            raise s.fail("params", f"parameter set {p} lacks {sorted(missing)[0]!r}, used in "
+                         "command as {param." + sorted(missing)[0] + "}")
+    if used and not params:
+        raise s.fail("command", "uses {param.NAME} but the job has no params")
     out = JobSpec(
         name=name,
         schedule=schedule,
@@ -280,6 +348,23 @@ def _job(s: Section, name: str, agent: AgentSection, worker: WorkerSection) -> J
         queue=queue,
         env=tuple(sorted(env.items())),
         working_dir=s.string("working_dir"),
+        params=params,
+        param_names=names,
     )
     s.check_unknown()
     return out
+
+
+def _params(s: Section) -> tuple[dict[str, str], ...]:
+    inline = s.raw("params")
+    path_text = s.string("params_file")
+    if inline is not None and path_text is not None:
+        raise s.fail("params_file", "set params or params_file, not both")
+    if path_text is not None:
+        path = Path(path_text)
+        if not path.is_absolute():
+            path = s.path.parent / path
+        return load_params_file(path, f"{s.path}: [{s.where}]")
+    if inline is not None:
+        return normalise_sets(inline, f"{s.path}: [{s.where}] params")
+    return ()

@@ -15,10 +15,12 @@ import redis
 import structlog
 
 from scheduler.clock import Clock
-from scheduler.errors import MessageError
+from scheduler.errors import ConfigError, MessageError
 from scheduler.runs import epoch_ms, iso_utc
 from worker.config import Config, JobSpec
 from worker.executor import Execution, Outcome, job_environment
+from worker.metrics import RunHooks
+from worker.params import check_value, placeholders, render_argv
 from worker.queue import Delivery, RedisQueue
 from worker.watchdog import Watchdog
 
@@ -67,6 +69,18 @@ def parse_message(payload: bytes | None, jobs: Mapping[str, JobSpec]) -> RunMess
         for k, v in params.items()
     ):
         raise MessageError("malformed: params must map [A-Za-z0-9_] names to strings")
+    spec = jobs[job]
+    undeclared = sorted(set(params) - spec.param_names)
+    if undeclared:
+        raise MessageError(f"bad params: {undeclared[0]!r} is not a parameter of job {job!r}")
+    try:
+        for k, v in params.items():
+            check_value(k, v, f"job {job!r}")
+    except ConfigError as exc:
+        raise MessageError(f"bad params: {exc}") from exc
+    missing = sorted(placeholders(spec.command, job) - set(params))
+    if missing:
+        raise MessageError(f"bad params: command needs {missing[0]!r}")
     return RunMessage(run_id, job, scheduled, params)
 
 
@@ -95,6 +109,7 @@ class Consumer:
         self._lock = threading.Lock()
         self.accepting = threading.Event()
         self.accepting.set()
+        self.hooks = RunHooks()  # metrics; the agent plugs its AgentMetrics in
         self._log = structlog.get_logger("cronsul.run").bind(node=self._node)
 
     @property
@@ -163,6 +178,7 @@ class Consumer:
             self._q.dead_letter(d, reason, str(exc))
             self._log.error("run_dead_lettered", entry_id=d.entry_id, queue=d.queue,
                             reason=reason, error=str(exc))
+            self.hooks.run_dead_lettered(reason)
             return
         job = jobs[msg.job]
         token = uuid.uuid4().hex
@@ -178,11 +194,13 @@ class Consumer:
             self._log.info("run_busy_elsewhere", run_id=msg.run_id, holder=begun.detail)
             return
         execution = Execution(self._watchdog, self._cfg.worker.kill_grace.total_seconds())
+        self.hooks.run_started(msg.job)
         with self._lock:
             self._active[msg.run_id] = _Active(msg.run_id, token, execution, sent)
         self._update_watchdog()
         try:
-            outcome = execution.run(job.command, self._environment(job, msg, begun.attempt),
+            outcome = execution.run(render_argv(job.command, msg.params),
+                                    self._environment(job, msg, begun.attempt),
                                     job.working_dir, job.timeout.total_seconds())
         finally:
             with self._lock:
@@ -192,6 +210,7 @@ class Consumer:
         finished_ms = epoch_ms(self._clock.now())
         recorded = self._q.finish(d, msg.run_id, msg.job, token, state, finished_ms,
                                   _record_fields(outcome))
+        self.hooks.run_finished(msg.job, state if recorded else "lost", outcome.duration_s)
         self._log.info(
             "run_finished" if recorded else "run_finished_lease_lost",
             job=msg.job, run_id=msg.run_id, attempt=begun.attempt,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import structlog
 
@@ -27,6 +28,10 @@ class Membership:
         self._log = structlog.get_logger("cronsul.membership").bind(node=node)
         self.registered = threading.Event()
         self.healthy = True  # cleared while the agent should look unhealthy (wedged)
+        # Monotonic times of the last heartbeat that completed (either way) and that succeeded:
+        # the first shows the loop is not wedged, the second that Consul answers (/healthz).
+        self.last_beat = time.monotonic()
+        self.last_ok = float("-inf")
 
     def register(self) -> None:
         # Register passing: a session listing a critical check cannot be created, and a TTL
@@ -42,13 +47,29 @@ class Membership:
         # Re-registering keeps the check's old status (a restarted agent's check may still be
         # critical from its dead predecessor), so pass it explicitly before anyone relies on it.
         self._c.agent.check.ttl_pass(self.check_id, notes="registered")
+        self.last_ok = time.monotonic()
         self.registered.set()
         self._log.info("service_registered", service_id=self.service_id)
+
+    def update_meta(self, meta: dict[str, str]) -> None:
+        """New service Meta (the config hash after a reload); re-registering keeps the check."""
+        self._meta = meta
+        try:
+            self.register()
+        except CONSUL_ERRORS as exc:
+            self._log.warning("register_failed", error=str(exc)[:200])
 
     def heartbeat(self) -> bool:
         """Pass the TTL check; re-register when Consul forgot us (its state was lost)."""
         try:
+            return self._heartbeat()
+        finally:
+            self.last_beat = time.monotonic()
+
+    def _heartbeat(self) -> bool:
+        try:
             self._c.agent.check.ttl_pass(self.check_id, notes="ok")
+            self.last_ok = time.monotonic()
             return True
         except CONSUL_ERRORS as exc:
             # 404 on new Consul, 500 "does not have associated TTL" on 1.10: both mean the

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 
 import redis
 import structlog
@@ -11,7 +12,8 @@ from scheduler.clock import Clock
 from scheduler.errors import FencedOff, LeadershipLost
 from scheduler.ports import Fence
 from scheduler.runs import iso_utc
-from scheduler.ticker import ScheduledJob, TickLoop
+from scheduler.ticker import ScheduledJob, TickLoop, TickReport
+from worker.controls import PauseWatcher
 from worker.leadership import Elector, Term
 from worker.sink import RedisSink
 
@@ -24,8 +26,9 @@ REDIS_BACKOFF_S = 0.5
 
 class SchedulerDriver:
     def __init__(self, ticker: TickLoop, sink: RedisSink, elector: Elector, clock: Clock,
-                 settle_s: float) -> None:
+                 settle_s: float, pauses: PauseWatcher) -> None:
         self.ticker = ticker
+        self._pauses = pauses
         self._sink = sink
         self._elector = elector
         self._clock = clock
@@ -35,6 +38,7 @@ class SchedulerDriver:
         self.wake = threading.Event()
         self._pending: list[ScheduledJob] | None = None
         self._log = structlog.get_logger("cronsul.scheduler")
+        self.on_report: Callable[[TickReport], None] | None = None  # metrics, after each pass
 
     def run(self, stop: threading.Event) -> None:
         current: Term | None = None
@@ -45,7 +49,8 @@ class SchedulerDriver:
                 self._log.info("schedules_reloaded", jobs=len(pending))
             term = self._elector.term
             lease = self._elector.lease
-            if term is None or not lease.valid():
+            # Until the paused set has been read once, a paused job could fire: wait for it.
+            if term is None or not lease.valid() or not self._pauses.ready.is_set():
                 if current is not None:
                     self.ticker.end_term()
                     current = None
@@ -61,6 +66,7 @@ class SchedulerDriver:
                     current = term
                     self._log.info("scheduler_started", fence=f"{fence.epoch}/{fence.index}",
                                    jobs=len(self.ticker.jobs))
+                self.ticker.set_paused(frozenset(self._pauses.paused))
                 deadline = self.ticker.tick(self._clock.now(), lease)
                 self._report()
             except FencedOff as exc:
@@ -77,6 +83,7 @@ class SchedulerDriver:
                 continue
             sleep = (deadline - self._clock.now()).total_seconds()
             if sleep > 0:
+                # Short naps keep a resume or pause effective within a fraction of a second.
                 self.wake.wait(min(sleep, MAX_SLEEP_S))
                 self.wake.clear()
 
@@ -101,6 +108,8 @@ class SchedulerDriver:
 
     def _report(self) -> None:
         r = self.ticker.last_report
+        if self.on_report is not None:
+            self.on_report(r)
         if r.enqueued or r.deduplicated:
             self._log.info("ticks_enqueued", enqueued=r.enqueued, deduplicated=r.deduplicated,
                            max_lag_ms=round(max(r.lags, default=0.0) * 1000, 1),

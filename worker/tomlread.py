@@ -38,6 +38,11 @@ class Section:
             raise self.fail(key, f"expected {label}, got {type(value).__name__} {value!r}")
         return value  # type: ignore[return-value]
 
+    def raw(self, key: str) -> Any:
+        """The value as parsed (or None), for keys validated elsewhere."""
+        self._seen.add(key)
+        return self.data.get(key)
+
     def string(self, key: str, default: str | None = None, *, nonempty: bool = True) -> str | None:
         value = self._get(key, str, "a string")
         if value is None:

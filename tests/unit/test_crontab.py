@@ -1,0 +1,56 @@
+"""`cronsul import-crontab`: conversions and refusals, each with its reason."""
+
+from __future__ import annotations
+
+import tomllib
+
+from worker.crontab import convert
+
+CRONTAB = r"""
+# nightly stuff
+MAILTO=ops@example.com
+CRON_TZ=Europe/Berlin
+PATH=/usr/local/bin:/usr/bin:/bin
+*/5 * * * * /usr/local/bin/sync-orders --since 10m
+@daily /opt/backup.sh > /var/log/backup.log 2>&1
+@reboot /opt/start.sh
+0 3 * * * mail -s report ops%body line
+0 4 * * * date +\%s >> /tmp/stamps
+"""
+
+
+def test_jobs_are_converted_to_valid_toml() -> None:
+    result = convert(CRONTAB, source="crontab")
+    data = tomllib.loads("\n".join(result.toml))
+    jobs = data["jobs"]
+    assert set(jobs) == {"cron-6-sync-orders", "cron-7-backup-sh", "cron-10-date"}
+    sync = jobs["cron-6-sync-orders"]
+    assert sync["schedule"] == "*/5 * * * *"
+    assert sync["timezone"] == "Europe/Berlin"
+    assert sync["command"] == ["/bin/sh", "-c", "/usr/local/bin/sync-orders --since 10m"]
+    assert sync["env"] == {"PATH": "/usr/local/bin:/usr/bin:/bin"}
+    assert jobs["cron-10-date"]["command"][2] == "date +%s >> /tmp/stamps"
+    assert not result.errors
+
+
+def test_reboot_and_percent_stdin_are_refused_with_reasons() -> None:
+    result = convert(CRONTAB, source="crontab")
+    warnings = "\n".join(result.warnings)
+    assert "crontab:8: @reboot refused" in warnings
+    assert "crontab:9: unescaped % refused" in warnings and "printf" in warnings
+    assert "MAILTO ignored" in warnings
+    assert "#   @reboot /opt/start.sh" in "\n".join(result.toml)
+
+
+def test_system_crontab_user_column_is_kept_as_a_comment() -> None:
+    result = convert("17 * * * * root cd / && run-parts --report /etc/cron.hourly\n",
+                     system=True, source="/etc/crontab")
+    text = "\n".join(result.toml)
+    assert "user 'root'" in text
+    assert tomllib.loads(text)["jobs"]["cron-1-cd"]["command"][2].startswith("cd / &&")
+
+
+def test_invalid_lines_are_errors_naming_the_line() -> None:
+    result = convert("61 * * * * /bin/true\n* * * /bin/false\n", source="tab")
+    assert any(e.startswith("tab:1:") for e in result.errors)
+    assert any(e.startswith("tab:2:") and "5 time fields" in e for e in result.errors)

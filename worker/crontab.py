@@ -1,0 +1,166 @@
+"""`cronsul import-crontab`: a crontab or /etc/cron.d file turned into `[jobs.*]` TOML.
+
+Each job line becomes a job whose command is ``["/bin/sh", "-c", <the line's command>]`` (crontab
+commands are shell strings; cronsul runs argv lists, so the shell is made explicit). Environment
+lines apply to the jobs below them; ``CRON_TZ``/``TZ`` becomes the job's ``timezone``. What cronsul
+cannot express is refused with the reason, as a comment in the output and on stderr:
+
+* ``@reboot``: cronsul has no boot trigger (it runs on a cluster, not one host): use a systemd
+  unit on the hosts that need it.
+* an unescaped ``%``: cron turns it into a newline and feeds what follows to the command's stdin;
+  cronsul gives jobs no stdin. Rewrite as ``printf 'line1\\nline2' | command``. An escaped ``\\%``
+  is a literal ``%`` and is converted.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from dataclasses import dataclass, field
+
+from scheduler.errors import ScheduleError
+from scheduler.schedule import parse_schedule
+
+ALIASES = {"@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight", "@hourly"}
+ENV_LINE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)\s*=\s*(.*)$")
+# Dots are left out: in a TOML table header they would nest tables.
+SLUG = re.compile(r"[^A-Za-z0-9_-]+")
+# Environment that cron itself interprets and cronsul handles differently (or not at all).
+CRON_ONLY = {"MAILTO": "cronsul does not mail output; it records it (cronsul logs / history)",
+             "MAILFROM": "cronsul does not mail output",
+             "RANDOM_DELAY": "use jitter = \"...\" on the job instead"}
+
+
+@dataclass
+class Converted:
+    toml: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+
+def _unquote(value: str) -> str:
+    value = value.strip()
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+        return value[1:-1]
+    return value
+
+
+def _split_percent(command: str) -> tuple[str, bool]:
+    """(command with \\% unescaped, whether an unescaped % was present)."""
+    out, i, stdin = [], 0, False
+    while i < len(command):
+        ch = command[i]
+        if ch == "\\" and i + 1 < len(command) and command[i + 1] == "%":
+            out.append("%")
+            i += 2
+            continue
+        if ch == "%":
+            stdin = True
+            break
+        out.append(ch)
+        i += 1
+    return "".join(out), stdin
+
+
+def convert(text: str, *, system: bool = False, prefix: str = "cron",
+            source: str = "crontab") -> Converted:
+    result = Converted()
+    env: dict[str, str] = {}
+    timezone = "UTC"
+    shell = "/bin/sh"
+    names: set[str] = set()
+    result.toml.append(f"# converted from {source} by `cronsul import-crontab`")
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        where = f"{source}:{number}"
+        m = ENV_LINE.match(line)
+        if m and not line.startswith("@") and not line.split()[0][0].isdigit():
+            name, value = m.group(1), _unquote(m.group(2))
+            if name in ("CRON_TZ", "TZ"):
+                timezone = value
+            elif name == "SHELL":
+                shell = value
+            elif name in CRON_ONLY:
+                result.warnings.append(f"{where}: {name} ignored: {CRON_ONLY[name]}")
+            else:
+                env[name] = value
+            continue
+        fields = line.split(None, 1) if line.startswith("@") else line.split(None, 5)
+        if line.startswith("@"):
+            alias = fields[0]
+            if alias == "@reboot":
+                reason = ("@reboot refused: cronsul has no boot trigger (it schedules for a "
+                          "cluster); use a systemd unit on the hosts that need it")
+                result.warnings.append(f"{where}: {reason}")
+                result.toml.append(f"# {where}: {reason}\n#   {raw}")
+                continue
+            if alias not in ALIASES or len(fields) < 2:
+                result.errors.append(f"{where}: unknown or incomplete entry {line!r}")
+                continue
+            schedule, rest = alias, fields[1]
+        else:
+            if len(fields) < 6:
+                result.errors.append(f"{where}: expected 5 time fields and a command: {line!r}")
+                continue
+            schedule, rest = " ".join(fields[:5]), fields[5]
+        user = None
+        if system:
+            parts = rest.split(None, 1)
+            if len(parts) < 2:
+                result.errors.append(f"{where}: system crontab line lacks user or command")
+                continue
+            user, rest = parts
+        command, has_stdin = _split_percent(rest)
+        if has_stdin:
+            reason = ("unescaped % refused: cron feeds the text after it to stdin and cronsul "
+                      "gives jobs no stdin; rewrite as printf '...' | command")
+            result.warnings.append(f"{where}: {reason}")
+            result.toml.append(f"# {where}: {reason}\n#   {raw}")
+            continue
+        try:
+            parse_schedule(schedule, job=f"{prefix}-{number}", timezone=timezone)
+        except ScheduleError as exc:
+            result.errors.append(f"{where}: {exc}")
+            continue
+        word = command.split()[0].rsplit("/", 1)[-1] if command.split() else "job"
+        name = f"{prefix}-{number}-{SLUG.sub('-', word).strip('-') or 'job'}"[:100]
+        while name in names:
+            name += "x"
+        names.add(name)
+        result.toml.append("")
+        result.toml.append(f"# {where}: {raw.strip()}")
+        if user is not None:
+            result.toml.append(f"# cron ran this as user {user!r}; cronsul runs jobs as the "
+                               "agent's user")
+        result.toml.append(f"[jobs.{name}]")
+        result.toml.append(f"schedule = {json.dumps(schedule)}")
+        if timezone != "UTC":
+            result.toml.append(f"timezone = {json.dumps(timezone)}")
+        result.toml.append(f"command = {json.dumps([shell, '-c', command])}")
+        if env:
+            pairs = ", ".join(f"{k} = {json.dumps(v)}" for k, v in env.items())
+            result.toml.append(f"env = {{ {pairs} }}")
+    return result
+
+
+def import_crontab(path: str, *, system: bool, prefix: str) -> int:
+    try:
+        if path == "-":
+            text = sys.stdin.read()
+        else:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+    except OSError as exc:
+        print(f"cronsul: cannot read {path}: {exc.strerror}", file=sys.stderr)
+        return 2
+    result = convert(text, system=system, prefix=prefix,
+                     source="stdin" if path == "-" else path)
+    for w in result.warnings:
+        print(f"cronsul: warning: {w}", file=sys.stderr)
+    for e in result.errors:
+        print(f"cronsul: error: {e}", file=sys.stderr)
+    print("\n".join(result.toml))
+    return 2 if result.errors else 0

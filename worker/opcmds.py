@@ -1,0 +1,131 @@
+"""Operator commands that change cluster state: pause, resume, and enqueuing manual runs."""
+
+from __future__ import annotations
+
+import getpass
+import json
+import socket
+import time
+import uuid
+from datetime import UTC, datetime
+
+import redis
+
+from scheduler.errors import ConfigError, ConnectionFailure, CronsulError
+from scheduler.runs import Run, epoch_ms, iso_utc
+from worker.config import Config
+from worker.consulapi import CALL_TIMEOUT_S, CONSUL_ERRORS, make_clients
+from worker.keys import Keys
+from worker.params import check_value, placeholders
+from worker.queue import TERMINAL
+from worker.sink import RECORD_TTL, run_payload
+
+# `cronsul run --wait` polls the run record this often.
+WAIT_POLL_S = 0.2
+
+# Create the record (state queued) and enqueue in one step, so `history` and `--wait` see the
+# run before any worker does.
+ENQUEUE_MANUAL = """
+if redis.call('HSETNX', KEYS[1], 'state', 'queued') == 0 then return 0 end
+redis.call('HSET', KEYS[1], 'job', ARGV[1], 'scheduled_ms', ARGV[2], 'run_id', ARGV[3],
+           'queue', ARGV[4], 'enqueued_ms', ARGV[2], 'payload', ARGV[5], 'manual', '1')
+redis.call('EXPIRE', KEYS[1], ARGV[6])
+redis.call('XADD', KEYS[2], '*', 'p', ARGV[5])
+return 1
+"""
+
+
+def _job(cfg: Config, job: str) -> None:
+    if job not in cfg.jobs:
+        raise ConfigError(f"{cfg.path}: no job named {job!r} "
+                          f"(jobs: {', '.join(sorted(cfg.jobs)) or 'none'})")
+
+
+def pause(cfg: Config, job: str, reason: str) -> int:
+    _job(cfg, job)
+    who = f"{getpass.getuser()}@{socket.gethostname()}"
+    value = json.dumps({"reason": reason, "by": who, "at": iso_utc(datetime.now(UTC))})
+    _consul_put(cfg, f"{cfg.consul.prefix}/paused/{job}", value)
+    print(f"paused {job}: {reason or '(no reason given)'}")
+    return 0
+
+
+def resume(cfg: Config, job: str) -> int:
+    _job(cfg, job)
+    c = make_clients(cfg.consul, CALL_TIMEOUT_S).call
+    try:
+        c.kv.delete(f"{cfg.consul.prefix}/paused/{job}")
+    except CONSUL_ERRORS as exc:
+        raise ConnectionFailure(f"cannot reach Consul: {exc}") from exc
+    print(f"resumed {job}")
+    return 0
+
+
+def _consul_put(cfg: Config, key: str, value: str) -> None:
+    c = make_clients(cfg.consul, CALL_TIMEOUT_S).call
+    try:
+        c.kv.put(key, value)
+    except CONSUL_ERRORS as exc:
+        raise ConnectionFailure(f"cannot reach Consul: {exc}") from exc
+
+
+def parse_params(cfg: Config, job: str, pairs: list[str]) -> dict[str, str]:
+    spec = cfg.jobs[job]
+    values: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--param {pair!r}: expected NAME=VALUE")
+        if key not in spec.param_names:
+            declared = ", ".join(sorted(spec.param_names)) or "none"
+            raise ConfigError(f"--param {key}: job {job!r} has no such parameter "
+                              f"(declared: {declared})")
+        check_value(key, value, f"--param {key}")
+        values[key] = value
+    missing = sorted(placeholders(spec.command, job) - set(values))
+    if missing:
+        raise ConfigError(f"job {job!r} needs --param {missing[0]}=VALUE")
+    return values
+
+
+def enqueue(cfg: Config, job: str, pairs: list[str], wait: bool,
+            timeout_s: float | None = None) -> int:
+    _job(cfg, job)
+    params = parse_params(cfg, job, pairs)
+    spec = cfg.jobs[job]
+    now = datetime.now(UTC)
+    run = Run(f"{job}@manual-{uuid.uuid4().hex}", job, now, params)
+    keys = Keys(cfg.redis.key_prefix)
+    r = redis.Redis.from_url(cfg.redis.url, socket_timeout=5, socket_connect_timeout=5)
+    try:
+        r.eval(ENQUEUE_MANUAL, 2, keys.run(run.run_id), keys.stream(spec.queue), job,
+               epoch_ms(now), run.run_id, spec.queue,
+               run_payload(run.run_id, job, now, params), int(RECORD_TTL.total_seconds()))
+        print(run.run_id, flush=True)
+        if not wait:
+            return 0
+        return _follow(r, keys, run.run_id, timeout_s or spec.timeout.total_seconds() * 3 + 60)
+    except redis.RedisError as exc:
+        raise ConnectionFailure(f"cannot reach Redis at {cfg.redis.url.split('@')[-1]}: "
+                                f"{exc}") from exc
+
+
+def _follow(r: redis.Redis, keys: Keys, run_id: str, timeout_s: float) -> int:
+    deadline = time.monotonic() + timeout_s
+    last = ""
+    while time.monotonic() < deadline:
+        raw: dict[bytes, bytes] = r.hgetall(keys.run(run_id))  # type: ignore[assignment]
+        record = {k.decode(): v.decode(errors="replace") for k, v in raw.items()}
+        state = record.get("state", "")
+        if state != last:
+            print(f"{run_id}: {state}" + (f" on {record['node']}" if record.get("node") else ""),
+                  flush=True)
+            last = state
+        if state in TERMINAL:
+            if record.get("output"):
+                print(record["output"], end="" if record["output"].endswith("\n") else "\n")
+            print(f"{run_id}: {state} exit_code={record.get('exit_code') or '-'} "
+                  f"duration_ms={record.get('duration_ms', '-')}")
+            return 0 if state == "succeeded" else 1
+        time.sleep(WAIT_POLL_S)
+    raise CronsulError(f"{run_id}: still {last or 'unknown'} after {timeout_s:.0f}s")
