@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     ic.add_argument("--system", action="store_true",
                     help="system crontab format (/etc/crontab, /etc/cron.d): a user column")
     ic.add_argument("--prefix", default="cron", help="job name prefix (default: cron)")
+    from worker import inspect_cmds
+
+    inspect_cmds.add_parsers(sub, with_config)
     return p
 
 
@@ -112,6 +115,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         if args.command == "pause":
             return opcmds.pause(cfg, args.job, args.reason)
         return opcmds.resume(cfg, args.job)
+    if args.command in ("history", "logs", "dlq"):
+        from worker import inspect_cmds
+
+        return inspect_cmds.dispatch(cfg, args)
     raise ConfigError(f"unknown command {args.command!r}")  # argparse prevents this
 
 

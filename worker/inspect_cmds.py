@@ -1,0 +1,460 @@
+"""Operator inspection commands: ``cronsul history``, ``cronsul logs`` and ``cronsul dlq``.
+
+They read the keys described in docs/architecture.md ("Consul and Redis keys"). Only
+``dlq retry`` and ``dlq purge`` write, each dead letter in one atomic step. The Redis URL is
+never printed with its password (see :func:`redact`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import redis
+
+from scheduler.errors import ConfigError, ConnectionFailure, MessageError, QueueError
+from scheduler.runs import JOB_NAME, check_job_name, from_epoch_ms, iso_utc
+from worker.config import Config
+from worker.keys import GROUP, Keys
+from worker.messages import parse_message
+from worker.sink import RECORD_TTL
+
+COMMANDS = ("history", "logs", "dlq")
+# States of a run that has not finished an attempt yet (see the state machine in
+# worker/runstate.py); `history` lists those above the finished ones.
+LIVE = ("queued", "running", "retrying")
+# `history` looks at this many of the job queue's pending and undelivered entries for runs
+# that are queued or running right now: bounded, and one stream read each, never a key scan.
+IN_FLIGHT_LOOK = 1000
+# Dead letters read per round trip by `dlq retry --all`.
+DLQ_BATCH = 100
+# A stream entry id as Redis writes it: <ms>-<seq>.
+ENTRY_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
+# Anything between "://" and the last "@" before the host is credentials; so is ?password=.
+_USERINFO = re.compile(r"(?<=://)[^/\s]*@")
+_QUERY_SECRET = re.compile(r"(?i)(password=)[^&\s]*")
+
+# Re-enqueue one dead letter and delete it, in one step and only if it is still there (two
+# operators retrying the same entry enqueue it once). A run that finished is refused: a worker
+# would ack it without running it. A run that is `dead` (it exhausted its retries) goes back to
+# `queued`, so it gets one more attempt.
+RETRY = """
+if #redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1]) == 0 then return {'gone', ''} end
+local st = redis.call('HGET', KEYS[3], 'state')
+if st == 'succeeded' or st == 'failed' or st == 'skipped' then return {'done', st} end
+if st == 'dead' then
+  redis.call('HSET', KEYS[3], 'state', 'queued')
+  redis.call('HDEL', KEYS[3], 'retry_at_ms')
+end
+local id = redis.call('XADD', KEYS[2], '*', 'p', ARGV[2])
+redis.call('XDEL', KEYS[1], ARGV[1])
+return {'ok', id}
+"""
+
+RUN_JSON = """\
+run object (--json): {"run_id", "job", "state", "queue", "scheduled_at", "enqueued_at",
+  "started_at", "finished_at", "node", "attempt", "exit_code", "signal", "timed_out",
+  "duration_ms", "start_lag_ms", "output_bytes", "error", "manual"}. Times are ISO 8601 UTC
+  strings; state is queued|running|retrying|succeeded|failed|dead|skipped, or expired (the
+  record is gone, only the history entry is left); a value not recorded is null."""
+HISTORY_EPILOG = f"""\
+Finished runs come from <prefix>:hist:<job> (newest first). Runs queued or running right now
+are listed above them, found on the job's queue stream (its pending and undelivered entries, at
+most {IN_FLIGHT_LOOK} of each, no key scan). --json prints {{"job", "runs": [run, ...]}}.
+{RUN_JSON}"""
+LOGS_EPILOG = f"""\
+Prints the run's captured output tail to stdout exactly as recorded, its metadata to stderr.
+--json prints one run object with an extra "output" string. {RUN_JSON}"""
+DLQ_JSON = """\
+dead letter (--json): {"entry_id", "dead_at", "reason", "error", "queue", "source_entry_id",
+  "node", "job", "run_id", "payload_bytes"} (job and run_id: null when the payload does not
+  say); `dlq show --json` adds "payload" (a string, undecodable bytes replaced).
+`dlq list --json` prints {"total", "entries": [dead letter, ...]} newest first."""
+
+
+def add_parsers(sub: Any, with_config: Callable[[argparse.ArgumentParser],
+                                                argparse.ArgumentParser]) -> None:
+    """The subcommands, added to cronsul's subparsers by worker/cli.py."""
+    fmt = argparse.RawDescriptionHelpFormatter
+    hi = with_config(sub.add_parser("history", help="a job's recent runs, newest first",
+                                    epilog=HISTORY_EPILOG, formatter_class=fmt))
+    hi.add_argument("job")
+    hi.add_argument("-n", type=_positive, default=20, help="finished runs to show (default 20)")
+    hi.add_argument("--json", action="store_true")
+    lg = with_config(sub.add_parser("logs", help="one run's record and output tail",
+                                    epilog=LOGS_EPILOG, formatter_class=fmt))
+    lg.add_argument("run_id")
+    lg.add_argument("--json", action="store_true")
+    dq = sub.add_parser("dlq", help="dead letters: list, show, retry, purge",
+                        epilog=DLQ_JSON, formatter_class=fmt)
+    dsub = dq.add_subparsers(dest="dlq_command", required=True)
+    ls = with_config(dsub.add_parser("list", help="newest dead letters first",
+                                     epilog=DLQ_JSON, formatter_class=fmt))
+    ls.add_argument("-n", type=_positive, default=50, help="entries to show (default 50)")
+    ls.add_argument("--json", action="store_true")
+    sh = with_config(dsub.add_parser("show", help="one dead letter with its payload",
+                                     epilog=DLQ_JSON, formatter_class=fmt))
+    sh.add_argument("entry_id")
+    sh.add_argument("--json", action="store_true")
+    rt = with_config(dsub.add_parser(
+        "retry", help="re-enqueue onto its original queue, then delete the dead letter; "
+                      "refused unless the payload is a valid run of a job in this config"))
+    pu = with_config(dsub.add_parser("purge", help="delete dead letters (--all needs --yes)"))
+    for sp in (rt, pu):
+        which = sp.add_mutually_exclusive_group(required=True)
+        which.add_argument("entry_id", nargs="?")
+        which.add_argument("--all", action="store_true", help="every dead letter")
+    pu.add_argument("--yes", action="store_true", help="confirm purge --all")
+
+
+def dispatch(cfg: Config, args: argparse.Namespace) -> int:
+    if args.command == "history":
+        return history(cfg, args.job, args.n, args.json)
+    if args.command == "logs":
+        return logs(cfg, args.run_id, args.json)
+    if args.dlq_command == "list":
+        return dlq_list(cfg, args.n, args.json)
+    if args.dlq_command == "show":
+        return dlq_show(cfg, args.entry_id, args.json)
+    if args.dlq_command == "retry":
+        return dlq_retry(cfg, None if args.all else args.entry_id)
+    return dlq_purge(cfg, None if args.all else args.entry_id, args.yes)
+
+
+def redact(text: str) -> str:
+    """``redis://:secret@host`` -> ``redis://***@host`` (and ``password=...`` -> ``***``)."""
+    return _QUERY_SECRET.sub(r"\1***", _USERINFO.sub("***@", text))
+
+
+@contextmanager
+def _connect(cfg: Config) -> Iterator[redis.Redis]:
+    where = redact(cfg.redis.url)
+    try:
+        client = redis.Redis.from_url(cfg.redis.url, socket_timeout=5, socket_connect_timeout=5)
+    except ValueError as exc:
+        raise ConfigError(f"{cfg.path}: [redis] url {where}: {redact(str(exc))}") from exc
+    try:
+        yield client
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        raise ConnectionFailure(f"cannot reach Redis at {where}: {redact(str(exc))}") from exc
+    except redis.RedisError as exc:
+        raise QueueError(f"Redis at {where} refused: {redact(str(exc))}") from exc
+    finally:
+        client.close()
+
+
+# -- history and logs ---------------------------------------------------------------------------
+
+def history(cfg: Config, job: str, n: int, as_json: bool) -> int:
+    check_job_name(job)
+    keys = Keys(cfg.redis.key_prefix)
+    with _connect(cfg) as r:
+        if job not in cfg.jobs and not r.exists(keys.history(job)):
+            raise ConfigError(f"{cfg.path}: no job named {job!r} and no history for it "
+                              f"(jobs: {', '.join(sorted(cfg.jobs)) or 'none'})")
+        finished: Any = r.zrevrange(keys.history(job), 0, n - 1, withscores=True)
+        ids = [_s(rid) for rid, _ in finished]
+        views = [_run_view(rec, rid, int(score))
+                 for rec, rid, (_, score) in zip(_records(r, keys, ids), ids, finished,
+                                                 strict=True)]
+        if job in cfg.jobs:
+            views = _in_flight(r, keys, job, cfg.jobs[job].queue, set(ids))[:n] + views
+    if as_json:
+        print(json.dumps({"job": job, "runs": views}, indent=2))
+        return 0
+    if not views:
+        print(f"no runs of {job} recorded")
+        return 0
+    rows = [[v["run_id"], v["scheduled_at"] or "-", v["state"], v["node"] or "-",
+             str(v["attempt"]), _exit(v), _ms(v["duration_ms"]), _ms(v["start_lag_ms"])]
+            for v in views]
+    _table(["RUN", "SCHEDULED (UTC)", "STATE", "NODE", "ATTEMPT", "EXIT", "DURATION", "LAG"],
+           rows)
+    return 0
+
+
+def _in_flight(r: redis.Redis, keys: Keys, job: str, queue: str,
+               finished: set[str]) -> list[dict[str, Any]]:
+    """Runs of ``job`` still on its queue stream: delivered and unacked, or not yet delivered."""
+    stream = keys.stream(queue)
+    try:
+        groups: Any = r.xinfo_groups(stream)
+    except redis.ResponseError:
+        return []  # no such stream: nothing was ever enqueued on this queue
+    group = next((g for g in groups if _s(g["name"]) == GROUP), None)
+    entries: list[Any] = []
+    if group is not None:
+        pending: Any = r.xpending_range(stream, GROUP, "-", "+", IN_FLIGHT_LOOK)
+        pipe = r.pipeline(transaction=False)
+        for item in pending:
+            pipe.xrange(stream, item["message_id"], item["message_id"])
+        entries = [e for found in pipe.execute() for e in found]
+    after = f"({_s(group['last-delivered-id'])}" if group is not None else "-"
+    undelivered: Any = r.xrange(stream, after, "+", count=IN_FLIGHT_LOOK)
+    entries += undelivered
+    ids: list[str] = []
+    for _, fields in entries:
+        run_id, of = (_payload_field(fields.get(b"p"), k) for k in ("run_id", "job"))
+        if run_id and of == job and run_id not in finished and run_id not in ids:
+            ids.append(run_id)
+    views = [_run_view(rec, rid, None) for rec, rid in zip(_records(r, keys, ids), ids,
+                                                            strict=True)]
+    live = [v for v in views if v["state"] in LIVE]
+    return sorted(live, key=lambda v: v["scheduled_at"] or "", reverse=True)
+
+
+def logs(cfg: Config, run_id: str, as_json: bool) -> int:
+    keys = Keys(cfg.redis.key_prefix)
+    with _connect(cfg) as r:
+        raw: Any = r.hgetall(keys.run(run_id))
+    if not raw:
+        raise ConfigError(f"no run {run_id!r} in Redis at {redact(cfg.redis.url)} "
+                          f"(run records are kept {RECORD_TTL.days} days)")
+    view = _run_view(raw, run_id, None)
+    output = raw.get(b"output", b"")
+    if as_json:
+        print(json.dumps({**view, "output": output.decode("utf-8", errors="replace")}, indent=2))
+        return 0
+    sys.stdout.flush()
+    buffer = getattr(sys.stdout, "buffer", None)
+    if buffer is not None:
+        buffer.write(output)
+        buffer.flush()
+    else:
+        sys.stdout.write(output.decode("utf-8", errors="replace"))
+    print(f"{run_id}: {view['state']} on {view['node'] or '-'}, attempt {view['attempt']}, "
+          f"scheduled {view['scheduled_at'] or '-'}, exit {_exit(view)}, "
+          f"duration {_ms(view['duration_ms'])}, lag {_ms(view['start_lag_ms'])}, "
+          f"output {view['output_bytes'] if view['output_bytes'] is not None else 0} bytes"
+          + (f", error: {view['error']}" if view["error"] else ""), file=sys.stderr)
+    return 0
+
+
+def _records(r: redis.Redis, keys: Keys, ids: list[str]) -> list[dict[bytes, bytes]]:
+    pipe = r.pipeline(transaction=False)
+    for run_id in ids:
+        pipe.hgetall(keys.run(run_id))
+    return list(pipe.execute()) if ids else []
+
+
+def _run_view(raw: dict[bytes, bytes], run_id: str, finished_ms: int | None) -> dict[str, Any]:
+    rec = {_s(k): v.decode("utf-8", errors="replace") for k, v in raw.items() if k != b"output"}
+    sched, started = _int(rec.get("scheduled_ms")), _int(rec.get("started_ms"))
+    duration = rec.get("duration_ms")
+    return {
+        "run_id": run_id, "job": rec.get("job") or run_id.split("@", 1)[0],
+        "state": rec.get("state") or "expired", "queue": rec.get("queue") or None,
+        "scheduled_at": _iso(sched), "enqueued_at": _iso(_int(rec.get("enqueued_ms"))),
+        "started_at": _iso(started),
+        "finished_at": _iso(_int(rec.get("finished_ms")) or finished_ms),
+        "node": rec.get("node") or None, "attempt": _int(rec.get("attempt")) or 0,
+        "exit_code": _int(rec.get("exit_code")), "signal": _int(rec.get("signal")),
+        "timed_out": rec.get("timed_out") == "1",
+        "duration_ms": float(duration) if duration else None,
+        "start_lag_ms": started - sched if started is not None and sched is not None else None,
+        "output_bytes": _int(rec.get("output_bytes")), "error": rec.get("error") or None,
+        "manual": rec.get("manual") == "1",
+    }
+
+
+# -- dead letters -------------------------------------------------------------------------------
+
+def dlq_list(cfg: Config, n: int, as_json: bool) -> int:
+    keys = Keys(cfg.redis.key_prefix)
+    with _connect(cfg) as r:
+        total: Any = r.xlen(keys.dead)
+        entries: Any = r.xrevrange(keys.dead, "+", "-", count=n)
+    views = [_dead_view(eid, fields) for eid, fields in entries]
+    if as_json:
+        print(json.dumps({"total": total, "entries": views}, indent=2))
+        return 0
+    if not views:
+        print("no dead letters")
+        return 0
+    _table(["ENTRY", "DEAD AT (UTC)", "QUEUE", "JOB", "REASON", "ERROR"],
+           [[v["entry_id"], v["dead_at"], v["queue"] or "-", v["job"] or "-", v["reason"],
+             _short(v["error"])] for v in views])
+    if total > len(views):
+        print(f"({len(views)} of {total} shown; -n for more)")
+    return 0
+
+
+def dlq_show(cfg: Config, entry_id: str, as_json: bool) -> int:
+    keys = Keys(cfg.redis.key_prefix)
+    with _connect(cfg) as r:
+        fields = _dead_letter(r, keys, entry_id)
+    view = _dead_view(entry_id, fields)
+    payload = fields.get(b"payload", b"")
+    if as_json:
+        print(json.dumps({**view, "payload": payload.decode("utf-8", errors="replace")},
+                         indent=2))
+        return 0
+    for key, value in view.items():
+        print(f"{key}: {'-' if value is None else value}")
+    print("payload:")
+    print(payload.decode("utf-8", errors="replace"))
+    return 0
+
+
+def dlq_retry(cfg: Config, entry_id: str | None) -> int:
+    keys = Keys(cfg.redis.key_prefix)
+    with _connect(cfg) as r:
+        script = r.register_script(RETRY)
+        if entry_id is not None:
+            fields = _dead_letter(r, keys, entry_id)
+            try:
+                line = _retry_one(r, keys, cfg, script, entry_id, fields)
+            except MessageError as exc:
+                raise QueueError(f"refused to retry dead letter {entry_id}: {exc}") from exc
+            if line is None:
+                raise QueueError(f"dead letter {entry_id} vanished (retried or purged meanwhile)")
+            print(line)
+            return 0
+        retried = refused = 0
+        start = "-"
+        while True:
+            batch: Any = r.xrange(keys.dead, start, "+",
+                                        count=DLQ_BATCH)
+            for eid, fields in batch:
+                try:
+                    line = _retry_one(r, keys, cfg, script, _s(eid), fields)
+                except MessageError as exc:
+                    refused += 1
+                    print(f"refused {_s(eid)}: {exc}", file=sys.stderr)
+                    continue
+                if line is not None:
+                    retried += 1
+                    print(line)
+            if len(batch) < DLQ_BATCH:
+                break
+            start = f"({_s(batch[-1][0])}"
+    print(f"retried {retried}, refused {refused}")
+    return 1 if refused else 0
+
+
+def _retry_one(r: redis.Redis, keys: Keys, cfg: Config, script: Any, entry_id: str,
+               fields: dict[bytes, bytes]) -> str | None:
+    """Re-enqueue one dead letter; MessageError says why not; None if it vanished meanwhile."""
+    msg = parse_message(fields.get(b"payload"), cfg.jobs)
+    queue = _s(fields.get(b"queue", b""))
+    if not JOB_NAME.match(queue):
+        raise MessageError(f"malformed: original queue {queue!r} is not a valid queue name")
+    verdict, detail = script(keys=[keys.dead, keys.stream(queue), keys.run(msg.run_id)],
+                             args=[entry_id, fields[b"payload"]])
+    if _s(verdict) == "gone":
+        return None
+    if _s(verdict) == "done":
+        raise MessageError(f"run {msg.run_id} already {_s(detail)} "
+                           "(a worker would ack it without running it)")
+    return f"retried {entry_id}: run {msg.run_id} enqueued on queue {queue} as {_s(detail)}"
+
+
+def dlq_purge(cfg: Config, entry_id: str | None, yes: bool) -> int:
+    keys = Keys(cfg.redis.key_prefix)
+    if entry_id is None and not yes:
+        raise ConfigError("dlq purge --all deletes every dead letter: add --yes to confirm")
+    if entry_id is not None:
+        _check_entry_id(entry_id)
+    with _connect(cfg) as r:
+        if entry_id is not None:
+            if not r.xdel(keys.dead, entry_id):
+                raise ConfigError(f"no dead letter {entry_id!r} in {keys.dead}")
+            print(f"purged {entry_id}")
+            return 0
+        pipe = r.pipeline(transaction=True)
+        pipe.xlen(keys.dead)
+        pipe.delete(keys.dead)
+        count, _ = pipe.execute()
+    print(f"purged {count} dead letter(s)")
+    return 0
+
+
+def _check_entry_id(entry_id: str) -> None:
+    if not ENTRY_ID.match(entry_id):
+        raise ConfigError(f"{entry_id!r} is not a stream entry id (<ms>-<seq>, "
+                          "as `cronsul dlq list` prints them)")
+
+
+def _dead_letter(r: redis.Redis, keys: Keys, entry_id: str) -> dict[bytes, bytes]:
+    _check_entry_id(entry_id)
+    found: Any = r.xrange(keys.dead, entry_id, entry_id)
+    if not found:
+        raise ConfigError(f"no dead letter {entry_id!r} in {keys.dead}")
+    fields: dict[bytes, bytes] = found[0][1]
+    return fields
+
+
+def _dead_view(entry_id: bytes | str, fields: dict[bytes, bytes]) -> dict[str, Any]:
+    eid = _s(entry_id)
+    payload = fields.get(b"payload", b"")
+    text = {_s(k): v.decode("utf-8", errors="replace") for k, v in fields.items()
+            if k != b"payload"}
+    return {
+        "entry_id": eid, "dead_at": iso_utc(from_epoch_ms(int(eid.split("-")[0]))),
+        "reason": text.get("reason", ""), "error": text.get("error", ""),
+        "queue": text.get("queue") or None, "source_entry_id": text.get("entry_id") or None,
+        "node": text.get("node") or None, "job": _payload_field(payload, "job"),
+        "run_id": _payload_field(payload, "run_id"), "payload_bytes": len(payload),
+    }
+
+
+# -- small helpers ------------------------------------------------------------------------------
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+    return value
+
+
+def _payload_field(payload: bytes | None, name: str) -> str | None:
+    try:
+        body = json.loads(payload or b"")
+    except (ValueError, UnicodeDecodeError):
+        return None
+    value = body.get(name) if isinstance(body, dict) else None
+    return value if isinstance(value, str) else None
+
+
+def _s(value: bytes | str) -> str:
+    return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else value
+
+
+def _int(text: str | None) -> int | None:
+    try:
+        return int(text) if text else None
+    except ValueError:
+        return None
+
+
+def _iso(ms: int | None) -> str | None:
+    return iso_utc(from_epoch_ms(ms)) if ms is not None else None
+
+
+def _ms(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value / 1000:.3f}s" if value >= 1000 else f"{value:.0f}ms"
+
+
+def _exit(view: dict[str, Any]) -> str:
+    text = "-" if view["exit_code"] is None else str(view["exit_code"])
+    if view["signal"] is not None:
+        text = f"signal {view['signal']}"
+    return f"{text} (timeout)" if view["timed_out"] else text
+
+
+def _short(text: str, width: int = 60) -> str:
+    line = text.replace("\n", " ")
+    return line if len(line) <= width else line[: width - 3] + "..."
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(headers)]
+    for row in [headers, *rows]:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
