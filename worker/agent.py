@@ -29,6 +29,7 @@ from worker.membership import Membership
 from worker.metrics import AgentMetrics
 from worker.ops import Ops
 from worker.queue import RedisQueue
+from worker.runstate import RunState
 from worker.scheduling import SchedulerDriver
 from worker.sink import RedisSink
 from worker.watchdog import Watchdog
@@ -83,7 +84,9 @@ class Agent:
         self.publisher = SchedulePublisher(make_clients(c, CALL_TIMEOUT_S), c.prefix, self.clock,
                                            self._schedule_document)
         self.watchdog = Watchdog()
-        self.consumer = Consumer(cfg, self.queue, self.watchdog, self.clock)
+        self.runs = RunState(self.redis, keys, cfg.agent.node,
+                             int(cfg.worker.history_retention.total_seconds()))
+        self.consumer = Consumer(cfg, self.queue, self.runs, self.watchdog, self.clock)
         self.consumer.hooks = self.metrics
         self.driver.on_report = self.metrics.tick_report
         self.maintenance = MaintenanceWatch(

@@ -12,6 +12,7 @@ import json
 import os
 import socket
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -79,6 +80,8 @@ class WorkerSection:
     kill_grace: timedelta
     shutdown_grace: timedelta
     queues: tuple[str, ...]
+    queue_concurrency: tuple[tuple[str, int], ...] = ()
+    history_retention: timedelta = timedelta(days=7)
 
 
 @dataclass(frozen=True)
@@ -107,6 +110,23 @@ class JobSpec:
     working_dir: str | None = None
     params: tuple[dict[str, str], ...] = ()
     param_names: frozenset[str] = frozenset()
+    overlap: str = "allow"
+    lock_key: str | None = None  # "{param.NAME}": one lock per value instead of per job
+    retries: int = 0
+    retry_backoff: timedelta = timedelta(seconds=10)
+    retry_backoff_max: timedelta = timedelta(minutes=10)
+    on_lost: str = "retry"
+    shell: bool = False
+    user: str | None = None
+    allow_root: bool = False
+    output_limit: int = 64 * 1024
+
+    def lock_name(self, params: Mapping[str, str]) -> str:
+        """The overlap lock this run takes: the job's, or one per lock_key parameter value."""
+        if self.lock_key is None:
+            return self.name
+        value = params.get(self.lock_key[len("{param."):-1], "")
+        return f"{self.name}:{hashlib.sha256(value.encode()).hexdigest()[:16]}"
 
     def scheduled(self) -> ScheduledJob:
         return ScheduledJob(
@@ -275,6 +295,8 @@ def _worker(s: Section) -> WorkerSection:
         kill_grace=s.duration("kill_grace", "10s", low=timedelta(0)),
         shutdown_grace=s.duration("shutdown_grace", "30s", low=timedelta(0)),
         queues=tuple(queues),
+        queue_concurrency=_queue_limits(s, queues),
+        history_retention=s.duration("history_retention", "7d", low=timedelta(hours=1)),
     )
     for q in out.queues:
         try:
@@ -297,6 +319,17 @@ def _http(s: Section) -> HttpSection:
     return HttpSection(listen=listen, host=host, port=int(port_text))
 
 
+def _queue_limits(s: Section, queues: list[str]) -> tuple[tuple[str, int], ...]:
+    out: list[tuple[str, int]] = []
+    for q, n in s.table("queue_concurrency").items():
+        if q not in queues:
+            raise s.fail("queue_concurrency", f"{q!r} is not in queues {queues}")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise s.fail("queue_concurrency", f"{q} must be a positive integer, got {n!r}")
+        out.append((q, n))
+    return tuple(out)
+
+
 def _job(s: Section, name: str, agent: AgentSection, worker: WorkerSection) -> JobSpec:
     expr = s.string("schedule")
     if expr is None:
@@ -310,7 +343,17 @@ def _job(s: Section, name: str, agent: AgentSection, worker: WorkerSection) -> J
         schedule = parse_schedule(expr, job=name, timezone=timezone)
     except ScheduleError as exc:
         raise s.fail("schedule", str(exc)) from exc
-    command = s.strings("command")
+    shell = s.boolean("shell", False)
+    if shell:
+        text = s.string("command")
+        if text is None:
+            raise s.fail("command", "is required: with shell = true, one string for /bin/sh -c")
+        if "{param." in text:
+            raise s.fail("command", "with shell = true parameters arrive only as "
+                         "CRONSUL_PARAM_<NAME> variables, never spliced into the string")
+        command = ["/bin/sh", "-c", text]
+    else:
+        command = s.strings("command") or []
     if not command:
         raise s.fail("command", "is required: a non-empty list of strings (argv, no shell)")
     env: dict[str, Any] = dict(s.table("env"))
@@ -350,9 +393,31 @@ def _job(s: Section, name: str, agent: AgentSection, worker: WorkerSection) -> J
         working_dir=s.string("working_dir"),
         params=params,
         param_names=names,
+        overlap=s.choice("overlap", "allow", ("allow", "skip", "queue", "replace")),
+        lock_key=_lock_key(s, names),
+        retries=s.integer("retries", 0, low=0, high=100),
+        retry_backoff=s.duration("retry_backoff", "10s", low=timedelta(0)),
+        retry_backoff_max=s.duration("retry_backoff_max", "10m", low=timedelta(0)),
+        on_lost=s.choice("on_lost", "retry", ("retry", "fail")),
+        shell=shell,
+        user=s.string("user"),
+        allow_root=s.boolean("allow_root", False),
+        output_limit=s.integer("output_limit", 64 * 1024, low=0, high=16 * 1024 * 1024),
     )
+    if out.lock_key is not None and out.overlap == "allow":
+        raise s.fail("lock_key", "only means something with overlap = skip, queue or replace")
     s.check_unknown()
     return out
+
+
+def _lock_key(s: Section, names: frozenset[str]) -> str | None:
+    text = s.string("lock_key")
+    if text is None:
+        return None
+    if not (text.startswith("{param.") and text.endswith("}")) or text[7:-1] not in names:
+        raise s.fail("lock_key", f"{text!r} must be {{param.NAME}} with NAME one of the job's "
+                     f"params ({', '.join(sorted(names)) or 'none declared'})")
+    return text
 
 
 def _params(s: Section) -> tuple[dict[str, str], ...]:

@@ -2,100 +2,51 @@
 
 from __future__ import annotations
 
-import json
 import os
+import random
 import threading
 import uuid
-from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime
 
 import redis
 import structlog
 
 from scheduler.clock import Clock
-from scheduler.errors import ConfigError, MessageError
-from scheduler.runs import epoch_ms, iso_utc
+from scheduler.errors import MessageError
+from scheduler.runs import epoch_ms, from_epoch_ms, iso_utc
 from worker.config import Config, JobSpec
 from worker.executor import Execution, Outcome, job_environment
+from worker.messages import RunMessage, parse_message
 from worker.metrics import RunHooks
-from worker.params import check_value, placeholders, render_argv
+from worker.params import render_argv
 from worker.queue import Delivery, RedisQueue
+from worker.runstate import RunRef, RunState
 from worker.watchdog import Watchdog
 
-# A run message is a few hundred bytes; anything this large is not ours (or is an attack).
-MAX_PAYLOAD_BYTES = 64 * 1024
-# Parameter names become environment variable names: keep them to this alphabet.
-PARAM_NAME_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_")
+# RunState.renew results.
+LOST, RENEWED, STOP_REQUESTED = 0, 1, 2
 # How long one XREADGROUP blocks; bounds how long shutdown waits for the fetch loop.
 FETCH_BLOCK_MS = 1000
-
-
-@dataclass(frozen=True)
-class RunMessage:
-    run_id: str
-    job: str
-    scheduled_at: datetime
-    params: Mapping[str, str]
-
-
-def parse_message(payload: bytes | None, jobs: Mapping[str, JobSpec]) -> RunMessage:
-    """Decode and check a queued run. Raises MessageError with the reason (for the DLQ)."""
-    if payload is None:
-        raise MessageError("malformed: entry has no payload field")
-    if len(payload) > MAX_PAYLOAD_BYTES:
-        raise MessageError(f"oversized: {len(payload)} bytes > {MAX_PAYLOAD_BYTES}")
-    try:
-        body = json.loads(payload)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise MessageError(f"undecodable: {exc}") from exc
-    if not isinstance(body, dict) or body.get("v") != 1:
-        raise MessageError("malformed: not a version 1 run message")
-    run_id, job, when, params = (body.get(k) for k in ("run_id", "job", "scheduled_at", "params"))
-    if not isinstance(job, str) or job not in jobs:
-        raise MessageError(f"unknown job: {job!r} is not defined in this node's config")
-    if not isinstance(run_id, str) or not run_id.startswith(f"{job}@") or len(run_id) > 300:
-        raise MessageError(f"malformed: run_id {run_id!r} does not belong to job {job!r}")
-    try:
-        scheduled = datetime.fromisoformat(str(when).replace("Z", "+00:00"))
-    except ValueError as exc:
-        raise MessageError(f"malformed: scheduled_at {when!r}") from exc
-    if scheduled.tzinfo is None:
-        raise MessageError(f"malformed: scheduled_at {when!r} has no time zone")
-    params = params or {}
-    if not isinstance(params, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) and k and set(k) <= PARAM_NAME_CHARS
-        for k, v in params.items()
-    ):
-        raise MessageError("malformed: params must map [A-Za-z0-9_] names to strings")
-    spec = jobs[job]
-    undeclared = sorted(set(params) - spec.param_names)
-    if undeclared:
-        raise MessageError(f"bad params: {undeclared[0]!r} is not a parameter of job {job!r}")
-    try:
-        for k, v in params.items():
-            check_value(k, v, f"job {job!r}")
-    except ConfigError as exc:
-        raise MessageError(f"bad params: {exc}") from exc
-    missing = sorted(placeholders(spec.command, job) - set(params))
-    if missing:
-        raise MessageError(f"bad params: command needs {missing[0]!r}")
-    return RunMessage(run_id, job, scheduled, params)
+# Delayed runs (retries, runs waiting for an overlap lock) are promoted this often.
+PROMOTE_EVERY_S = 0.5
 
 
 @dataclass
 class _Active:
-    run_id: str
+    ref: RunRef
     token: str
     execution: Execution
     renewed_at: float  # monotonic time the last successful lease write was sent
+    replaced: bool = False
 
 
 class Consumer:
-    def __init__(self, cfg: Config, queue: RedisQueue, watchdog: Watchdog, clock: Clock) -> None:
+    def __init__(self, cfg: Config, queue: RedisQueue, runs: RunState, watchdog: Watchdog,
+                 clock: Clock) -> None:
         self._cfg = cfg
         self._q = queue
+        self._runs = runs
         self._watchdog = watchdog
         self._clock = clock
         self._node = cfg.agent.node
@@ -104,6 +55,7 @@ class Consumer:
         # The watchdog kills this node's jobs this long before their leases could lapse.
         self._margin_s = self._vis_s / 6
         self._inflight = 0  # dispatched and not yet finished (includes claims in progress)
+        self._per_queue: dict[str, int] = {}  # in flight per queue, for queue_concurrency
         self._pool = ThreadPoolExecutor(cfg.worker.concurrency, thread_name_prefix="run")
         self._active: dict[str, _Active] = {}
         self._lock = threading.Lock()
@@ -125,7 +77,7 @@ class Consumer:
     def run(self, stop: threading.Event) -> None:
         queues = list(self._cfg.worker.queues)
         self._q.ensure_groups(queues)
-        next_reclaim = 0.0
+        next_reclaim = next_promote = 0.0
         while not stop.is_set():
             if not self.accepting.is_set():
                 stop.wait(0.2)
@@ -136,11 +88,14 @@ class Consumer:
                     for d in self._q.reclaim(queues, self._lease_ms, 100):
                         self._log.info("run_reclaimed", entry_id=d.entry_id, queue=d.queue)
                         self._dispatch(d, stop)
+                if self._clock.monotonic() >= next_promote:
+                    next_promote = self._clock.monotonic() + PROMOTE_EVERY_S
+                    self._runs.promote(epoch_ms(self._clock.now()))
                 free = self._free_slots()
                 if free == 0:
                     stop.wait(0.05)
                     continue
-                for d in self._q.fetch(queues, free, FETCH_BLOCK_MS):
+                for d in self._q.fetch(queues, free, FETCH_BLOCK_MS, self._queue_room()):
                     self._dispatch(d, stop)
             except redis.RedisError as exc:
                 self._log.warning("redis_error", error=str(exc)[:200])
@@ -150,9 +105,17 @@ class Consumer:
         with self._lock:
             return self._cfg.worker.concurrency - self._inflight
 
+    def _queue_room(self) -> dict[str, int] | None:
+        limits = dict(self._cfg.worker.queue_concurrency)
+        if not limits:
+            return None
+        with self._lock:
+            return {q: n - self._per_queue.get(q, 0) for q, n in limits.items()}
+
     def _dispatch(self, d: Delivery, stop: threading.Event) -> None:
         with self._lock:
             self._inflight += 1
+            self._per_queue[d.queue] = self._per_queue.get(d.queue, 0) + 1
         self._pool.submit(self._handle_safely, d)
 
     def _handle_safely(self, d: Delivery) -> None:
@@ -166,6 +129,7 @@ class Consumer:
         finally:
             with self._lock:
                 self._inflight -= 1
+                self._per_queue[d.queue] -= 1
 
     # -- one run ----------------------------------------------------------------------------
 
@@ -181,35 +145,37 @@ class Consumer:
             self.hooks.run_dead_lettered(reason)
             return
         job = jobs[msg.job]
+        ref = RunRef(msg.run_id, msg.job, epoch_ms(msg.scheduled_at), d.queue,
+                     d.payload or b"", d.entry_id, job.overlap, job.lock_name(msg.params),
+                     job.on_lost)
         token = uuid.uuid4().hex
         sent = self._clock.monotonic()
         now_ms = epoch_ms(self._clock.now())
-        begun = self._q.begin(msg.run_id, token, self._lease_ms, now_ms, msg.job,
-                              epoch_ms(msg.scheduled_at), d.queue)
-        if begun.verdict == "done":
-            self._q.ack(d)  # it finished already; only the ack was lost
-            self._log.info("run_already_done", run_id=msg.run_id, state=begun.detail)
+        begun = self._runs.begin(ref, token, self._lease_ms, now_ms)
+        if begun.verdict != "start":
+            self._not_started(ref, begun.verdict, begun.detail)
             return
-        if begun.verdict == "busy":
-            self._log.info("run_busy_elsewhere", run_id=msg.run_id, holder=begun.detail)
-            return
-        execution = Execution(self._watchdog, self._cfg.worker.kill_grace.total_seconds())
+        execution = Execution(self._watchdog, self._cfg.worker.kill_grace.total_seconds(),
+                              job.output_limit, log=self._log.bind(run_id=msg.run_id))
         self.hooks.run_started(msg.job)
+        active = _Active(ref, token, execution, sent)
         with self._lock:
-            self._active[msg.run_id] = _Active(msg.run_id, token, execution, sent)
+            self._active[msg.run_id] = active
         self._update_watchdog()
         try:
             outcome = execution.run(render_argv(job.command, msg.params),
                                     self._environment(job, msg, begun.attempt),
-                                    job.working_dir, job.timeout.total_seconds())
+                                    job.working_dir, job.timeout.total_seconds(), user=job.user)
         finally:
             with self._lock:
                 self._active.pop(msg.run_id, None)
             self._update_watchdog()
-        state = "succeeded" if outcome.ok else "failed"
+        state, retry_at = self._verdict(job, outcome, begun.attempt, active.replaced)
         finished_ms = epoch_ms(self._clock.now())
-        recorded = self._q.finish(d, msg.run_id, msg.job, token, state, finished_ms,
-                                  _record_fields(outcome))
+        fields = _record_fields(outcome)
+        if active.replaced:
+            fields["error"] = "stopped: replaced by a newer run (overlap = replace)"
+        recorded = self._runs.finish(ref, token, state, finished_ms, fields, retry_at)
         self.hooks.run_finished(msg.job, state if recorded else "lost", outcome.duration_s)
         self._log.info(
             "run_finished" if recorded else "run_finished_lease_lost",
@@ -218,8 +184,35 @@ class Consumer:
             exit_code=outcome.exit_code, signal=outcome.signal, timed_out=outcome.timed_out,
             duration_ms=round(outcome.duration_s * 1000, 1),
             start_lag_ms=now_ms - epoch_ms(msg.scheduled_at),
-            output_bytes=outcome.output_bytes, error=outcome.error,
+            output_bytes=outcome.output_bytes, error=fields["error"] or None,
+            retry_at=iso_utc(from_epoch_ms(retry_at)) if retry_at else None,
         )
+
+    def _not_started(self, ref: RunRef, verdict: str, detail: str) -> None:
+        events = {
+            "done": "run_already_done",  # it finished; only the ack was lost (acked now)
+            "busy": "run_busy_elsewhere",  # its lease is alive on another node: leave it
+            "lost": "run_lost",  # its node died and on_lost = fail
+            "skipped": "run_skipped",  # overlap: a previous run holds the lock
+            "wait": "run_waiting",  # overlap = queue | replace: parked until the lock frees
+        }
+        self._log.info(events.get(verdict, "run_not_started"), job=ref.job, run_id=ref.run_id,
+                       detail=detail)
+
+    def _verdict(self, job: JobSpec, outcome: Outcome, attempt: int,
+                 replaced: bool) -> tuple[str, int | None]:
+        """(state, retry due time in ms or None) for a finished attempt."""
+        if outcome.ok:
+            return "succeeded", None
+        if replaced or job.retries == 0:
+            return "failed", None
+        if attempt > job.retries:
+            return "dead", None
+        base = job.retry_backoff.total_seconds() * (2 ** (attempt - 1))
+        delay = min(job.retry_backoff_max.total_seconds(), base)
+        # Full jitter on the upper half keeps a burst of failures from retrying in lockstep.
+        delay *= 0.5 + random.random() / 2
+        return "retrying", epoch_ms(self._clock.now()) + int(delay * 1000)
 
     def _environment(self, job: JobSpec, msg: RunMessage, attempt: int) -> dict[str, str]:
         cronsul = {
@@ -244,15 +237,21 @@ class Consumer:
             return
         sent = self._clock.monotonic()
         try:
-            results = self._q.renew([(a.run_id, a.token) for a in active], self._lease_ms)
+            results = self._runs.renew([(a.ref, a.token) for a in active], self._lease_ms)
         except redis.RedisError as exc:
             self._log.warning("lease_renew_failed", error=str(exc)[:200])
             return
-        for a, ok in zip(active, results, strict=True):
-            if ok:
+        for a, result in zip(active, results, strict=True):
+            if result == RENEWED:
                 a.renewed_at = sent
+            elif result == STOP_REQUESTED:
+                a.renewed_at = sent
+                if not a.replaced:
+                    a.replaced = True
+                    self._log.info("run_replaced", run_id=a.ref.run_id)
+                    a.execution.stop()
             else:
-                self._log.error("run_lease_lost", run_id=a.run_id)
+                self._log.error("run_lease_lost", run_id=a.ref.run_id)
                 a.execution.stop()
         self._update_watchdog()
 

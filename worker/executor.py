@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pwd
 import signal
 import subprocess
 import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from worker.watchdog import Watchdog
 
@@ -23,6 +25,9 @@ DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
 OUTPUT_LIMIT = 64 * 1024
 # How long to wait for the output pipe to close after the process group is gone.
 PIPE_DRAIN_S = 2.0
+# Output lines also go to the agent's log (run id bound) up to this many per run, so a chatty
+# job cannot flood the journal; the recorded tail is unaffected.
+LOGGED_LINES_MAX = 200
 
 
 @dataclass(frozen=True)
@@ -52,27 +57,34 @@ def job_environment(agent_env: Mapping[str, str], job_env: Sequence[tuple[str, s
 class Execution:
     """One running process group; ``stop()`` may be called from another thread."""
 
-    def __init__(self, watchdog: Watchdog | None, kill_grace: float) -> None:
+    def __init__(self, watchdog: Watchdog | None, kill_grace: float,
+                 output_limit: int = OUTPUT_LIMIT, log: Any = None) -> None:
         self._watchdog = watchdog
         self._kill_grace = kill_grace
+        self._output_limit = output_limit
+        self._log = log
         self._proc: subprocess.Popen[bytes] | None = None
         self._stopped = threading.Event()
 
     def run(self, argv: Sequence[str], env: Mapping[str, str], cwd: str | None,
-            timeout: float) -> Outcome:
+            timeout: float, user: str | None = None) -> Outcome:
         start = time.monotonic()
+        try:
+            identity = _identity(user)
+        except (KeyError, PermissionError) as exc:
+            return Outcome(None, None, False, 0.0, "", 0, str(exc).strip("'\""))
         try:
             proc = subprocess.Popen(
                 list(argv), env=dict(env), cwd=cwd, stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
-                close_fds=True,
+                close_fds=True, **identity,
             )
         except OSError as exc:
             return Outcome(None, None, False, 0.0, "", 0, f"cannot start {argv[0]!r}: {exc}")
         self._proc = proc
         if self._watchdog is not None:
             self._watchdog.track(proc.pid)
-        tail = _Tail(OUTPUT_LIMIT)
+        tail = _Tail(self._output_limit, self._log)
         reader = threading.Thread(target=tail.drain, args=(proc,), daemon=True)
         reader.start()
         timed_out = False
@@ -113,16 +125,31 @@ class Execution:
             threading.Thread(target=self._terminate, args=(proc,), daemon=True).start()
 
 
+def _identity(user: str | None) -> dict[str, Any]:
+    """Popen arguments that drop to ``user`` (its primary group, no supplementary groups)."""
+    if user is None:
+        return {}
+    entry = pwd.getpwnam(user)  # KeyError: unknown user
+    if os.geteuid() != 0:
+        if entry.pw_uid == os.geteuid():
+            return {}
+        raise PermissionError(f"cannot run as user {user!r}: the agent is not running as root")
+    return {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
+
+
 def _killpg(pgid: int, sig: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, sig)
 
 
 class _Tail:
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, log: Any = None) -> None:
         self._limit = limit
         self._buf = bytearray()
         self.total = 0
+        self._log = log
+        self._logged = 0
+        self._partial = b""
 
     def drain(self, proc: subprocess.Popen[bytes]) -> None:
         stream = proc.stdout
@@ -135,9 +162,20 @@ class _Tail:
                 break
             self.total += len(chunk)
             self._buf += chunk
+            if self._log is not None and self._logged < LOGGED_LINES_MAX:
+                self._stream_lines(chunk)
             if len(self._buf) > 2 * self._limit:
                 del self._buf[: len(self._buf) - self._limit]
         stream.close()
 
+    def _stream_lines(self, chunk: bytes) -> None:
+        *lines, self._partial = (self._partial + chunk).split(b"\n")
+        for line in lines[: LOGGED_LINES_MAX - self._logged]:
+            self._log.info("run_output", line=line.decode("utf-8", errors="replace")[:1000])
+        self._logged += len(lines)
+        self._partial = self._partial[-4096:]
+
     def text(self) -> str:
+        if self._limit == 0:
+            return ""
         return bytes(self._buf[-self._limit:]).decode("utf-8", errors="replace")

@@ -32,6 +32,23 @@ class Keys:
     def stream(self, queue: str) -> str:
         return f"{self.prefix}:q:{queue}"
 
+    def lock(self, name: str) -> str:
+        """String "<run_id> <token>": the overlap lock of a job (or of one lock_key value)."""
+        return f"{self.prefix}:lock:{name}"
+
+    def waiting(self, name: str) -> str:
+        """String: the one run id waiting for an overlap lock (overlap = queue | replace)."""
+        return f"{self.prefix}:waiting:{name}"
+
+    def stop(self, run_id: str) -> str:
+        """String: present when a newer run asked this one to stop (overlap = replace)."""
+        return f"{self.prefix}:stop:{run_id}"
+
+    @property
+    def delayed(self) -> str:
+        """Sorted set "<queue>|<payload>" by due time (ms): retries and waiting runs."""
+        return f"{self.prefix}:delayed"
+
     @property
     def dead(self) -> str:
         """Stream of dead letters: reason, error, payload."""

@@ -17,7 +17,7 @@ from worker.config import Config
 from worker.consulapi import CALL_TIMEOUT_S, CONSUL_ERRORS, make_clients
 from worker.keys import Keys
 from worker.params import check_value, placeholders
-from worker.queue import TERMINAL
+from worker.runstate import TERMINAL
 from worker.sink import RECORD_TTL, run_payload
 
 # `cronsul run --wait` polls the run record this often.

@@ -13,10 +13,12 @@ from scheduler.ports import Fence, TickBatch
 from scheduler.runs import Run
 from worker.keys import GROUP, Keys
 from worker.queue import Delivery, RedisQueue
+from worker.runstate import RunRef, RunState
 from worker.sink import RedisSink
 
 T0 = datetime(2026, 11, 22, 18, 0, 5, tzinfo=UTC)
 KEYS = Keys("cronsul")
+Setup = tuple[RedisQueue, RunState, RunState]
 
 
 def batch(*seconds: int, job: str = "j") -> TickBatch:
@@ -61,85 +63,186 @@ def test_cursor_only_moves_forward(redis_client: redis.Redis) -> None:
     assert sink.load_cursors(["j", "other"]) == {"j": T0 + timedelta(seconds=5), "other": None}
 
 
-def fetch_one(q: RedisQueue) -> Delivery:
-    got = q.fetch(["default"], 1, 100)
+def fetch_one(q: RedisQueue, queue: str = "default") -> Delivery:
+    got = q.fetch([queue], 1, 100)
     assert len(got) == 1
     return got[0]
 
 
-def run_id_of(d: Delivery) -> str:
+def ref_of(d: Delivery, **kw: str) -> RunRef:
     assert d.payload is not None
-    rid: str = json.loads(d.payload)["run_id"]
-    return rid
+    body = json.loads(d.payload)
+    return RunRef(body["run_id"], body["job"], 0, d.queue, d.payload, d.entry_id, **kw)
 
 
-def test_begin_finish_acks_and_records(redis_client: redis.Redis) -> None:
+def pending(client: redis.Redis) -> int:
+    return int(client.xpending(KEYS.stream("default"), GROUP)["pending"])
+
+
+@pytest.fixture
+def setup(redis_client: redis.Redis) -> tuple[RedisQueue, RunState, RunState]:
     RedisSink(redis_client, KEYS).apply(batch(0), Fence(0, 1))
     q = RedisQueue(redis_client, KEYS, "n1")
     q.ensure_groups(["default"])
-    d = fetch_one(q)
-    rid = run_id_of(d)
-    begun = q.begin(rid, "tok", 5000, 1, "j", 0, "default")
+    return q, RunState(redis_client, KEYS, "n1", 3600), RunState(redis_client, KEYS, "n2", 3600)
+
+
+def test_begin_finish_acks_and_records(redis_client: redis.Redis, setup: Setup) -> None:
+    q, n1, _ = setup
+    ref = ref_of(fetch_one(q))
+    begun = n1.begin(ref, "tok", 5000, 1)
     assert (begun.verdict, begun.attempt) == ("start", 1)
-    assert q.finish(d, rid, "j", "tok", "succeeded", 2, {"exit_code": "0"})
-    assert redis_client.xpending(KEYS.stream("default"), GROUP)["pending"] == 0
-    assert q.record(rid)["state"] == "succeeded"
-    assert not redis_client.exists(KEYS.lease(rid))
+    assert n1.finish(ref, "tok", "succeeded", 2, {"exit_code": "0"})
+    assert pending(redis_client) == 0
+    assert n1.record(ref.run_id)["state"] == "succeeded"
+    assert not redis_client.exists(KEYS.lease(ref.run_id))
 
 
-def test_finished_run_is_not_started_again_when_its_ack_was_lost(redis_client: redis.Redis) -> None:
-    RedisSink(redis_client, KEYS).apply(batch(0), Fence(0, 1))
-    q = RedisQueue(redis_client, KEYS, "n1")
-    q.ensure_groups(["default"])
+def test_finished_run_is_not_started_again_when_its_ack_was_lost(
+        redis_client: redis.Redis, setup: Setup) -> None:
+    q, n1, _ = setup
     d = fetch_one(q)
-    rid = run_id_of(d)
-    q.begin(rid, "tok", 5000, 1, "j", 0, "default")
-    q.finish(d, rid, "j", "tok", "succeeded", 2, {})
-    assert q.begin(rid, "tok2", 5000, 3, "j", 0, "default").verdict == "done"
+    ref = ref_of(d)
+    n1.begin(ref, "tok", 5000, 1)
+    n1.finish(RunRef(ref.run_id, ref.job, 0, "default", ref.payload, ""), "tok", "succeeded", 2,
+              {})  # recorded, but the ack never happened
+    assert pending(redis_client) == 1
+    assert n1.begin(ref, "tok2", 5000, 3).verdict == "done"
+    assert pending(redis_client) == 0  # acked by begin, without running
 
 
-def test_a_live_lease_blocks_a_second_runner(redis_client: redis.Redis) -> None:
-    RedisSink(redis_client, KEYS).apply(batch(0), Fence(0, 1))
-    q1 = RedisQueue(redis_client, KEYS, "n1")
-    q2 = RedisQueue(redis_client, KEYS, "n2")
-    q1.ensure_groups(["default"])
-    d = fetch_one(q1)
-    rid = run_id_of(d)
-    assert q1.begin(rid, "t1", 5000, 1, "j", 0, "default").verdict == "start"
-    busy = q2.begin(rid, "t2", 5000, 1, "j", 0, "default")
+def test_a_live_lease_blocks_a_second_runner(setup: Setup) -> None:
+    q, n1, n2 = setup
+    ref = ref_of(fetch_one(q))
+    assert n1.begin(ref, "t1", 5000, 1).verdict == "start"
+    busy = n2.begin(ref, "t2", 5000, 1)
     assert (busy.verdict, busy.detail) == ("busy", "t1")
 
 
-def test_node_that_lost_its_lease_cannot_record_or_ack(redis_client: redis.Redis) -> None:
-    RedisSink(redis_client, KEYS).apply(batch(0), Fence(0, 1))
-    q1 = RedisQueue(redis_client, KEYS, "n1")
-    q2 = RedisQueue(redis_client, KEYS, "n2")
-    q1.ensure_groups(["default"])
-    d = fetch_one(q1)
-    rid = run_id_of(d)
-    q1.begin(rid, "t1", 50, 1, "j", 0, "default")
-    redis_client.delete(KEYS.lease(rid))  # the lease lapsed while n1 was frozen
-    assert q2.begin(rid, "t2", 5000, 2, "j", 0, "default").attempt == 2
-    assert not q1.finish(d, rid, "j", "t1", "failed", 3, {})  # the thawed zombie is refused
-    assert q1.renew([(rid, "t1")], 5000) == [False]
-    assert q2.renew([(rid, "t2")], 5000) == [True]
-    assert q2.finish(d, rid, "j", "t2", "succeeded", 4, {})
-    assert q1.record(rid)["state"] == "succeeded"
+def test_node_that_lost_its_lease_cannot_record_or_ack(
+        redis_client: redis.Redis, setup: Setup) -> None:
+    q, n1, n2 = setup
+    ref = ref_of(fetch_one(q))
+    n1.begin(ref, "t1", 50, 1)
+    redis_client.delete(KEYS.lease(ref.run_id))  # the lease lapsed while n1 was frozen
+    assert n2.begin(ref, "t2", 5000, 2).attempt == 2
+    assert not n1.finish(ref, "t1", "failed", 3, {})  # the thawed zombie is refused
+    assert n1.renew([(ref, "t1")], 5000) == [0]
+    assert n2.renew([(ref, "t2")], 5000) == [1]
+    assert n2.finish(ref, "t2", "succeeded", 4, {})
+    assert n1.record(ref.run_id)["state"] == "succeeded"
 
 
-def test_reclaim_takes_idle_entries_only_when_their_lease_lapsed(redis_client: redis.Redis) -> None:
-    RedisSink(redis_client, KEYS).apply(batch(0), Fence(0, 1))
-    q1 = RedisQueue(redis_client, KEYS, "n1")
+def test_lost_run_with_on_lost_fail_is_recorded_failed_not_rerun(
+        redis_client: redis.Redis, setup: Setup) -> None:
+    q, n1, n2 = setup
+    ref = ref_of(fetch_one(q), on_lost="fail")
+    n1.begin(ref, "t1", 5000, 1)
+    redis_client.delete(KEYS.lease(ref.run_id))  # n1 died mid-run
+    assert n2.begin(ref, "t2", 5000, 2).verdict == "lost"
+    assert n2.record(ref.run_id)["state"] == "failed"
+    assert pending(redis_client) == 0
+
+
+def test_reclaim_takes_idle_entries_only_when_their_lease_lapsed(
+        redis_client: redis.Redis, setup: Setup) -> None:
+    q, n1, _ = setup
+    d = fetch_one(q)
+    ref = ref_of(d)
+    n1.begin(ref, "t1", 60_000, 1)
     q2 = RedisQueue(redis_client, KEYS, "n2")
-    q1.ensure_groups(["default"])
-    d = fetch_one(q1)
-    rid = run_id_of(d)
-    q1.begin(rid, "t1", 60_000, 1, "j", 0, "default")
     assert q2.reclaim(["default"], 0, 10) == []  # lease alive: a long run is left alone
-    redis_client.delete(KEYS.lease(rid))  # n1 died; its lease ran out
+    redis_client.delete(KEYS.lease(ref.run_id))  # n1 died; its lease ran out
     taken = q2.reclaim(["default"], 0, 10)
     assert [t.entry_id for t in taken] == [d.entry_id]
     assert taken[0].deliveries == 2
+
+
+def two_runs(redis_client: redis.Redis, q: RedisQueue, overlap: str) -> tuple[RunRef, RunRef]:
+    RedisSink(redis_client, KEYS).apply(batch(1), Fence(0, 1))
+    first = ref_of(fetch_one(q), overlap=overlap, lock_name="j")
+    second = ref_of(fetch_one(q), overlap=overlap, lock_name="j")
+    return first, second
+
+
+def test_overlap_skip_records_the_second_run_skipped(
+        redis_client: redis.Redis, setup: Setup) -> None:
+    q, n1, n2 = setup
+    first, second = two_runs(redis_client, q, "skip")
+    assert n1.begin(first, "t1", 5000, 1).verdict == "start"
+    skipped = n2.begin(second, "t2", 5000, 1)
+    assert (skipped.verdict, skipped.detail) == ("skipped", first.run_id)
+    assert n2.record(second.run_id)["state"] == "skipped"
+    assert n1.finish(first, "t1", "succeeded", 2, {})
+    assert not redis_client.exists(KEYS.lock("j"))  # released by compare-and-delete
+    assert pending(redis_client) == 0
+
+
+def test_overlap_lock_is_not_freed_by_a_node_that_lost_it(
+        redis_client: redis.Redis, setup: Setup) -> None:
+    q, n1, n2 = setup
+    first, second = two_runs(redis_client, q, "skip")
+    n1.begin(first, "t1", 5000, 1)
+    redis_client.delete(KEYS.lease(first.run_id), KEYS.lock("j"))  # n1 frozen past expiry
+    assert n2.begin(second, "t2", 5000, 1).verdict == "start"
+    assert not n1.finish(first, "t1", "succeeded", 3, {})
+    assert redis_client.get(KEYS.lock("j")) == f"{second.run_id} t2".encode()
+
+
+def test_overlap_queue_parks_one_waiting_run_and_promotes_it(
+        redis_client: redis.Redis, setup: Setup) -> None:
+    q, n1, n2 = setup
+    first, second = two_runs(redis_client, q, "queue")
+    n1.begin(first, "t1", 5000, 1)
+    assert n2.begin(second, "t2", 5000, 1).verdict == "wait"
+    assert redis_client.zcard(KEYS.delayed) == 1
+    assert pending(redis_client) == 1  # only the running first run; the second was acked
+    n1.finish(first, "t1", "succeeded", 2, {})
+    assert n1.promote(now_ms=10**15) == 1  # due: back on its stream
+    again = ref_of(fetch_one(q), overlap="queue", lock_name="j")
+    assert again.run_id == second.run_id
+    assert n2.begin(again, "t3", 5000, 3).verdict == "start"
+
+
+def test_overlap_replace_asks_the_holder_to_stop(redis_client: redis.Redis, setup: Setup) -> None:
+    q, n1, n2 = setup
+    first, second = two_runs(redis_client, q, "replace")
+    n1.begin(first, "t1", 5000, 1)
+    assert n2.begin(second, "t2", 5000, 1).verdict == "wait"
+    assert n1.renew([(first, "t1")], 5000) == [2]  # renewed, and asked to stop
+
+
+def test_retry_goes_to_the_delayed_set_and_attempts_count_up(
+        redis_client: redis.Redis, setup: Setup) -> None:
+    q, n1, _ = setup
+    ref = ref_of(fetch_one(q))
+    n1.begin(ref, "t1", 5000, 1)
+    assert n1.finish(ref, "t1", "retrying", 2, {"exit_code": "1"}, retry_at_ms=5)
+    assert n1.promote(now_ms=4) == 0 and n1.promote(now_ms=5) == 1
+    again = ref_of(fetch_one(q))
+    assert n1.begin(again, "t2", 5000, 6).attempt == 2
+
+
+def test_dead_run_leaves_a_dead_letter_with_its_payload(
+        redis_client: redis.Redis, setup: Setup) -> None:
+    q, n1, _ = setup
+    ref = ref_of(fetch_one(q))
+    n1.begin(ref, "t1", 5000, 1)
+    n1.finish(ref, "t1", "dead", 2, {"error": "exit 3"})
+    [(_, fields)] = redis_client.xrange(KEYS.dead)
+    assert fields[b"reason"] == b"retries exhausted" and fields[b"payload"] == ref.payload
+
+
+def test_priority_fetch_reads_lower_queues_only_when_higher_are_empty(
+        redis_client: redis.Redis) -> None:
+    q = RedisQueue(redis_client, KEYS, "n1")
+    q.ensure_groups(["critical", "batch"])
+    redis_client.xadd(KEYS.stream("batch"), {"p": b"b"})
+    redis_client.xadd(KEYS.stream("critical"), {"p": b"c"})
+    assert [d.queue for d in q.fetch(["critical", "batch"], 5, 100)] == ["critical"]
+    assert [d.queue for d in q.fetch(["critical", "batch"], 5, 100)] == ["batch"]
+    redis_client.xadd(KEYS.stream("batch"), {"p": b"b2"})
+    assert q.fetch(["critical", "batch"], 5, 100, per_queue={"batch": 0}) == []
 
 
 def test_dead_letter_keeps_reason_and_payload_and_acks(redis_client: redis.Redis) -> None:
@@ -151,4 +254,4 @@ def test_dead_letter_keeps_reason_and_payload_and_acks(redis_client: redis.Redis
     [(_, fields)] = redis_client.xrange(KEYS.dead)
     assert fields[b"reason"] == b"undecodable"
     assert fields[b"payload"] == b"\xff not json"
-    assert redis_client.xpending(KEYS.stream("default"), GROUP)["pending"] == 0
+    assert pending(redis_client) == 0

@@ -1,0 +1,75 @@
+"""Run messages: the versioned format a worker accepts, and its validation.
+
+A message names a job defined in the node's own config and carries parameters; it never
+carries a command. Anything else is refused with a reason that becomes the dead letter's.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+
+from scheduler.errors import ConfigError, MessageError
+from worker.config import JobSpec
+from worker.params import check_value, placeholders
+
+# A run message is a few hundred bytes; anything this large is not ours (or is an attack).
+MAX_PAYLOAD_BYTES = 64 * 1024
+# Parameter names become environment variable names: keep them to this alphabet.
+PARAM_NAME_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_")
+# How long one XREADGROUP blocks; bounds how long shutdown waits for the fetch loop.
+FETCH_BLOCK_MS = 1000
+
+
+@dataclass(frozen=True)
+class RunMessage:
+    run_id: str
+    job: str
+    scheduled_at: datetime
+    params: Mapping[str, str]
+
+
+def parse_message(payload: bytes | None, jobs: Mapping[str, JobSpec]) -> RunMessage:
+    """Decode and check a queued run. Raises MessageError with the reason (for the DLQ)."""
+    if payload is None:
+        raise MessageError("malformed: entry has no payload field")
+    if len(payload) > MAX_PAYLOAD_BYTES:
+        raise MessageError(f"oversized: {len(payload)} bytes > {MAX_PAYLOAD_BYTES}")
+    try:
+        body = json.loads(payload)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise MessageError(f"undecodable: {exc}") from exc
+    if not isinstance(body, dict) or body.get("v") != 1:
+        raise MessageError("malformed: not a version 1 run message")
+    run_id, job, when, params = (body.get(k) for k in ("run_id", "job", "scheduled_at", "params"))
+    if not isinstance(job, str) or job not in jobs:
+        raise MessageError(f"unknown job: {job!r} is not defined in this node's config")
+    if not isinstance(run_id, str) or not run_id.startswith(f"{job}@") or len(run_id) > 300:
+        raise MessageError(f"malformed: run_id {run_id!r} does not belong to job {job!r}")
+    try:
+        scheduled = datetime.fromisoformat(str(when).replace("Z", "+00:00"))
+    except ValueError as exc:
+        raise MessageError(f"malformed: scheduled_at {when!r}") from exc
+    if scheduled.tzinfo is None:
+        raise MessageError(f"malformed: scheduled_at {when!r} has no time zone")
+    params = params or {}
+    if not isinstance(params, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) and k and set(k) <= PARAM_NAME_CHARS
+        for k, v in params.items()
+    ):
+        raise MessageError("malformed: params must map [A-Za-z0-9_] names to strings")
+    spec = jobs[job]
+    undeclared = sorted(set(params) - spec.param_names)
+    if undeclared:
+        raise MessageError(f"bad params: {undeclared[0]!r} is not a parameter of job {job!r}")
+    try:
+        for k, v in params.items():
+            check_value(k, v, f"job {job!r}")
+    except ConfigError as exc:
+        raise MessageError(f"bad params: {exc}") from exc
+    missing = sorted(placeholders(spec.command, job) - set(params))
+    if missing:
+        raise MessageError(f"bad params: command needs {missing[0]!r}")
+    return RunMessage(run_id, job, scheduled, params)
