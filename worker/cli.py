@@ -67,6 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
     from worker import inspect_cmds
 
     inspect_cmds.add_parsers(sub, with_config)
+    dr = with_config(sub.add_parser(
+        "drain", help="put this node in maintenance: step down, finish runs, take no new ones"))
+    dr.add_argument("--reason", default="", help="shown in Consul (default: cronsul drain by "
+                    "user@host)")
+    with_config(sub.add_parser("undrain", help="end this node's maintenance"))
     return p
 
 
@@ -119,6 +124,15 @@ def _dispatch(args: argparse.Namespace) -> int:
         from worker import inspect_cmds
 
         return inspect_cmds.dispatch(cfg, args)
+    if args.command in ("drain", "undrain"):
+        from worker.maintenance import set_drain
+
+        draining = args.command == "drain"
+        svc = set_drain(cfg, draining, args.reason if draining else None)
+        print(f"{svc}: " + ("draining (service maintenance on): no new runs, running ones "
+                            "finish, leadership handed over" if draining else
+                            "maintenance off: eligible and taking runs again"))
+        return EXIT_OK
     raise ConfigError(f"unknown command {args.command!r}")  # argparse prevents this
 
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import requests
+from requests.adapters import HTTPAdapter
 
 import consul
 from worker.config import ConsulSection
@@ -36,10 +39,43 @@ class ConsulClients:
         return f"{int(self.wait_s * 1000)}ms"
 
 
-def make_clients(cfg: ConsulSection, wait_s: float) -> ConsulClients:
+class _ObservedAdapter(HTTPAdapter):
+    """Reports every failed Consul request (for the error counter) without changing it."""
+
+    def __init__(self, on_error: Callable[[str], None]) -> None:
+        super().__init__()
+        self._on_error = on_error
+
+    def send(self, request: requests.PreparedRequest, *args: Any,
+             **kwargs: Any) -> requests.Response:
+        try:
+            response = super().send(request, *args, **kwargs)
+        except requests.Timeout:
+            self._on_error("timeout")
+            raise
+        except requests.RequestException:
+            self._on_error("unreachable")
+            raise
+        if response.status_code == 403:
+            self._on_error("acl_denied")
+        elif response.status_code >= 500:
+            self._on_error("server_error")
+        return response
+
+
+def make_clients(cfg: ConsulSection, wait_s: float,
+                 on_error: Callable[[str], None] | None = None) -> ConsulClients:
+    """``on_error(kind)`` is told of every failed request (kind: timeout, unreachable,
+    acl_denied, server_error); a 404 is an answer, not an error."""
+
     def client(timeout: float) -> consul.Consul:
-        return consul.Consul(host=cfg.host, port=cfg.port, token=cfg.token, scheme=cfg.scheme,
-                             timeout=timeout)
+        c = consul.Consul(host=cfg.host, port=cfg.port, token=cfg.token, scheme=cfg.scheme,
+                          timeout=timeout)
+        if on_error is not None:
+            adapter = _ObservedAdapter(on_error)
+            c.http.session.mount("http://", adapter)
+            c.http.session.mount("https://", adapter)
+        return c
 
     blocking_timeout = wait_s + wait_s / 16 + BLOCKING_MARGIN_S
     return ConsulClients(client(CALL_TIMEOUT_S), client(blocking_timeout), wait_s)

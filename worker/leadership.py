@@ -143,6 +143,8 @@ class Elector:
                 # Index went backwards (snapshot restore): start over from zero.
                 index = new_index if index is None or new_index >= index else None
                 continue
+            if not self._eligible():
+                return False  # became ineligible (maintenance) while we were blocked
             sent = self._clock.monotonic()
             if self._c.kv.put(self._key, self._value(sid, None), acquire=sid):
                 self.lease.confirm(sent)
@@ -257,6 +259,24 @@ class Elector:
     def shutdown(self) -> None:
         """Clean handover: revoke the lease, release the key, destroy the session."""
         self._lost("shutdown")
+
+    def step_down(self) -> None:
+        """Stop leading now (called from another thread when this node became ineligible).
+
+        Revokes the lease at once (the scheduler stops before its next pass) and releases the
+        key: no lock-delay applies, so a contender blocked on the key takes it within
+        milliseconds, and our own monitor read returns, sees the key is no longer ours and
+        destroys the session. Without this the elector would notice ineligibility only after
+        its current monitor read, up to lease/3 later."""
+        with self._mutex:
+            sid = self._session if self._term is not None else None
+        if sid is None:
+            return
+        self.lease.revoke()
+        try:
+            self._c.kv.put(self._key, "", release=sid)
+        except CONSUL_ERRORS as exc:
+            self._log.warning("release_failed", error=str(exc)[:200])
 
     def _value(self, sid: str, fence: int | None, since: datetime | None = None) -> str:
         body: dict[str, Any] = {

@@ -1,0 +1,73 @@
+"""The agent's small HTTP endpoint (``[http] listen``): ``/metrics`` and ``/healthz``.
+
+Standard library ``http.server`` in one daemon thread per request; nothing here blocks the
+agent. Read-only: there is no endpoint that changes state.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import structlog
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+# (ok, body) for /healthz.
+HealthCheck = Callable[[], tuple[bool, dict[str, Any]]]
+
+
+class OpsHTTPServer:
+    def __init__(self, host: str, port: int, registry: CollectorRegistry,
+                 health: HealthCheck) -> None:
+        log = structlog.get_logger("cronsul.http")
+
+        class Handler(BaseHTTPRequestHandler):
+            server_version = "cronsul"
+
+            def do_GET(self) -> None:
+                path = self.path.split("?", 1)[0]
+                try:
+                    if path == "/metrics":
+                        self._send(200, CONTENT_TYPE_LATEST, generate_latest(registry))
+                    elif path == "/healthz":
+                        ok, body = health()
+                        self._send(200 if ok else 503, "application/json",
+                                   json.dumps(body, sort_keys=True).encode() + b"\n")
+                    else:
+                        self._send(404, "text/plain; charset=utf-8", b"not found\n")
+                except Exception:
+                    log.exception("http_handler_failed", path=path)
+                    self._send(500, "text/plain; charset=utf-8", b"internal error\n")
+
+            def _send(self, code: int, ctype: str, body: bytes) -> None:
+                self.send_response(code)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.send_header("Cache-Control", "no-store")
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass  # scrapes every few seconds would drown the journal
+
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+        class Server(ThreadingHTTPServer):
+            address_family = family
+            daemon_threads = True
+
+        self._server = Server((host, port), Handler)
+        self.port = int(self._server.server_address[1])
+        self._thread = threading.Thread(target=self._server.serve_forever, name="http",
+                                        kwargs={"poll_interval": 0.5}, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
