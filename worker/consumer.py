@@ -20,8 +20,9 @@ from worker.executor import Execution, Outcome, job_environment
 from worker.messages import RunMessage, parse_message
 from worker.metrics import RunHooks
 from worker.params import render_argv
-from worker.queue import Delivery, RedisQueue
+from worker.queue import Delivery
 from worker.runstate import RunRef, RunState
+from worker.transport import Transport
 from worker.watchdog import Watchdog
 
 # RunState.renew results.
@@ -34,6 +35,7 @@ PROMOTE_EVERY_S = 0.5
 
 @dataclass
 class _Active:
+    delivery: Delivery
     ref: RunRef
     token: str
     execution: Execution
@@ -42,7 +44,7 @@ class _Active:
 
 
 class Consumer:
-    def __init__(self, cfg: Config, queue: RedisQueue, runs: RunState, watchdog: Watchdog,
+    def __init__(self, cfg: Config, queue: Transport, runs: RunState, watchdog: Watchdog,
                  clock: Clock) -> None:
         self._cfg = cfg
         self._q = queue
@@ -145,20 +147,23 @@ class Consumer:
             self.hooks.run_dead_lettered(reason)
             return
         job = jobs[msg.job]
+        entry = d.entry_id if self._q.acks_with_record else ""
         ref = RunRef(msg.run_id, msg.job, epoch_ms(msg.scheduled_at), d.queue,
-                     d.payload or b"", d.entry_id, job.overlap, job.lock_name(msg.params),
+                     d.payload or b"", entry, job.overlap, job.lock_name(msg.params),
                      job.on_lost)
         token = uuid.uuid4().hex
         sent = self._clock.monotonic()
         now_ms = epoch_ms(self._clock.now())
         begun = self._runs.begin(ref, token, self._lease_ms, now_ms)
         if begun.verdict != "start":
+            if begun.verdict != "busy" and not self._q.acks_with_record:
+                self._q.settle(d)
             self._not_started(ref, begun.verdict, begun.detail)
             return
         execution = Execution(self._watchdog, self._cfg.worker.kill_grace.total_seconds(),
                               job.output_limit, log=self._log.bind(run_id=msg.run_id))
         self.hooks.run_started(msg.job)
-        active = _Active(ref, token, execution, sent)
+        active = _Active(d, ref, token, execution, sent)
         with self._lock:
             self._active[msg.run_id] = active
         self._update_watchdog()
@@ -176,6 +181,8 @@ class Consumer:
         if active.replaced:
             fields["error"] = "stopped: replaced by a newer run (overlap = replace)"
         recorded = self._runs.finish(ref, token, state, finished_ms, fields, retry_at)
+        if recorded and not self._q.acks_with_record:
+            self._q.settle(d)
         self.hooks.run_finished(msg.job, state if recorded else "lost", outcome.duration_s)
         self._log.info(
             "run_finished" if recorded else "run_finished_lease_lost",
@@ -238,6 +245,7 @@ class Consumer:
         sent = self._clock.monotonic()
         try:
             results = self._runs.renew([(a.ref, a.token) for a in active], self._lease_ms)
+            self._q.extend([a.delivery for a in active], self._vis_s)
         except redis.RedisError as exc:
             self._log.warning("lease_renew_failed", error=str(exc)[:200])
             return

@@ -30,6 +30,11 @@ class Delivery:
 
 
 class RedisQueue:
+    """The Redis Streams transport (see worker.transport.Transport)."""
+
+    # The run-state scripts XACK in the same step that records the run.
+    acks_with_record = True
+
     def __init__(self, client: redis.Redis, keys: Keys, consumer: str) -> None:
         self._r = client
         self._keys = keys
@@ -82,6 +87,13 @@ class RedisQueue:
 
     def ack(self, delivery: Delivery) -> None:
         self._r.xack(self._keys.stream(delivery.queue), GROUP, delivery.entry_id)
+
+    def settle(self, delivery: Delivery) -> None:
+        self.ack(delivery)
+
+    def extend(self, deliveries: Sequence[Delivery], seconds: float) -> None:
+        """Nothing to do: a stream entry stays pending until acked; the run lease (renewed by
+        the heartbeat) is what keeps other nodes from reclaiming it."""
 
     def dead_letter(self, delivery: Delivery, reason: str, error: str) -> None:
         """Move an entry that cannot be run to the dead-letter stream, with why, and ack it."""
