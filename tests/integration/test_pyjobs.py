@@ -1,0 +1,304 @@
+"""Python callable jobs: a warm worker pool isolated from the agent (worker/pyjobs.py)."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from cronsul_testing import wait_until
+
+from scheduler.errors import ConfigError, CronsulError
+from worker.executor import OUTPUT_LIMIT, Outcome
+from worker.pyjobs import PythonPool, validate_target
+from worker.pyworker import OUTPUT_LIMIT as WORKER_DEFAULT_LIMIT
+from worker.watchdog import Watchdog
+
+FIX = "pyjobs_fixture"
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie only waits for its parent to reap it
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.fixture
+def pool() -> Iterator[PythonPool]:
+    p = PythonPool(2, watchdog=None, max_rss_mb=256)
+    p.start()
+    yield p
+    pids = p.pids()
+    p.stop()
+    wait_until(lambda: not any(pid_alive(x) for x in pids), 5, what="pool workers to exit")
+
+
+def run(pool: PythonPool, func: str, /, timeout: float = 10, env: dict[str, str] | None = None,
+        **kwargs: str) -> Outcome:
+    return pool.run(f"{FIX}:{func}", kwargs, env or {}, timeout)
+
+
+def test_success_records_output_and_return_value(pool: PythonPool) -> None:
+    out = run(pool, "add", a="2", b="40")
+    assert out.ok and out.exit_code == 0 and out.error is None and not out.timed_out
+    assert out.output == "adding 2 and 40\nreturn value: 42\n"
+
+
+def test_exception_fails_the_run_with_type_message_and_traceback(pool: PythonPool) -> None:
+    out = run(pool, "fail", reason="disk full")
+    assert not out.ok and out.exit_code == 1 and out.error is not None
+    assert out.error.startswith("ValueError: bad thing: disk full\nTraceback")
+    assert "in _inner" in out.error and "pyjobs_fixture.py" in out.error
+    assert "pyworker.py" not in out.error  # the job's frames, not ours
+    assert run(pool, "noop").ok
+
+
+def test_sys_exit_is_the_runs_exit_code_and_the_worker_lives_on(pool: PythonPool) -> None:
+    before = pool.pids()
+    out = run(pool, "exit_with", code="3")
+    assert out.exit_code == 3 and out.error is None and not out.ok
+    assert pool.pids() == before
+
+
+def test_timeout_kills_the_worker_and_the_pool_recovers() -> None:
+    p = PythonPool(1, watchdog=None)
+    p.start()
+    try:
+        [old] = p.pids()
+        started = time.monotonic()
+        out = run(p, "sleep", timeout=0.5, seconds="60")
+        assert out.timed_out and out.signal == signal.SIGKILL and not out.ok
+        assert out.error is not None and "timed out after 0.5s" in out.error
+        assert time.monotonic() - started < 5
+        assert not pid_alive(old)
+        after = run(p, "add", a="1", b="1")
+        assert after.ok and "return value: 2" in after.output
+        assert p.pids() != [old]
+    finally:
+        p.stop()
+
+
+def test_timeout_kills_what_the_job_started(tmp_path: Path, pool: PythonPool) -> None:
+    pidfile = tmp_path / "child.pid"
+    out = run(pool, "spawn_and_hang", timeout=2, pidfile=str(pidfile))
+    assert out.timed_out
+    wait_until(lambda: not pid_alive(int(pidfile.read_text())), 5, what="grandchild to die")
+
+
+def test_os_exit_fails_the_run_and_the_pool_recovers(pool: PythonPool) -> None:
+    out = run(pool, "hard_exit", code="7")
+    assert not out.ok and out.exit_code == 7 and out.signal is None
+    assert out.error is not None and "died: exit code 7" in out.error
+    assert f"{FIX}:hard_exit" in out.error
+    assert run(pool, "noop").ok
+    assert len(pool.pids()) == 2
+
+
+def test_segfault_fails_the_run_with_a_traceback_and_the_pool_recovers(pool: PythonPool) -> None:
+    out = run(pool, "segfault")
+    assert not out.ok and out.signal == signal.SIGSEGV and out.exit_code is None
+    assert out.error is not None and "SIGSEGV" in out.error
+    assert "Segmentation fault" in out.output and "in segfault" in out.output
+    assert [run(pool, "noop").ok for _ in range(4)] == [True] * 4
+
+
+def test_memory_blow_up_fails_the_run_not_the_agent(pool: PythonPool) -> None:
+    before = set(pool.pids())
+    out = run(pool, "hog_memory", mb="1024")  # the pool's cap is 256 MB
+    assert not out.ok and out.exit_code == 1
+    assert out.error is not None and out.error.startswith("MemoryError")
+    wait_until(lambda: len(pool.pids()) == 2 and set(pool.pids()) != before, 5,
+               what="the worker to be replaced")
+    assert run(pool, "hog_memory", mb="50").ok
+
+
+def test_run_environment_is_visible_and_does_not_leak(pool: PythonPool) -> None:
+    env = {"CRONSUL_RUN_ID": "job@2024-01-01T00:00:00.000Z", "CRONSUL_JOB": "job"}
+    out = run(pool, "getenv", env=env, name="CRONSUL_RUN_ID")
+    assert out.output == "return value: 'job@2024-01-01T00:00:00.000Z'\n"
+    for _ in range(4):  # both workers, whichever served the first run
+        assert run(pool, "getenv", name="CRONSUL_RUN_ID").output == ""
+
+
+def test_a_callables_own_environment_changes_are_undone() -> None:
+    p = PythonPool(1, watchdog=None)
+    p.start()
+    try:
+        env = {"CRONSUL_JOB": "job"}
+        assert run(p, "set_environ", env=env).ok  # sets CRONSUL_JOB and CRONSUL_EXTRA
+        assert run(p, "getenv", env=env, name="CRONSUL_JOB").output == "return value: 'job'\n"
+        assert run(p, "getenv", env=env, name="CRONSUL_EXTRA").output == ""
+    finally:
+        p.stop()
+
+
+def test_agent_secrets_are_not_inherited(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CONSUL_HTTP_TOKEN", "secret")
+    p = PythonPool(1, watchdog=None)
+    p.start()
+    try:
+        assert run(p, "getenv", name="CONSUL_HTTP_TOKEN").output == ""
+        assert run(p, "getenv", name="PATH").output.startswith("return value: '")
+    finally:
+        p.stop()
+
+
+def test_bad_targets_fail_the_run_naming_the_target(pool: PythonPool) -> None:
+    cases = {
+        "nomodule": "expected 'package.module:function'",
+        "no_such_module_here:f": "cannot import module 'no_such_module_here'",
+        f"{FIX}:missing": "has no attribute 'missing'",
+        f"{FIX}:NOT_CALLABLE": "is not callable (it is a int)",
+    }
+    for target, expected in cases.items():
+        out = pool.run(target, {}, {}, 10)
+        assert not out.ok and out.exit_code is None and out.error is not None
+        assert repr(target) in out.error and expected in out.error, out.error
+    assert run(pool, "noop").ok
+
+
+def test_wrong_keyword_arguments_fail_the_run(pool: PythonPool) -> None:
+    out = run(pool, "add", a="1", c="2")
+    assert out.exit_code == 1 and out.error is not None and out.error.startswith("TypeError")
+
+
+@pytest.mark.parametrize("target", ["nomodule", "pkg.mod:", ":func", "pkg..mod:f", "pkg.mod:f g",
+                                    "pkg.class:f", "pkg.mod:f:g", "1pkg:f", ""])
+def test_validate_target_refuses_bad_syntax(target: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape("expected 'package.module:function'")):
+        validate_target(target)
+
+
+@pytest.mark.parametrize("target", ["pkg.mod:func", "mod:Class.method", "a.b.c:_private"])
+def test_validate_target_accepts_good_syntax_without_importing(target: str) -> None:
+    validate_target(target)
+    assert target.split(":")[0] not in sys.modules
+
+
+def test_output_is_captured_from_python_and_fds_and_capped(pool: PythonPool) -> None:
+    out = run(pool, "chatty", n="300000")
+    assert out.output_bytes == 300003 + len("from fd 2\n")
+    assert out.output.endswith("xEND" + "from fd 2\n") and len(out.output) == OUTPUT_LIMIT
+    assert WORKER_DEFAULT_LIMIT == OUTPUT_LIMIT
+
+
+def test_concurrent_runs_use_all_workers() -> None:
+    p = PythonPool(4, watchdog=None)
+    p.start()
+    try:
+        started = time.monotonic()
+        with ThreadPoolExecutor(8) as ex:
+            outs = list(ex.map(lambda i: run(p, "sleep", seconds="0.5"), range(8)))
+        elapsed = time.monotonic() - started
+        assert all(o.ok and "slept" in o.output for o in outs)
+        assert 1.0 <= elapsed < 1.8  # two waves of four
+    finally:
+        p.stop()
+
+
+def test_stop_kills_a_running_job_from_another_thread(pool: PythonPool) -> None:
+    execution = pool.execution()
+    threading.Timer(0.3, execution.stop).start()
+    started = time.monotonic()
+    out = execution.run(f"{FIX}:sleep", {"seconds": "60"}, {}, 30)
+    assert time.monotonic() - started < 5
+    assert not out.ok and out.signal == signal.SIGKILL and not out.timed_out
+    assert out.error is not None and "stopped" in out.error
+    assert run(pool, "noop").ok
+
+
+def test_throughput_of_no_op_jobs() -> None:
+    p = PythonPool(2, watchdog=None)
+    p.start()
+    env = {"PATH": "/usr/bin:/bin", "CRONSUL_JOB": "noop", "CRONSUL_NODE": "n1",
+           "CRONSUL_ATTEMPT": "1", "CRONSUL_SCHEDULED_AT": "2024-01-01T00:00:00Z"}
+    total, threads = 20_000, 2
+    failures: list[Outcome] = []
+
+    def loop(n: int) -> None:
+        for i in range(n):
+            out = p.run(f"{FIX}:noop", {}, {**env, "CRONSUL_RUN_ID": f"noop@{i}"}, 10)
+            if not out.ok:
+                failures.append(out)
+
+    try:
+        workers = [threading.Thread(target=loop, args=(total // threads,))
+                   for _ in range(threads)]
+        started = time.perf_counter()
+        for t in workers:
+            t.start()
+        for t in workers:
+            t.join()
+        rate = total / (time.perf_counter() - started)
+    finally:
+        p.stop()
+    print(f"\npython pool: {rate:,.0f} no-op jobs/s (size 2, 2 threads, {total:,} jobs)")
+    assert not failures
+    assert rate > 1000  # a floor far below the measured rate: catches a per-job process spawn
+
+
+def test_workers_killed_by_the_watchdog_deadline_are_replaced() -> None:
+    w = Watchdog()
+    w.start()
+    p = PythonPool(2, watchdog=w)
+    p.start()
+    try:
+        before = p.pids()
+        w.deadline(time.monotonic() + 0.2)  # as if the agent froze: every tracked group dies
+        wait_until(lambda: not any(pid_alive(x) for x in before), 5, what="workers killed")
+        assert [run(p, "noop").ok for _ in range(4)] == [True] * 4
+        assert len(p.pids()) == 2 and not set(p.pids()) & set(before)
+    finally:
+        p.stop()
+        w.stop()
+
+
+def test_start_reports_a_worker_that_cannot_start() -> None:
+    p = PythonPool(1, watchdog=None, env={"PYTHONHOME": "/nonexistent"})
+    with pytest.raises(CronsulError, match=r"python worker .* exit status 1"):
+        p.start()
+    assert p.pids() == []
+
+
+OWNER = """
+import sys, threading, time
+from worker.pyjobs import PythonPool
+from worker.watchdog import Watchdog
+w = Watchdog(); w.start()
+pool = PythonPool(2, watchdog=w); pool.start()
+threading.Thread(target=pool.run, args=("pyjobs_fixture:sleep", {"seconds": "300"}, {}, 600),
+                 daemon=True).start()
+time.sleep(0.5)
+open(sys.argv[1], "w").write(" ".join(map(str, pool.pids())))
+time.sleep(300)
+"""
+
+
+def test_sigkilled_owner_leaves_no_pool_worker_behind(tmp_path: Path) -> None:
+    pidfile = tmp_path / "workers"
+    root = Path(__file__).resolve().parent.parent.parent
+    owner = subprocess.Popen(
+        [sys.executable, "-c", OWNER, str(pidfile)],
+        env={**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{root / 'tests'}"})
+    try:
+        wait_until(lambda: pidfile.exists() and pidfile.read_text(), 20, what="pool start")
+        pids = [int(x) for x in pidfile.read_text().split()]
+        assert len(pids) == 2 and all(pid_alive(x) for x in pids)
+    finally:
+        owner.kill()
+        owner.wait()
+    wait_until(lambda: not any(pid_alive(x) for x in pids), 5, what="pool workers to die")

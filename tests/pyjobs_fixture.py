@@ -1,0 +1,77 @@
+"""Callables for the Python job pool tests (imported inside pool worker processes)."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+import time
+
+
+def noop() -> None:
+    return None
+
+
+def add(a: str, b: str) -> int:
+    print(f"adding {a} and {b}")
+    return int(a) + int(b)
+
+
+def fail(reason: str = "boom") -> None:
+    _inner(reason)
+
+
+def _inner(reason: str) -> None:
+    raise ValueError(f"bad thing: {reason}")
+
+
+def sleep(seconds: str) -> str:
+    time.sleep(float(seconds))
+    return "slept"
+
+
+def hard_exit(code: str = "7") -> None:
+    os._exit(int(code))
+
+
+def segfault() -> None:
+    ctypes.string_at(0)
+
+
+def hog_memory(mb: str) -> int:
+    chunks = [bytearray(1024 * 1024) for _ in range(int(mb))]
+    return len(chunks)
+
+
+def getenv(name: str) -> str | None:
+    return os.environ.get(name)
+
+
+def pid() -> int:
+    return os.getpid()
+
+
+def exit_with(code: str) -> None:
+    sys.exit(int(code))
+
+
+def chatty(n: str) -> None:
+    sys.stdout.write("x" * int(n) + "END")
+    os.write(2, b"from fd 2\n")
+
+
+NOT_CALLABLE = 42
+
+
+def spawn_and_hang(pidfile: str) -> None:
+    import subprocess
+
+    child = subprocess.Popen(["sleep", "300"])
+    with open(pidfile, "w") as f:
+        f.write(str(child.pid))
+    time.sleep(300)
+
+
+def set_environ() -> None:
+    os.environ["CRONSUL_JOB"] = "changed-by-job"
+    os.environ["CRONSUL_EXTRA"] = "left-behind"

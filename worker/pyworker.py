@@ -1,0 +1,311 @@
+"""The child side of the Python job pool: one warm process that runs callables on request.
+
+Started by :class:`worker.pyjobs.PythonPool` in its own session, it talks to the agent over one
+end of a socketpair (the fd number is its last argv element) with length-prefixed JSON frames:
+
+* agent -> worker, first: ``{"path": [sys.path of the agent], "max_rss_mb": int | null}``;
+* worker -> agent, once ready: ``{"ready": pid}``;
+* agent -> worker, per run: ``{"target": "pkg.mod:fn", "kwargs": {...}, "env": {...}}``;
+* worker -> agent, per run: ``{"code": int | null, "output": str, "bytes": int,
+  "error": str | null, "recycle": bool}``.
+
+JSON, not pickle, in both directions: the agent must never unpickle what a job process wrote,
+or any job could run code inside the agent (which holds secrets jobs are not given).
+
+During a run ``os.environ`` is the worker's start environment with the run's ``env`` laid over
+it. Only keys whose value differs from the previous run's are written (putenv costs a
+microsecond or two per key, and most of a run's env is the same every time); a callable that
+changes ``os.environ`` itself is detected (one dict comparison) and the environment is rebuilt
+before the next run, so nothing leaks from one run to the next.
+
+The worker exits when the socket reaches EOF (the agent closed it or died). Anything written to
+file descriptors 1 and 2 (C extensions, child processes, the faulthandler traceback of a crash)
+lands in a file the agent reads after each run.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import importlib
+import io
+import json
+import os
+import resource
+import signal
+import socket
+import struct
+import sys
+import traceback
+from collections.abc import Callable, Mapping
+from typing import Any, NoReturn
+
+HEADER = struct.Struct(">I")
+# Largest frame either side accepts: a reply holds at most OUTPUT_LIMIT characters of output
+# (up to 4 bytes each in UTF-8) plus an error text; anything bigger is a broken or hostile peer.
+MAX_FRAME = 1024 * 1024
+# Output kept per run unless the agent says otherwise in the first frame (it sends
+# worker.executor.OUTPUT_LIMIT; not imported here, so a worker loads nothing else of the agent).
+OUTPUT_LIMIT = 64 * 1024
+# A return value is recorded as its repr, cut to this length: enough to read, never a dump.
+REPR_LIMIT = 2048
+# Of an exception's traceback, the last this many frames (the callable's own, usually).
+TRACEBACK_FRAMES = 12
+# One receive reads at most this much, into a buffer allocated once: a fresh large buffer per
+# recv() costs an mmap/munmap pair and page faults, which measured as most of a run's overhead.
+RECV_CHUNK = 64 * 1024
+
+
+class FrameError(Exception):
+    """The peer sent something that is not a frame of this protocol."""
+
+
+def encode(message: Mapping[str, Any]) -> bytes:
+    body = json.dumps(message, separators=(",", ":")).encode()
+    return HEADER.pack(len(body)) + body
+
+
+def take_frame(buffer: bytearray) -> dict[str, Any] | None:
+    """Remove and return the first complete frame in ``buffer``, or None if it has none yet."""
+    if len(buffer) < HEADER.size:
+        return None
+    (size,) = HEADER.unpack_from(buffer)
+    if size > MAX_FRAME:
+        raise FrameError(f"frame of {size} bytes exceeds {MAX_FRAME}")
+    end = HEADER.size + size
+    if len(buffer) < end:
+        return None
+    body = bytes(buffer[HEADER.size:end])
+    del buffer[:end]
+    try:
+        message = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise FrameError(f"undecodable frame: {exc}") from exc
+    if not isinstance(message, dict):
+        raise FrameError("frame is not a JSON object")
+    return message
+
+
+class Inbox:
+    """Bytes received on a socket, cut into frames."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._view = memoryview(bytearray(RECV_CHUNK))
+        self._buffer = bytearray()
+
+    def frame(self) -> dict[str, Any] | None:
+        """The first complete frame received, or None. Raises FrameError."""
+        return take_frame(self._buffer)
+
+    def fill(self) -> bool:
+        """Receive what is there (blocking until something is). False at EOF."""
+        n = self._sock.recv_into(self._view)
+        self._buffer += self._view[:n]
+        return n > 0
+
+
+class TailWriter(io.TextIOBase):
+    """A text stream that keeps only the last ``limit`` characters written (sys.stdout/err)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self._limit = limit
+        self._parts: list[str] = []
+        self._size = 0
+        self.total = 0  # bytes (UTF-8) written, kept or not
+
+    def write(self, s: str) -> int:
+        if not isinstance(s, str):
+            raise TypeError(f"write() argument must be str, not {type(s).__name__}")
+        self.total += len(s.encode("utf-8", "replace"))
+        self._parts.append(s)
+        self._size += len(s)
+        if self._size > 2 * self._limit:
+            text = "".join(self._parts)[-self._limit:]
+            self._parts, self._size = [text], len(text)
+        return len(s)
+
+    def writable(self) -> bool:
+        return True
+
+    def text(self) -> str:
+        return "".join(self._parts)[-self._limit:]
+
+
+def resolve(target: str) -> Callable[..., Any]:
+    """Import ``package.module:attr.path`` and return the callable. Raises LookupError."""
+    module_name, sep, attr_path = target.partition(":")
+    if not sep or not module_name or not attr_path:
+        raise LookupError(f"callable {target!r}: expected 'package.module:function'")
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except Exception as exc:
+        raise LookupError(f"callable {target!r}: cannot import module {module_name!r}: "
+                          f"{type(exc).__name__}: {exc}\n{_traceback_tail(exc)}") from exc
+    for name in attr_path.split("."):
+        try:
+            obj = getattr(obj, name)
+        except AttributeError as exc:
+            raise LookupError(f"callable {target!r}: {module_name!r} has no attribute "
+                              f"{attr_path!r}") from exc
+    if not callable(obj):
+        raise LookupError(f"callable {target!r} is not callable "
+                          f"(it is a {type(obj).__name__})")
+    return obj  # type: ignore[no-any-return]  # callable() proved it
+
+
+def _traceback_tail(exc: BaseException, skip: int = 0) -> str:
+    tb = exc.__traceback__
+    for _ in range(skip):  # our own frames above the job's
+        tb = tb.tb_next if tb is not None else None
+    frames = traceback.extract_tb(tb)[-TRACEBACK_FRAMES:]
+    return "Traceback (most recent call last, innermost frames):\n" + "".join(
+        traceback.format_list(frames))
+
+
+class Runner:
+    """The state of one worker process: resolved callables and the environment it has set."""
+
+    def __init__(self, output_limit: int) -> None:
+        self._output_limit = output_limit
+        self._callables: dict[str, Callable[..., Any]] = {}
+        self._base = dict(os.environ)
+        self._applied: dict[str, str] = {}  # keys a run set, with the value they now hold
+        # CPython's os.environ keeps its (encoded) contents in this dict; comparing it with a
+        # copy taken after the last change tells whether a callable touched the environment.
+        self._data: dict[Any, Any] | None = getattr(os.environ, "_data", None)
+        self._snapshot = dict(self._data) if self._data is not None else None
+
+    def _apply_env(self, env: Mapping[str, str]) -> None:
+        environ, base, applied = os.environ, self._base, self._applied
+        if self._data is not None and self._data != self._snapshot:
+            environ.clear()  # the last callable changed it: start again from the base
+            environ.update(base)
+            applied.clear()
+        for key in [k for k in applied if k not in env]:
+            del applied[key]
+            if key in base:
+                environ[key] = base[key]
+            else:
+                environ.pop(key, None)
+        for key, value in env.items():
+            if applied.get(key) != value:
+                environ[key] = value
+                applied[key] = value
+        if self._data is not None:
+            self._snapshot = dict(self._data)
+
+    def run(self, target: str, kwargs: dict[str, str], env: dict[str, str]) -> dict[str, Any]:
+        self._apply_env(env)
+        func = self._callables.get(target)
+        if func is None:
+            try:
+                func = resolve(target)
+            except LookupError as exc:
+                return {"code": None, "output": "", "bytes": 0, "error": str(exc),
+                        "recycle": False}
+            self._callables[target] = func
+        out = TailWriter(self._output_limit)
+        saved = sys.stdout, sys.stderr
+        sys.stdout = sys.stderr = out
+        code: int | None = 0
+        error: str | None = None
+        recycle = False
+        try:
+            value = func(**kwargs)
+            if value is not None:
+                out.write(f"return value: {_short_repr(value)}\n")
+        except SystemExit as exc:  # sys.exit(n) in a job is its exit code, not the worker's
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+            if exc.code is not None and not isinstance(exc.code, int):
+                out.write(f"{exc.code}\n")
+        except BaseException as exc:  # whatever the job raised (even KeyboardInterrupt)
+            code = 1
+            error = f"{type(exc).__name__}: {exc}\n{_traceback_tail(exc, skip=1)}"
+            # After a MemoryError the process may hold half-built state: start afresh.
+            recycle = isinstance(exc, MemoryError)
+        finally:
+            sys.stdout, sys.stderr = saved
+        return {"code": code, "output": out.text(), "bytes": out.total, "error": error,
+                "recycle": recycle}
+
+
+def _short_repr(value: object) -> str:
+    try:
+        text = repr(value)
+    except Exception as exc:  # a broken __repr__ must not fail a run that succeeded
+        text = f"<unrepresentable {type(value).__name__}: {exc}>"
+    return text if len(text) <= REPR_LIMIT else text[:REPR_LIMIT] + "..."
+
+
+class _Channel:
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._inbox = Inbox(sock)
+
+    def receive(self) -> dict[str, Any] | None:
+        """The next frame, or None at EOF."""
+        while True:
+            message = self._inbox.frame()
+            if message is not None:
+                return message
+            if not self._inbox.fill():
+                return None
+
+    def send(self, message: Mapping[str, Any]) -> None:
+        self._sock.sendall(encode(message))
+
+
+def _init(message: Mapping[str, Any]) -> Runner:
+    path = message.get("path")
+    if isinstance(path, list) and all(isinstance(p, str) for p in path):
+        sys.path[:] = path
+    max_rss_mb = message.get("max_rss_mb")
+    if isinstance(max_rss_mb, int) and max_rss_mb > 0:
+        limit = max_rss_mb * 1024 * 1024
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    try:  # if memory runs out after all, the kernel's OOM killer should pick us, not the agent
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write("1000")
+    except OSError:
+        pass
+    output_limit = message.get("output_limit")
+    return Runner(output_limit if isinstance(output_limit, int) and output_limit > 0
+                  else OUTPUT_LIMIT)
+
+
+def serve(fd: int) -> int:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # ^C is for the agent, which then stops us
+    faulthandler.enable(file=2, all_threads=True)  # fd 2: the file the agent reads
+    sock = socket.socket(fileno=fd)
+    sock.set_inheritable(False)  # processes a job starts must not hold the agent's channel
+    channel = _Channel(sock)
+    first = channel.receive()
+    if first is None:
+        return 0
+    runner = _init(first)
+    channel.send({"ready": os.getpid()})
+    while True:
+        request = channel.receive()
+        if request is None:
+            return 0
+        target, kwargs, env = request.get("target"), request.get("kwargs"), request.get("env")
+        if not (isinstance(target, str) and isinstance(kwargs, dict) and isinstance(env, dict)):
+            print(f"cronsul pyworker: malformed request {request!r:.200}", file=sys.__stderr__)
+            return 2
+        reply = runner.run(target, kwargs, env)
+        if sys.__stdout__ is not None:  # what the job printed to fd 1 through Python's own file
+            sys.__stdout__.flush()
+        channel.send(reply)
+        if reply["recycle"]:
+            return 0
+
+
+def main(argv: list[str]) -> NoReturn:
+    code = serve(int(argv[-1]))
+    # Threads a job left behind must not keep a retired worker alive.
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    main(sys.argv)
