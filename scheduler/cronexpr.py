@@ -10,17 +10,19 @@ from __future__ import annotations
 import copy
 import re
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 from croniter import CroniterBadDateError, CroniterError, croniter
 
 from scheduler.wallclock import (
+    is_ambiguous,
     local_wall_time,
     overlap_end,
     require_aware,
     resolve_wall_time,
     schedule_error,
+    transition,
 )
 
 # Plain cron meaning, whatever hashing is in use: "@hourly" is minute 0, not a hashed minute as
@@ -66,12 +68,18 @@ class CronSchedule:
     timezone: str
     job: str
     zone: ZoneInfo = field(repr=False)
+    # The hour field is "*" or "*/n": the job is interval-like and keeps running through a
+    # repeated (fall-back) hour, as Vixie cron does for wildcard jobs. Fixed-hour jobs fire a
+    # repeated wall time once, at its first occurrence.
+    hour_wildcard: bool = field(default=False, repr=False)
     # The expanded expression (croniter instance, never advanced itself: each call works on a
     # shallow copy so that concurrent callers cannot disturb each other).
-    _prototype: croniter = field(repr=False, compare=False)
+    _prototype: croniter = field(default=None, repr=False, compare=False)
 
     def next_fire(self, after: datetime) -> datetime | None:
         after_utc = require_aware(after, "after")
+        if self.hour_wildcard:
+            return self._next_elapsed(after_utc)
         start = overlap_end(after_utc, self.zone)
         if start is None:
             start = local_wall_time(after_utc, self.zone)
@@ -92,6 +100,59 @@ class CronSchedule:
             return None  # no further match before the end of the calendar
         raise schedule_error(self.job, self.expression, f"no fire time found after "
                              f"{after_utc.isoformat()} within {_MAX_CANDIDATES} candidates")
+
+
+    def _next_elapsed(self, after_utc: datetime) -> datetime | None:
+        """Wildcard-hour jobs: every real instant whose wall time matches, both passes of a
+        repeated hour included; non-existent (spring-forward) times still collapse into one
+        fire right after the gap."""
+        zone = self.zone
+        local = after_utc.astimezone(zone)
+        second_pass = local.fold == 1 and is_ambiguous(local.replace(tzinfo=None, fold=0), zone)
+        start = local.replace(tzinfo=None, microsecond=0, fold=0)
+        iterator = copy.copy(self._prototype)
+        try:
+            if not second_pass:
+                # Fast path, nearly always taken: no offset change between `after` and the
+                # first candidate means no gap and no repeated stretch in between.
+                first: datetime = iterator.get_next(datetime, start_time=start)
+                quick = first.replace(tzinfo=zone).astimezone(UTC)
+                if (quick > after_utc and quick.astimezone(zone).utcoffset() == local.utcoffset()
+                        and local_wall_time(quick, zone) == first):
+                    return quick
+                iterator = copy.copy(self._prototype)
+            for _ in range(_MAX_CANDIDATES):
+                candidate: datetime = iterator.get_next(datetime, start_time=start)
+                if is_ambiguous(candidate, zone):
+                    fold = 1 if second_pass else 0
+                    fire = candidate.replace(tzinfo=zone, fold=fold).astimezone(UTC)
+                else:
+                    fire = resolve_wall_time(candidate, zone)
+                    if not second_pass:
+                        fire = min(fire, self._second_pass_start(after_utc, fire) or fire)
+                if fire > after_utc:
+                    return fire
+                start = candidate
+        except (CroniterBadDateError, OverflowError):
+            return None
+        raise schedule_error(self.job, self.expression, f"no fire time found after "
+                             f"{after_utc.isoformat()} within {_MAX_CANDIDATES} candidates")
+
+    def _second_pass_start(self, after_utc: datetime, fire: datetime) -> datetime | None:
+        """If the clocks go back between ``after`` and ``fire``, the first fire of the
+        repeated stretch's second pass (it comes before ``fire`` in real time)."""
+        before, later = after_utc.astimezone(self.zone).utcoffset(), fire.astimezone(
+            self.zone).utcoffset()
+        if before is None or later is None or later >= before:
+            return None
+        change = transition(self.zone, after_utc, fire)
+        wall = local_wall_time(change, self.zone).replace(fold=0)
+        candidate: datetime = copy.copy(self._prototype).get_next(
+            datetime, start_time=wall - timedelta(seconds=1))
+        if not is_ambiguous(candidate, self.zone):
+            return None
+        second = candidate.replace(tzinfo=self.zone, fold=1).astimezone(UTC)
+        return second if after_utc < second < fire else None
 
 
 def parse_cron_line(line: str, *, job: str, timezone: str, zone: ZoneInfo) -> CronSchedule:
@@ -135,11 +196,13 @@ def parse_cron_line(line: str, *, job: str, timezone: str, zone: ZoneInfo) -> Cr
         copy.copy(prototype).get_next(datetime, start_time=_PROBE_START)
     except CroniterBadDateError as exc:
         raise schedule_error(job, line, "never fires (no date matches all fields)") from exc
+    hour = fields[1 if len(fields) == MINUTE_FIELDS else 2]
     return CronSchedule(
         expression=line,
         timezone=timezone,
         job=job,
         zone=zone,
+        hour_wildcard=hour == "*" or hour.startswith("*/"),
         _prototype=prototype,
     )
 

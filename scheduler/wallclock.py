@@ -91,6 +91,21 @@ def resolve_wall_time(wall: datetime, zone: ZoneInfo) -> datetime:
     return _transition(zone, min(before, first), max(before, first))
 
 
+def is_ambiguous(wall: datetime, zone: ZoneInfo) -> bool:
+    """True when naive ``wall`` happens twice in ``zone`` (the repeated fall-back stretch)."""
+    first = wall.replace(tzinfo=zone, fold=0)
+    second = wall.replace(tzinfo=zone, fold=1)
+    if first.utcoffset() == second.utcoffset():
+        return False
+    return (local_wall_time(first.astimezone(UTC), zone) == wall
+            and local_wall_time(second.astimezone(UTC), zone) == wall)
+
+
+def transition(zone: ZoneInfo, low: datetime, high: datetime) -> datetime:
+    """First whole-second UTC instant in (low, high] whose offset differs from low's."""
+    return _transition(zone, low, high)
+
+
 def overlap_end(instant: datetime, zone: ZoneInfo) -> datetime | None:
     """If ``instant`` is the second occurrence of a repeated wall time, the naive wall time at
     which the repeated stretch ends (the first wall time that is unambiguous again); else None.
