@@ -147,7 +147,8 @@ class AgentProcess:
 
     def start(self) -> AgentProcess:
         env = dict(os.environ)
-        env["PYTHONPATH"] = str(REPO)
+        # tests/ too, so callable jobs can name test fixtures (tests/pyjobs_fixture.py).
+        env["PYTHONPATH"] = f"{REPO}{os.pathsep}{REPO / 'tests'}"
         env.pop("CONSUL_HTTP_TOKEN", None)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "worker.cli", "agent", "-c", str(self.config)],

@@ -10,6 +10,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 import socket
 import tomllib
 from collections.abc import Mapping
@@ -24,6 +25,7 @@ from scheduler.runs import check_job_name
 from scheduler.schedule import Schedule, parse_schedule, validate_timezone
 from scheduler.ticker import CatchUp, ScheduledJob
 from worker.params import load_params_file, normalise_sets, placeholders
+from worker.pyjobs import validate_target
 from worker.tomlread import Section
 
 # Consul refuses session TTLs outside 10s..24h (agent/structs: SessionTTLMin/Max).
@@ -40,6 +42,8 @@ CHECK_TTL_MIN = timedelta(seconds=1)
 # for a renewal round trip at visibility/3 intervals.
 VISIBILITY_MIN = timedelta(seconds=2)
 DEFAULT_CONSUL = "127.0.0.1:8500"
+# SQS queue names: 1-80 characters of A-Z a-z 0-9 _ -, a FIFO queue's ending in ".fifo".
+SQS_QUEUE_NAME = re.compile(r"(?=.{1,80}$)[A-Za-z0-9_-]+(\.fifo)?")
 
 
 @dataclass(frozen=True)
@@ -85,6 +89,23 @@ class WorkerSection:
 
 
 @dataclass(frozen=True)
+class SqsSection:
+    """``[queue.sqs]``: where each cronsul queue lives in SQS (docs/sqs.md)."""
+
+    region: str
+    endpoint_url: str | None
+    queues: tuple[tuple[str, str], ...]  # (cronsul queue, SQS queue URL or name)
+
+
+@dataclass(frozen=True)
+class QueueSection:
+    """``[queue] backend``: Redis Streams (default) or Amazon SQS. Run state stays in Redis."""
+
+    backend: str = "redis"
+    sqs: SqsSection | None = None
+
+
+@dataclass(frozen=True)
 class HttpSection:
     """``[http] listen = "host:port"``: /metrics and /healthz. None (the default): no server."""
 
@@ -120,6 +141,7 @@ class JobSpec:
     user: str | None = None
     allow_root: bool = False
     output_limit: int = 64 * 1024
+    callable: str | None = None  # "package.module:function", run in the warm Python pool
 
     def lock_name(self, params: Mapping[str, str]) -> str:
         """The overlap lock this run takes: the job's, or one per lock_key parameter value."""
@@ -145,6 +167,7 @@ class Config:
     jobs: dict[str, JobSpec] = field(default_factory=dict)
     digest: str = ""
     http: HttpSection = field(default_factory=HttpSection)
+    queue: QueueSection = field(default_factory=QueueSection)
 
     @property
     def config_hash(self) -> str:
@@ -171,6 +194,7 @@ def load_config(path: str | os.PathLike[str], env: dict[str, str] | None = None)
     redis = _redis(Section(file, "redis", top.table("redis")))
     worker = _worker(Section(file, "worker", top.table("worker")))
     http = _http(Section(file, "http", top.table("http")))
+    queue_table = top.table("queue")  # parsed after the jobs, whose queues it must map
     sources = [(file, top.table("jobs"))]
     for pattern in top.strings("include") or []:
         sources.extend(_included(file, pattern))
@@ -193,7 +217,8 @@ def load_config(path: str | os.PathLike[str], env: dict[str, str] | None = None)
                         list(spec.params), spec.queue, str(spec.timeout)]
                  for name, spec in sorted(jobs.items())}
     digest = hashlib.sha256(json.dumps(canonical, sort_keys=True).encode()).hexdigest()
-    return Config(file, agent, consul, redis, worker, jobs, digest, http)
+    queue = _queue(Section(file, "queue", queue_table), worker, jobs)
+    return Config(file, agent, consul, redis, worker, jobs, digest, http, queue)
 
 
 def _included(main: Path, pattern: str) -> list[tuple[Path, dict[str, Any]]]:
@@ -319,6 +344,42 @@ def _http(s: Section) -> HttpSection:
     return HttpSection(listen=listen, host=host, port=int(port_text))
 
 
+def _queue(s: Section, worker: WorkerSection, jobs: Mapping[str, JobSpec]) -> QueueSection:
+    """``[queue]`` and ``[queue.sqs]``; every queue this node serves or a job enqueues on must
+    map to an SQS queue (extra entries are allowed: nodes serving other queues may share them)."""
+    backend = s.choice("backend", "redis", ("redis", "sqs"))
+    raw = s.raw("sqs")
+    s.check_unknown()
+    if raw is None:
+        if backend == "sqs":
+            raise s.fail("backend", '"sqs" needs a [queue.sqs] table with region and queues')
+        return QueueSection(backend)
+    if not isinstance(raw, dict):
+        raise s.fail("sqs", "expected a table [queue.sqs]")
+    t = Section(s.path, "queue.sqs", raw)
+    region = t.string("region")
+    if region is None:
+        raise t.fail("region", 'is required, e.g. "eu-west-1"')
+    endpoint = t.string("endpoint_url")
+    if endpoint is not None and (urlparse(endpoint).scheme not in ("http", "https")
+                                 or not urlparse(endpoint).hostname):
+        raise t.fail("endpoint_url", f"{endpoint!r} is not an http(s) URL")
+    mapping = dict(t.table("queues"))
+    for q, target in mapping.items():
+        if not isinstance(target, str) or not (
+                SQS_QUEUE_NAME.fullmatch(target) or (urlparse(target).scheme in ("http", "https")
+                and urlparse(target).hostname)):
+            raise t.fail("queues", f"{q} = {target!r} is neither an SQS queue URL nor a queue "
+                         "name (1-80 of A-Z a-z 0-9 _ -; a FIFO queue's ends in .fifo)")
+    needed = list(dict.fromkeys([*worker.queues, *sorted(j.queue for j in jobs.values())]))
+    missing = [q for q in needed if q not in mapping]
+    if missing:
+        raise t.fail("queues", f"no SQS queue for cronsul queue {missing[0]!r} (every queue in "
+                     "[worker] queues and every job's queue needs one)")
+    t.check_unknown()
+    return QueueSection(backend, SqsSection(region, endpoint, tuple(sorted(mapping.items()))))
+
+
 def _queue_limits(s: Section, queues: list[str]) -> tuple[tuple[str, int], ...]:
     out: list[tuple[str, int]] = []
     for q, n in s.table("queue_concurrency").items():
@@ -344,7 +405,17 @@ def _job(s: Section, name: str, agent: AgentSection, worker: WorkerSection) -> J
     except ScheduleError as exc:
         raise s.fail("schedule", str(exc)) from exc
     shell = s.boolean("shell", False)
-    if shell:
+    target = s.string("callable")
+    if target is not None:
+        if "command" in s.data or shell:
+            raise s.fail("callable", "set command (a program) or callable (a Python function), "
+                         "not both")
+        try:
+            validate_target(target)
+        except ConfigError as exc:
+            raise s.fail("callable", str(exc)) from exc
+        command: list[str] = []
+    elif shell:
         text = s.string("command")
         if text is None:
             raise s.fail("command", "is required: with shell = true, one string for /bin/sh -c")
@@ -354,8 +425,9 @@ def _job(s: Section, name: str, agent: AgentSection, worker: WorkerSection) -> J
         command = ["/bin/sh", "-c", text]
     else:
         command = s.strings("command") or []
-    if not command:
-        raise s.fail("command", "is required: a non-empty list of strings (argv, no shell)")
+    if not command and target is None:
+        raise s.fail("command", "is required: a non-empty list of strings (argv, no shell), "
+                     "or set callable = \"package.module:function\"")
     env: dict[str, Any] = dict(s.table("env"))
     for key, value in env.items():
         if not isinstance(value, str):
@@ -403,6 +475,7 @@ def _job(s: Section, name: str, agent: AgentSection, worker: WorkerSection) -> J
         user=s.string("user"),
         allow_root=s.boolean("allow_root", False),
         output_limit=s.integer("output_limit", 64 * 1024, low=0, high=16 * 1024 * 1024),
+        callable=target,
     )
     if out.lock_key is not None and out.overlap == "allow":
         raise s.fail("lock_key", "only means something with overlap = skip, queue or replace")

@@ -20,6 +20,7 @@ from worker.executor import Execution, Outcome, job_environment
 from worker.messages import RunMessage, parse_message
 from worker.metrics import RunHooks
 from worker.params import render_argv
+from worker.pyjobs import PyExecution, PythonPool
 from worker.queue import Delivery
 from worker.runstate import RunRef, RunState
 from worker.transport import Transport
@@ -38,7 +39,7 @@ class _Active:
     delivery: Delivery
     ref: RunRef
     token: str
-    execution: Execution
+    execution: Execution | PyExecution
     renewed_at: float  # monotonic time the last successful lease write was sent
     replaced: bool = False
 
@@ -63,6 +64,7 @@ class Consumer:
         self._lock = threading.Lock()
         self.accepting = threading.Event()
         self.accepting.set()
+        self._py: PythonPool | None = None  # started on first use by a callable job
         self.hooks = RunHooks()  # metrics; the agent plugs its AgentMetrics in
         self._log = structlog.get_logger("cronsul.run").bind(node=self._node)
 
@@ -160,17 +162,26 @@ class Consumer:
                 self._q.settle(d)
             self._not_started(ref, begun.verdict, begun.detail)
             return
-        execution = Execution(self._watchdog, self._cfg.worker.kill_grace.total_seconds(),
-                              job.output_limit, log=self._log.bind(run_id=msg.run_id))
+        execution: Execution | PyExecution
+        if job.callable is not None:
+            execution = self._python_pool().execution()
+        else:
+            execution = Execution(self._watchdog, self._cfg.worker.kill_grace.total_seconds(),
+                                  job.output_limit, log=self._log.bind(run_id=msg.run_id))
         self.hooks.run_started(msg.job)
         active = _Active(d, ref, token, execution, sent)
         with self._lock:
             self._active[msg.run_id] = active
         self._update_watchdog()
         try:
-            outcome = execution.run(render_argv(job.command, msg.params),
-                                    self._environment(job, msg, begun.attempt),
-                                    job.working_dir, job.timeout.total_seconds(), user=job.user)
+            env = self._environment(job, msg, begun.attempt)
+            if isinstance(execution, PyExecution):
+                outcome = execution.run(job.callable or "", msg.params, env,
+                                        job.timeout.total_seconds())
+            else:
+                outcome = execution.run(render_argv(job.command, msg.params), env,
+                                        job.working_dir, job.timeout.total_seconds(),
+                                        user=job.user)
         finally:
             with self._lock:
                 self._active.pop(msg.run_id, None)
@@ -194,6 +205,15 @@ class Consumer:
             output_bytes=outcome.output_bytes, error=fields["error"] or None,
             retry_at=iso_utc(from_epoch_ms(retry_at)) if retry_at else None,
         )
+
+    def _python_pool(self) -> PythonPool:
+        """The warm worker pool for callable jobs, one worker per run slot."""
+        with self._lock:
+            if self._py is None:
+                pool = PythonPool(self._cfg.worker.concurrency, watchdog=self._watchdog)
+                pool.start()
+                self._py = pool
+            return self._py
 
     def _not_started(self, ref: RunRef, verdict: str, detail: str) -> None:
         events = {
@@ -282,6 +302,8 @@ class Consumer:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._py is not None:
+            self._py.stop()
 
 
 def _record_fields(o: Outcome) -> dict[str, str]:

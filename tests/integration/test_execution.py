@@ -65,6 +65,9 @@ def test_execution_guarantees(tmp_path: Path, devconsul: DevConsul,
         "frozen": beat_job(frozen_log, 8),
         "flaky": {"schedule": NEVER, "retries": 2, "retry_backoff": "1s", "timeout": "10s",
                   "command": ["/bin/sh", "-c", f'echo "$CRONSUL_ATTEMPT" >> {flaky_log}; exit 3']},
+        "py-add": {"schedule": NEVER, "timeout": "10s", "callable": "pyjobs_fixture:add",
+                   "params": [{"a": "2", "b": "40"}]},
+        "py-crash": {"schedule": NEVER, "timeout": "10s", "callable": "pyjobs_fixture:segfault"},
         "after": {"schedule": NEVER, "timeout": "10s",
                   "command": ["/bin/sh", "-c", f"echo ok >> {after}"]},
     }
@@ -107,6 +110,17 @@ def test_execution_guarantees(tmp_path: Path, devconsul: DevConsul,
         reasons = sorted(f[b"reason"].decode() for _, f in r.xrange(KEYS.dead))
         assert reasons == ["malformed", "unknown job"], reasons
 
+        # 3b. Python callables run in the warm pool: kwargs in, return value out; a segfault in
+        #     a job fails that run, not the agent, which goes on serving.
+        added = enqueue_id(cfg, "py-add", ["a=2", "b=40"])
+        wait_until(lambda: record(r, added).get("state") == "succeeded", 20, what="py-add")
+        assert "42" in record(r, added)["output"]
+        crashed = enqueue_id(cfg, "py-crash")
+        wait_until(lambda: record(r, crashed).get("state") == "failed", 20, what="py-crash")
+        again = enqueue_id(cfg, "py-add", ["a=1", "b=1"])
+        wait_until(lambda: record(r, again).get("state") == "succeeded", 20, what="py after")
+        assert all(a.alive() for a in cluster.agents.values())
+
         # 4. retries: attempts 1..3, then dead with a dead letter.
         flaky = enqueue_id(cfg, "flaky")
         wait_until(lambda: record(r, flaky).get("state") == "dead", 30, what="flaky to die")
@@ -139,13 +153,13 @@ def both_up(cluster: Cluster) -> None:
     time.sleep(1)
 
 
-def enqueue_id(cfg: object, job: str) -> str:
+def enqueue_id(cfg: object, job: str, params: list[str] | None = None) -> str:
     import contextlib
     import io
 
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        enqueue(cfg, job, [], wait=False)  # type: ignore[arg-type]
+        enqueue(cfg, job, params or [], wait=False)  # type: ignore[arg-type]
     return out.getvalue().strip()
 
 

@@ -142,3 +142,30 @@ def test_bad_messages_are_refused_with_a_reason(tmp_path: Path, payload: bytes,
 def test_good_message_parses(tmp_path: Path) -> None:
     msg = parse_message(message(), jobs(tmp_path))  # type: ignore[arg-type]
     assert (msg.job, msg.run_id, dict(msg.params)) == ("sync", "sync@1", {"app": "a"})
+
+
+def test_callable_job_takes_params_as_keyword_arguments(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, """
+[jobs.py]
+schedule = "@hourly"
+callable = "reports.nightly:build"
+params = [{region = "eu"}]
+"""), env={})
+    spec = cfg.jobs["py"]
+    assert spec.callable == "reports.nightly:build" and spec.command == ()
+
+
+@pytest.mark.parametrize(
+    ("body", "fragment"),
+    [
+        ('callable = "reports.nightly:build"\ncommand = ["/bin/true"]', "not both"),
+        ('callable = "not a target"', "[jobs.py] callable"),
+        ('callable = "mod:"', "[jobs.py] callable"),
+        ("", "command"),
+    ],
+)
+def test_bad_callable_jobs_are_refused(tmp_path: Path, body: str, fragment: str) -> None:
+    path = write(tmp_path, f'\n[jobs.py]\nschedule = "@hourly"\n{body}\n')
+    with pytest.raises(ConfigError) as err:
+        load_config(path, env={})
+    assert fragment in str(err.value), str(err.value)
