@@ -11,6 +11,7 @@ import signal
 import threading
 from collections.abc import Callable
 from types import FrameType
+from typing import TYPE_CHECKING
 
 import redis
 import structlog
@@ -32,7 +33,11 @@ from worker.queue import RedisQueue
 from worker.runstate import RunState
 from worker.scheduling import SchedulerDriver
 from worker.sink import RedisSink
+from worker.transport import Transport
 from worker.watchdog import Watchdog
+
+if TYPE_CHECKING:
+    from worker.outbox import OutboxDrainer
 
 # Redis calls answer in milliseconds; a socket that is silent this long is a dead connection.
 REDIS_SOCKET_TIMEOUT_S = 5.0
@@ -64,12 +69,18 @@ class Agent:
         self.metrics.instrument_redis(self.redis)
         keys = Keys(cfg.redis.key_prefix)
         self.sink = RedisSink(self.redis, keys)
-        self.queue = RedisQueue(self.redis, keys, cfg.agent.node)
+        self.queue: Transport = RedisQueue(self.redis, keys, cfg.agent.node)
+        self.outbox: OutboxDrainer | None = None
+        if cfg.queue.backend == "sqs":  # docs/sqs.md; imported here: boto3 only when used
+            from worker.outbox import SqsBackend
+
+            sqs = SqsBackend.build(cfg, self.redis, keys)
+            self.sink, self.queue, self.outbox = sqs.sink, sqs.transport, sqs.drainer
         c = cfg.consul
         self.membership = Membership(
             make_clients(c, CALL_TIMEOUT_S, self.metrics.consul_error).call, cfg.agent.node,
             cfg.agent.address,
-            c.check_ttl.total_seconds(), {"config_hash": cfg.config_hash, "pid": str(os.getpid())},
+            c.check_ttl.total_seconds(), self._meta(cfg),
         )
         self.elector = Elector(
             make_clients(c, CONTEND_WAIT_S, self.metrics.consul_error), c, self.membership,
@@ -85,7 +96,8 @@ class Agent:
                                            self._schedule_document)
         self.watchdog = Watchdog()
         self.runs = RunState(self.redis, keys, cfg.agent.node,
-                             int(cfg.worker.history_retention.total_seconds()))
+                             int(cfg.worker.history_retention.total_seconds()),
+                             outbox=self.outbox is not None)
         self.consumer = Consumer(cfg, self.queue, self.runs, self.watchdog, self.clock)
         self.consumer.hooks = self.metrics
         self.driver.on_report = self.metrics.tick_report
@@ -94,6 +106,12 @@ class Agent:
             self.membership.service_id, self.consumer.accepting, self.elector.step_down,
             lambda: self.consumer.running, self.stop)
         self.ops = Ops(self, lambda: self._threads)  # sd_notify, watchdog, /metrics, /healthz
+
+    @staticmethod
+    def _meta(cfg: Config) -> dict[str, str]:
+        """Service Meta other nodes and `cronsul status` read."""
+        return {"config_hash": cfg.config_hash, "pid": str(os.getpid()),
+                "eligible": "true" if cfg.agent.leader_eligible else "false"}
 
     def _eligible(self) -> bool:
         return (self.cfg.agent.leader_eligible and not self.stop.is_set()
@@ -149,6 +167,8 @@ class Agent:
         self._spawn("scheduler", self.driver.run, self.stop)
         self._spawn("schedule-publisher", self.publisher.run, self.stop)
         self._spawn("consumer", self.consumer.run, self.stop)
+        if self.outbox is not None:
+            self._spawn("outbox-drainer", self.outbox.run, self.stop)
         self._spawn("lease-heartbeat", self.consumer.heartbeat, run_stop)
         self._spawn("maintenance", self.maintenance.run, self.stop)
         self._log.info("agent_started", jobs=len(self.cfg.jobs), pid=os.getpid(),
@@ -186,7 +206,7 @@ class Agent:
         self.consumer.set_jobs(cfg)
         self.driver.reload([j.scheduled() for j in cfg.jobs.values()])
         self.publisher.wake.set()
-        self.membership.update_meta({"config_hash": cfg.config_hash, "pid": str(os.getpid())})
+        self.membership.update_meta(self._meta(cfg))
         self._log.info("config_reloaded", jobs=len(cfg.jobs), config_hash=cfg.config_hash)
 
     def _install_signals(self) -> None:

@@ -189,51 +189,12 @@ def _next(cfg: Config, job: str, n: int, as_json: bool) -> int:
 
 
 def _status(cfg: Config, as_json: bool) -> int:
-    from worker.consulapi import CALL_TIMEOUT_S, CONSUL_ERRORS, make_clients
+    from worker.agent import redis_client
+    from worker.status import gather, render
 
-    c = make_clients(cfg.consul, CALL_TIMEOUT_S).call
-    try:
-        _, entry = c.kv.get(cfg.consul.leader_key)
-        _, nodes = c.health.service("cronsul")
-        _, published = c.kv.get(f"{cfg.consul.prefix}/schedule")
-    except CONSUL_ERRORS as exc:
-        raise ConnectionFailure(f"cannot reach Consul at {cfg.consul.host}:{cfg.consul.port}: "
-                                f"{exc}") from exc
-    leader: dict[str, Any] | None = None
-    if entry and entry.get("Session") and entry.get("Value"):
-        try:
-            leader = json.loads(entry["Value"])
-        except ValueError:
-            leader = {"raw": entry["Value"].decode(errors="replace")}
-    schedule: dict[str, Any] = {}
-    if published and published.get("Value"):
-        try:
-            schedule = json.loads(published["Value"])
-        except ValueError:
-            schedule = {}
-    reference = schedule.get("config_hash") or cfg.config_hash
-    members = [
-        {"node": n["Service"]["ID"].removeprefix("cronsul-"),
-         "address": n["Service"].get("Address"),
-         "checks": {ch["CheckID"]: ch["Status"] for ch in n.get("Checks", [])},
-         "config_hash": (n["Service"].get("Meta") or {}).get("config_hash")}
-        for n in nodes or []
-    ]
-    for m in members:
-        m["drift"] = m["config_hash"] != reference
-    if as_json:
-        print(json.dumps({"leader": leader, "nodes": members, "schedule": schedule}, indent=2))
-        return EXIT_OK
-    print(f"leader: {leader['node']} since {leader['since']} (fence {leader['fence']})"
-          if leader else "leader: none")
-    paused = sorted(n for n, j in schedule.get("jobs", {}).items() if j.get("paused"))
-    if paused:
-        print(f"paused jobs: {', '.join(paused)}")
-    for m in members:
-        health = "passing" if all(s == "passing" for s in m["checks"].values()) else "critical"
-        drift = "  CONFIG DIFFERS FROM THE LEADER'S" if m["drift"] else ""
-        print(f"  {m['node']:<20} {m['address'] or '':<16} {health}{drift}")
-    return EXIT_OK
+    report = gather(cfg, redis_client(cfg.redis.url))
+    print(json.dumps(report, indent=2) if as_json else render(report))
+    return EXIT_UNREACHABLE if "redis_error" in report else EXIT_OK
 
 
 def _run(cfg: Config, job: str, local: bool, params: list[str]) -> int:

@@ -4,6 +4,7 @@ whole cluster was stopped."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -94,6 +95,20 @@ def test_pause_fanout_reload_manual_run_and_catchup(
         assert "succeeded" in done.stdout and "tick@manual-" in done.stdout
         bad = cli("run", "tick", "-c", cfg, "--param", "app=x")
         assert bad.returncode == 2 and "no such parameter" in bad.stderr
+
+        # -- status: leader, nodes, queues, paused jobs, from Consul and Redis ------------
+        assert cli("pause", "fan", "-c", cfg, "--reason", "db upgrade").returncode == 0
+        status = cli("status", "-c", cfg, "--json")
+        assert status.returncode == 0, status.stderr
+        report = json.loads(status.stdout)
+        assert report["leader"]["node"] in {"n1", "n2"}
+        assert sorted(n["node"] for n in report["nodes"]) == ["n1", "n2"]
+        assert all(n["healthy"] and n["eligible"] and not n["draining"] for n in report["nodes"])
+        assert "default" in report["queues"] and report["dead_letters"] == 0
+        assert "fan" in report["paused"]
+        text = cli("status", "-c", cfg).stdout
+        assert "leader: " in text and "paused jobs: fan (db upgrade)" in text
+        assert cli("resume", "fan", "-c", cfg).returncode == 0
 
         # -- the whole cluster stops, then comes back: catch-up ---------------------------
         for agent in cluster.agents.values():
