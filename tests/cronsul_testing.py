@@ -190,7 +190,9 @@ class Cluster:
 
     def __init__(self, workdir: Path, consul: Any, redis_url: str, nodes: list[str],
                  jobs: dict[str, dict[str, Any]], consul_extra: dict[str, Any] | None = None,
-                 worker_extra: dict[str, Any] | None = None) -> None:
+                 worker_extra: dict[str, Any] | None = None,
+                 extra_sections: dict[str, dict[str, Any]] | None = None) -> None:
+        """``extra_sections``: more top-level tables, e.g. {"queue": {"backend": "sqs", ...}}."""
         self.dir = workdir
         self.consul = consul
         self.redis_url = redis_url
@@ -207,6 +209,7 @@ class Cluster:
                     "worker": {"concurrency": 4, "visibility_timeout": "4s",
                                "shutdown_grace": "5s", "kill_grace": "1s",
                                **(worker_extra or {})},
+                    **(extra_sections or {}),
                 },
                 jobs,
             )

@@ -57,3 +57,14 @@ class Keys:
     def history(self, job: str) -> str:
         """Sorted set of run ids by finish time, for ``cronsul history``."""
         return f"{self.prefix}:hist:{job}"
+
+    @property
+    def outbox(self) -> str:
+        """List (SQS backend): runs claimed in Redis, waiting to be sent to SQS. Items are
+        "<queue>|<payload>", or "<queue>~<due ms>|<payload>" for a promoted delayed run."""
+        return f"{self.prefix}:outbox"
+
+    @property
+    def outbox_lock(self) -> str:
+        """String, PX: the token of the node currently sending the outbox to SQS."""
+        return f"{self.prefix}:outbox:lock"

@@ -154,6 +154,22 @@ end
 return #due
 """
 
+# The SQS backend's PROMOTE: due runs go to the outbox list that worker.outbox.OutboxDrainer sends
+# to SQS. The item is tagged with its due time ("<queue>~<due ms>|<payload>") so that a FIFO
+# queue, which deduplicates by run id for 5 minutes, does not drop a retry of a run sent earlier.
+PROMOTE_OUTBOX = """
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'WITHSCORES', 'LIMIT', 0,
+                       tonumber(ARGV[2]))
+for i = 1, #due, 2 do
+  local member, score = due[i], due[i + 1]
+  local sep = string.find(member, '|', 1, true)
+  redis.call('RPUSH', KEYS[2], string.sub(member, 1, sep - 1) .. '~' .. score
+             .. string.sub(member, sep))
+  redis.call('ZREM', KEYS[1], member)
+end
+return #due / 2
+"""
+
 # Dead letters kept; older ones are trimmed (approximately) so a poison flood cannot fill Redis.
 DEAD_LETTER_MAX = 10_000
 # A run waiting for an overlap lock is looked at again this often.
@@ -183,8 +199,10 @@ class RunRef:
 
 
 class RunState:
-    def __init__(self, client: redis.Redis, keys: Keys, node: str, record_ttl_s: int) -> None:
+    def __init__(self, client: redis.Redis, keys: Keys, node: str, record_ttl_s: int,
+                 *, outbox: bool = False) -> None:
         self._r = client
+        self._outbox = outbox  # SQS backend: promote delayed runs to the outbox, not streams
         self._keys = keys
         self._node = node
         self._ttl = record_ttl_s
@@ -192,6 +210,7 @@ class RunState:
         self._renew = client.register_script(RENEW)
         self._finish = client.register_script(FINISH)
         self._promote = client.register_script(PROMOTE)
+        self._promote_outbox = client.register_script(PROMOTE_OUTBOX)
 
     def _lock_key(self, ref: RunRef) -> str:
         return self._keys.lock(ref.lock_name) if ref.overlap != "allow" else self._keys.lease(
@@ -237,6 +256,9 @@ class RunState:
         return bool(int(out))
 
     def promote(self, now_ms: int, limit: int = 500) -> int:
+        if self._outbox:
+            return int(self._promote_outbox(keys=[self._keys.delayed, self._keys.outbox],
+                                            args=[now_ms, limit]))
         return int(self._promote(keys=[self._keys.delayed],
                                  args=[now_ms, self._keys.stream(""), limit]))
 
