@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 STAMP  := $(VENV)/.installed
 
-.PHONY: all deps system-deps venv lint test test-unit test-contract test-integration demo clean
+.PHONY: all deps system-deps venv lint test test-unit test-contract test-integration demo clean bench
 
 all: test
 
@@ -50,3 +50,13 @@ demo: deps
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
+
+# cronsul against RQ, Celery, Dramatiq, arq, huey and saq (each installed from PyPI into its own
+# virtualenv under bench/, never as cronsul dependencies); writes bench/results/<date>.json and
+# the table in docs/benchmarks.md. ~10 min on 2 cores; sizes via BENCH_* (see bench/README.md).
+bench: deps
+	@[ -x bench/.venv-peers/bin/python ] || $(PYTHON) -m venv bench/.venv-peers
+	@[ -x bench/.venv-peers-arq/bin/python ] || $(PYTHON) -m venv bench/.venv-peers-arq
+	bench/.venv-peers/bin/pip install -q -r bench/requirements-peers.txt
+	bench/.venv-peers-arq/bin/pip install -q -r bench/requirements-peers-arq.txt
+	$(PY) -m bench.run
