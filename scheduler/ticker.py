@@ -6,6 +6,7 @@ deadline, and never sleeps, so tests drive it with a fake clock.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -33,6 +34,9 @@ MAX_SCAN_PER_JOB = 200_000
 # When nothing is scheduled (every job paused or finished), look again after this long so that
 # reloads and resumes are noticed even without a wake-up.
 IDLE_WAKE = timedelta(seconds=30)
+
+# A Jenkins H field (hashed from the job name): such expressions are per job, never shared.
+HASHED = re.compile(r"(?<![A-Za-z])[Hh](?![A-Za-z])")
 
 # Listed missed ticks per log line; the count is always exact.
 MISSED_LISTED = 10
@@ -82,6 +86,7 @@ class TickLoop:
         # job -> (cursor it was computed from, the first tick after it): next_fire is the
         # loop's main cost with a thousand one-second jobs, so each is computed once.
         self._next: dict[str, tuple[datetime, datetime | None]] = {}
+        self._shared: dict[tuple[str, str, datetime], datetime | None] = {}  # this pass only
         self._paused: frozenset[str] = frozenset()
         self._log = structlog.get_logger("cronsul.ticker")
         self.last_report = TickReport()
@@ -133,6 +138,7 @@ class TickLoop:
         if self._fence is None:
             raise LeadershipLost("tick loop has no leadership term")
         report = TickReport()
+        self._shared = {}
         runs: list[tuple[Run, str]] = []
         cursors: dict[str, datetime] = {n: self._cursors[n] for n in self._unsaved}
         next_deadline = now + IDLE_WAKE
@@ -196,7 +202,16 @@ class TickLoop:
         cached = self._next.get(job.name)
         if cached is not None and cached[0] == cursor:
             return cached[1]
-        tick = job.schedule.next_fire(cursor)
+        # Jobs sharing an expression and zone share the answer (many crontab lines are the
+        # same "*/5 * * * *"); a Jenkins H expression depends on the job name, so it cannot.
+        expr = job.schedule.expression
+        shared = None if HASHED.search(expr) else (expr, job.schedule.timezone, cursor)
+        if shared is not None and shared in self._shared:
+            tick = self._shared[shared]
+        else:
+            tick = job.schedule.next_fire(cursor)
+            if shared is not None:
+                self._shared[shared] = tick
         self._next[job.name] = (cursor, tick)
         return tick
 

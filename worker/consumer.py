@@ -16,7 +16,7 @@ from scheduler.clock import Clock
 from scheduler.errors import MessageError
 from scheduler.runs import epoch_ms, from_epoch_ms, iso_utc
 from worker.config import Config, JobSpec
-from worker.executor import Execution, Outcome, job_environment
+from worker.executor import Execution, Outcome, job_environment, root_refusal
 from worker.messages import RunMessage, parse_message
 from worker.metrics import RunHooks
 from worker.params import render_argv
@@ -58,6 +58,7 @@ class Consumer:
         # The watchdog kills this node's jobs this long before their leases could lapse.
         self._margin_s = self._vis_s / 6
         self._inflight = 0  # dispatched and not yet finished (includes claims in progress)
+        self._slot_freed = threading.Event()
         self._per_queue: dict[str, int] = {}  # in flight per queue, for queue_concurrency
         self._pool = ThreadPoolExecutor(cfg.worker.concurrency, thread_name_prefix="run")
         self._active: dict[str, _Active] = {}
@@ -97,7 +98,9 @@ class Consumer:
                     self._runs.promote(epoch_ms(self._clock.now()))
                 free = self._free_slots()
                 if free == 0:
-                    stop.wait(0.05)
+                    # Woken the moment a run finishes; the timeout only bounds a missed wake-up.
+                    self._slot_freed.wait(1.0)
+                    self._slot_freed.clear()
                     continue
                 for d in self._q.fetch(queues, free, FETCH_BLOCK_MS, self._queue_room()):
                     self._dispatch(d, stop)
@@ -133,6 +136,7 @@ class Consumer:
         finally:
             with self._lock:
                 self._inflight -= 1
+                self._slot_freed.set()
                 self._per_queue[d.queue] -= 1
 
     # -- one run ----------------------------------------------------------------------------
@@ -162,8 +166,9 @@ class Consumer:
                 self._q.settle(d)
             self._not_started(ref, begun.verdict, begun.detail)
             return
+        refusal = root_refusal(job.user, job.allow_root, job.callable is not None, os.geteuid())
         execution: Execution | PyExecution
-        if job.callable is not None:
+        if job.callable is not None and refusal is None:
             execution = self._python_pool().execution()
         else:
             execution = Execution(self._watchdog, self._cfg.worker.kill_grace.total_seconds(),
@@ -175,7 +180,9 @@ class Consumer:
         self._update_watchdog()
         try:
             env = self._environment(job, msg, begun.attempt)
-            if isinstance(execution, PyExecution):
+            if refusal is not None:  # recorded as a failed attempt; nothing is started
+                outcome = Outcome(None, None, False, 0.0, "", 0, refusal)
+            elif isinstance(execution, PyExecution):
                 outcome = execution.run(job.callable or "", msg.params, env,
                                         job.timeout.total_seconds())
             else:

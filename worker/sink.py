@@ -107,7 +107,8 @@ class RedisSink:
         ]
         cursors = [[k.cursor(job), epoch_ms(when)] for job, when in batch.cursors.items()]
         ops = json.dumps({"runs": runs or {}, "cursors": cursors or {}}, separators=(",", ":"))
-        now_ms = int(self._r.time()[0]) * 1000
+        seconds, micros = self._r.time()
+        now_ms = int(seconds) * 1000 + int(micros) // 1000  # Redis's clock: one for all nodes
         out = self._apply(
             keys=[k.fence],
             args=[fence.epoch, fence.index, int(RECORD_TTL.total_seconds()), now_ms, ops],
