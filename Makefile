@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 STAMP  := $(VENV)/.installed
 
-.PHONY: all deps system-deps venv lint test test-unit test-contract test-integration demo clean bench
+.PHONY: all deps system-deps venv lint test test-unit test-contract test-integration demo clean bench chaos
 
 all: test
 
@@ -60,3 +60,9 @@ bench: deps
 	bench/.venv-peers/bin/pip install -q -r bench/requirements-peers.txt
 	bench/.venv-peers-arq/bin/pip install -q -r bench/requirements-peers-arq.txt
 	$(PY) -m bench.run
+
+# Five real agents, redis-server (AOF), the Consul dev server (or $CONSUL_HTTP_ADDR) and a seeded
+# fault injector; checks every invariant and prints one summary line (docs/reliability.md).
+# CHAOS_MINUTES (default 10), CHAOS_SEED (default random, printed), CHAOS_FAULTS / CHAOS_SKIP.
+chaos: deps
+	$(PY) scripts/chaos.py
