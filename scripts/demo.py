@@ -120,6 +120,7 @@ visibility_timeout = "5s"
 schedule = "* * * * * *"
 command = ["/bin/sh", "-c", "echo \\"$CRONSUL_SCHEDULED_AT $CRONSUL_NODE\\" >> {self.out}"]
 timeout = "10s"
+allow_root = true  # the demo may run as root; real jobs should set user = "..."
 """)
         log = open(self.dir / f"{node}.log", "ab")
         env = {**os.environ, "PYTHONPATH": str(REPO)}

@@ -30,8 +30,10 @@ from worker.membership import Membership
 from worker.metrics import AgentMetrics
 from worker.ops import Ops
 from worker.queue import RedisQueue
+from worker.redisconn import AGENT_RETRIES, RedisSection, is_auth_error, redis_client
 from worker.runstate import RunState
 from worker.scheduling import SchedulerDriver
+from worker.secretfiles import exposure_warnings, redact
 from worker.sink import RedisSink
 from worker.transport import Transport
 from worker.watchdog import Watchdog
@@ -48,11 +50,11 @@ STARTUP_RETRY_S = 30.0
 FETCH_SLACK_S = 2.0
 
 
-def redis_client(url: str) -> redis.Redis:
-    return redis.Redis.from_url(
-        url, socket_timeout=REDIS_SOCKET_TIMEOUT_S + FETCH_SLACK_S,
-        socket_connect_timeout=REDIS_SOCKET_TIMEOUT_S, health_check_interval=30,
-    )
+def agent_redis(cfg: RedisSection) -> redis.Redis:
+    """The agent's client (worker/redisconn.py): retries ride out a failover."""
+    return redis_client(cfg, socket_timeout=REDIS_SOCKET_TIMEOUT_S + FETCH_SLACK_S,
+                        connect_timeout=REDIS_SOCKET_TIMEOUT_S, retries=AGENT_RETRIES,
+                        health_check_interval=30)
 
 
 class Agent:
@@ -65,7 +67,7 @@ class Agent:
         self._reload_requested = threading.Event()
 
         self.metrics = AgentMetrics()
-        self.redis = redis_client(cfg.redis.url)
+        self.redis = agent_redis(cfg.redis)
         self.metrics.instrument_redis(self.redis)
         keys = Keys(cfg.redis.key_prefix)
         self.sink = RedisSink(self.redis, keys)
@@ -133,6 +135,8 @@ class Agent:
     # -- lifecycle --------------------------------------------------------------------------
 
     def _startup(self) -> None:
+        for problem in exposure_warnings(self.cfg.secret_files):
+            self._log.warning("config_secret_readable", problem=problem)
         self._retry("redis", self.redis.ping)
         self._retry("consul", self.membership.register)
 
@@ -143,9 +147,16 @@ class Agent:
                 call()
                 return
             except (redis.RedisError, *CONSUL_ERRORS) as exc:  # type: ignore[misc]
+                if what == "redis" and is_auth_error(exc):  # a config error: exit 2, no retry
+                    raise ConfigError(f"{self.cfg.path}: [redis]: Redis at "
+                                      f"{self.cfg.redis.where} refused the credentials: "
+                                      f"{redact(str(exc))}") from exc
                 if self.clock.monotonic() > deadline or self.stop.is_set():
-                    raise ConnectionFailure(f"cannot reach {what}: {exc}") from exc
-                self._log.warning("startup_waiting", service=what, error=str(exc)[:200])
+                    where = f"Redis at {self.cfg.redis.where}" if what == "redis" else what
+                    raise ConnectionFailure(f"cannot reach {where}: {redact(str(exc))}") \
+                        from exc
+                self._log.warning("startup_waiting", service=what,
+                                  error=redact(str(exc))[:200])
                 self.stop.wait(1.0)
 
     def _spawn(self, name: str, target: Callable[[threading.Event], None],
@@ -202,6 +213,9 @@ class Agent:
         except ConfigError as exc:
             self._log.error("reload_refused", error=str(exc))
             return
+        if cfg.redis != self.cfg.redis:
+            self._log.warning("reload_redis_needs_restart", detail="[redis] changed: restart the "
+                              "agent to apply it (the connection is kept)")
         self.cfg = cfg
         self.consumer.set_jobs(cfg)
         self.driver.reload([j.scheduled() for j in cfg.jobs.values()])

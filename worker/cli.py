@@ -165,13 +165,22 @@ def _check(cfg: Config, n: int, as_json: bool) -> int:
         }
     if as_json:
         print(json.dumps(report, indent=2))
+        _warn_secrets(cfg)
         return EXIT_OK
     print(f"{cfg.path}: OK, {len(cfg.jobs)} job(s), config hash {cfg.config_hash}")
+    _warn_secrets(cfg)
     for name, job in report["jobs"].items():
         print(f"\n{name}: {job['schedule']!r} ({job['timezone']})")
         for t in job["next"]:
             print(f"  {t}")
     return EXIT_OK
+
+
+def _warn_secrets(cfg: Config) -> None:
+    from worker.secretfiles import exposure_warnings
+
+    for problem in exposure_warnings(cfg.secret_files):
+        print(f"cronsul: warning: {problem}", file=sys.stderr)
 
 
 def _next(cfg: Config, job: str, n: int, as_json: bool) -> int:
@@ -189,17 +198,17 @@ def _next(cfg: Config, job: str, n: int, as_json: bool) -> int:
 
 
 def _status(cfg: Config, as_json: bool) -> int:
-    from worker.agent import redis_client
+    from worker.redisconn import redis_client
     from worker.status import gather, render
 
-    report = gather(cfg, redis_client(cfg.redis.url))
+    report = gather(cfg, redis_client(cfg.redis))
     print(json.dumps(report, indent=2) if as_json else render(report))
     return EXIT_UNREACHABLE if "redis_error" in report else EXIT_OK
 
 
 def _run(cfg: Config, job: str, local: bool, params: list[str]) -> int:
     """`cronsul run JOB --local`: the job in the foreground, same environment and timeout."""
-    from worker.executor import Execution, job_environment
+    from worker.executor import Execution, job_environment, root_refusal
     from worker.opcmds import parse_params
     from worker.params import render_argv
 
@@ -207,6 +216,10 @@ def _run(cfg: Config, job: str, local: bool, params: list[str]) -> int:
         raise ConfigError(f"{cfg.path}: no job named {job!r}")
     values = parse_params(cfg, job, params)
     spec = cfg.jobs[job]
+    refusal = root_refusal(spec.user, spec.allow_root, spec.callable is not None, os.geteuid())
+    if refusal is not None:
+        print(f"cronsul: {job}: {refusal}", file=sys.stderr)
+        return EXIT_FAILURE
     run_id = f"{job}@manual-{uuid.uuid4().hex}"
     env = {"CRONSUL_JOB": job, "CRONSUL_RUN_ID": run_id,
            "CRONSUL_SCHEDULED_AT": iso_utc(datetime.now(UTC)), "CRONSUL_ATTEMPT": "1",
@@ -214,7 +227,7 @@ def _run(cfg: Config, job: str, local: bool, params: list[str]) -> int:
     env.update({f"CRONSUL_PARAM_{k.upper()}": v for k, v in values.items()})
     outcome = Execution(None, cfg.worker.kill_grace.total_seconds()).run(
         render_argv(spec.command, values), job_environment(os.environ, spec.env, env),
-        spec.working_dir, spec.timeout.total_seconds())
+        spec.working_dir, spec.timeout.total_seconds(), user=spec.user)
     sys.stdout.write(outcome.output)
     if outcome.error:
         print(f"cronsul: {outcome.error}", file=sys.stderr)

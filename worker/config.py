@@ -26,6 +26,8 @@ from scheduler.schedule import Schedule, parse_schedule, validate_timezone
 from scheduler.ticker import CatchUp, ScheduledJob
 from worker.params import load_params_file, normalise_sets, placeholders
 from worker.pyjobs import validate_target
+from worker.redisconn import RedisSection, redis_section
+from worker.secretfiles import secret_sources
 from worker.tomlread import Section
 
 # Consul refuses session TTLs outside 10s..24h (agent/structs: SessionTTLMin/Max).
@@ -44,6 +46,12 @@ VISIBILITY_MIN = timedelta(seconds=2)
 DEFAULT_CONSUL = "127.0.0.1:8500"
 # SQS queue names: 1-80 characters of A-Z a-z 0-9 _ -, a FIFO queue's ending in ".fifo".
 SQS_QUEUE_NAME = re.compile(r"(?=.{1,80}$)[A-Za-z0-9_-]+(\.fifo)?")
+# A config (or included) file larger than this is refused before parsing: tomllib holds the
+# whole document in memory several times over, and no real schedule comes near it.
+MAX_CONFIG_BYTES = 8 * 2**20
+# Jobs per node (main file plus includes). Each costs ~0.5 ms to validate and a slot in every
+# scheduler pass; 100,000 would take a minute to load. Fan-out belongs in `params`.
+MAX_JOBS = 10_000
 
 
 @dataclass(frozen=True)
@@ -59,7 +67,7 @@ class ConsulSection:
     scheme: str
     host: str
     port: int
-    token: str | None
+    token: str | None = field(repr=False)
     prefix: str
     session_ttl: timedelta
     check_ttl: timedelta
@@ -68,12 +76,6 @@ class ConsulSection:
     @property
     def leader_key(self) -> str:
         return f"{self.prefix}/leader"
-
-
-@dataclass(frozen=True)
-class RedisSection:
-    url: str
-    key_prefix: str
 
 
 @dataclass(frozen=True)
@@ -168,6 +170,8 @@ class Config:
     digest: str = ""
     http: HttpSection = field(default_factory=HttpSection)
     queue: QueueSection = field(default_factory=QueueSection)
+    # (file, what) for each file holding a secret: see worker/secretfiles.py
+    secret_files: tuple[tuple[str, str], ...] = ()
 
     @property
     def config_hash(self) -> str:
@@ -179,19 +183,18 @@ def load_config(path: str | os.PathLike[str], env: dict[str, str] | None = None)
     """Read and validate ``path``. Raises ConfigError naming the file, section and key."""
     environ = dict(os.environ) if env is None else env
     file = Path(path)
-    try:
-        raw = file.read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"{file}: cannot read config: {exc.strerror or exc}") from exc
+    raw = _read_capped(file, "config")
     try:
         data = tomllib.loads(raw.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{file}: invalid TOML: {exc}") from exc
+    except RecursionError as exc:  # tomllib recurses into nested arrays and inline tables
+        raise ConfigError(f"{file}: invalid TOML: nested too deeply") from exc
 
     top = Section(file, "top level", data)
     agent = _agent(Section(file, "agent", top.table("agent")))
     consul = _consul(Section(file, "consul", top.table("consul")), environ)
-    redis = _redis(Section(file, "redis", top.table("redis")))
+    redis = redis_section(Section(file, "redis", top.table("redis")))
     worker = _worker(Section(file, "worker", top.table("worker")))
     http = _http(Section(file, "http", top.table("http")))
     queue_table = top.table("queue")  # parsed after the jobs, whose queues it must map
@@ -199,6 +202,10 @@ def load_config(path: str | os.PathLike[str], env: dict[str, str] | None = None)
     for pattern in top.strings("include") or []:
         sources.extend(_included(file, pattern))
     top.check_unknown()
+    total = sum(len(table) if isinstance(table, dict) else 0 for _, table in sources)
+    if total > MAX_JOBS:
+        raise ConfigError(f"{file}: [jobs]: {total} jobs exceed the limit of {MAX_JOBS} "
+                          "(fan one job out with params instead)")
     jobs: dict[str, JobSpec] = {}
     origin: dict[str, Path] = {}
     for source, table in sources:
@@ -218,7 +225,21 @@ def load_config(path: str | os.PathLike[str], env: dict[str, str] | None = None)
                  for name, spec in sorted(jobs.items())}
     digest = hashlib.sha256(json.dumps(canonical, sort_keys=True).encode()).hexdigest()
     queue = _queue(Section(file, "queue", queue_table), worker, jobs)
-    return Config(file, agent, consul, redis, worker, jobs, digest, http, queue)
+    return Config(file, agent, consul, redis, worker, jobs, digest, http, queue,
+                  secret_sources(file, data))
+
+
+def _read_capped(file: Path, what: str) -> bytes:
+    """The file's bytes, refusing one larger than MAX_CONFIG_BYTES before parsing it."""
+    try:
+        with open(file, "rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"{file}: cannot read {what}: {exc.strerror or exc}") from exc
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{file}: {what} file is larger than {MAX_CONFIG_BYTES // 2**20} MiB; "
+                          "split the jobs into include files")
+    return raw
 
 
 def _included(main: Path, pattern: str) -> list[tuple[Path, dict[str, Any]]]:
@@ -228,12 +249,13 @@ def _included(main: Path, pattern: str) -> list[tuple[Path, dict[str, Any]]]:
     out: list[tuple[Path, dict[str, Any]]] = []
     for name in sorted(glob.glob(base)):
         path = Path(name)
+        raw = _read_capped(path, "included")
         try:
-            data = tomllib.loads(path.read_text())
-        except OSError as exc:
-            raise ConfigError(f"{path}: cannot read included file: {exc.strerror}") from exc
-        except tomllib.TOMLDecodeError as exc:
+            data = tomllib.loads(raw.decode("utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"{path}: invalid TOML: {exc}") from exc
+        except RecursionError as exc:
+            raise ConfigError(f"{path}: invalid TOML: nested too deeply") from exc
         extra = sorted(set(data) - {"jobs"})
         if extra:
             raise ConfigError(f"{path}: [{extra[0]}]: an included file may only define [jobs.*]")
@@ -301,14 +323,6 @@ def _parse_address(s: Section, address: str) -> tuple[str, str, int]:
         raise s.fail("address", f"{address!r} has an invalid port") from exc
     return parsed.scheme, parsed.hostname, port
 
-
-def _redis(s: Section) -> RedisSection:
-    url = s.string("url", "redis://127.0.0.1:6379/0") or ""
-    if urlparse(url).scheme not in ("redis", "rediss", "unix"):
-        raise s.fail("url", f"{url!r} is not a redis://, rediss:// or unix:// URL")
-    out = RedisSection(url=url, key_prefix=s.string("key_prefix", "cronsul") or "cronsul")
-    s.check_unknown()
-    return out
 
 
 def _worker(s: Section) -> WorkerSection:

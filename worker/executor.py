@@ -125,6 +125,33 @@ class Execution:
             threading.Thread(target=self._terminate, args=(proc,), daemon=True).start()
 
 
+def root_refusal(user: str | None, allow_root: bool, python_callable: bool,
+                 euid: int) -> str | None:
+    """Why a job must not start as this agent (euid), or None. An agent running as root runs a
+    job as root only when the job says ``allow_root = true``; a callable job runs inside the
+    agent's Python pool, as the agent's own user, so it cannot switch to ``user``."""
+    if python_callable and user is not None and _uid(user) != euid:
+        return (f"refused: callable jobs run in the agent's Python pool as the agent's user "
+                f"and cannot switch to user {user!r}; use a command job for that")
+    if euid != 0 or allow_root:
+        return None
+    if python_callable:
+        return ("refused: the agent runs as root and callable jobs run as the agent's user; "
+                "set allow_root = true on the job, or run the agent unprivileged")
+    if user is None or _uid(user) == 0:
+        return (f"refused to run as root: the agent runs as root and the job sets "
+                f"{'no user' if user is None else f'user = {user!r}'}; set user = \"<name>\" "
+                "(or allow_root = true if it really needs root)")
+    return None
+
+
+def _uid(user: str) -> int | None:
+    try:
+        return pwd.getpwnam(user).pw_uid
+    except KeyError:
+        return None  # reported when the run tries to switch to it
+
+
 def _identity(user: str | None) -> dict[str, Any]:
     """Popen arguments that drop to ``user`` (its primary group, no supplementary groups)."""
     if user is None:

@@ -17,11 +17,13 @@ from typing import Any
 
 import redis
 
-from scheduler.errors import ConfigError, ConnectionFailure, MessageError, QueueError
+from scheduler.errors import ConfigError, MessageError, QueueError
 from scheduler.runs import JOB_NAME, check_job_name, from_epoch_ms, iso_utc
 from worker.config import Config
 from worker.keys import GROUP, Keys
 from worker.messages import parse_message
+from worker.redisconn import connect
+from worker.secretfiles import redact as redact  # re-exported: tests and callers use it
 from worker.sink import RECORD_TTL
 
 COMMANDS = ("history", "logs", "dlq")
@@ -35,9 +37,6 @@ IN_FLIGHT_LOOK = 1000
 DLQ_BATCH = 100
 # A stream entry id as Redis writes it: <ms>-<seq>.
 ENTRY_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
-# Anything between "://" and the last "@" before the host is credentials; so is ?password=.
-_USERINFO = re.compile(r"(?<=://)[^/\s]*@")
-_QUERY_SECRET = re.compile(r"(?i)(password=)[^&\s]*")
 
 # Re-enqueue one dead letter and delete it, in one step and only if it is still there (two
 # operators retrying the same entry enqueue it once). A run that finished is refused: a worker
@@ -126,26 +125,10 @@ def dispatch(cfg: Config, args: argparse.Namespace) -> int:
     return dlq_purge(cfg, None if args.all else args.entry_id, args.yes)
 
 
-def redact(text: str) -> str:
-    """``redis://:secret@host`` -> ``redis://***@host`` (and ``password=...`` -> ``***``)."""
-    return _QUERY_SECRET.sub(r"\1***", _USERINFO.sub("***@", text))
-
-
 @contextmanager
 def _connect(cfg: Config) -> Iterator[redis.Redis]:
-    where = redact(cfg.redis.url)
-    try:
-        client = redis.Redis.from_url(cfg.redis.url, socket_timeout=5, socket_connect_timeout=5)
-    except ValueError as exc:
-        raise ConfigError(f"{cfg.path}: [redis] url {where}: {redact(str(exc))}") from exc
-    try:
+    with connect(cfg.redis, cfg.path) as client:
         yield client
-    except (redis.ConnectionError, redis.TimeoutError) as exc:
-        raise ConnectionFailure(f"cannot reach Redis at {where}: {redact(str(exc))}") from exc
-    except redis.RedisError as exc:
-        raise QueueError(f"Redis at {where} refused: {redact(str(exc))}") from exc
-    finally:
-        client.close()
 
 
 # -- history and logs ---------------------------------------------------------------------------
@@ -213,7 +196,7 @@ def logs(cfg: Config, run_id: str, as_json: bool) -> int:
     with _connect(cfg) as r:
         raw: Any = r.hgetall(keys.run(run_id))
     if not raw:
-        raise ConfigError(f"no run {run_id!r} in Redis at {redact(cfg.redis.url)} "
+        raise ConfigError(f"no run {run_id!r} in Redis at {cfg.redis.where} "
                           f"(run records are kept {RECORD_TTL.days} days)")
     view = _run_view(raw, run_id, None)
     output = raw.get(b"output", b"")
@@ -415,7 +398,7 @@ def _positive(text: str) -> int:
 def _payload_field(payload: bytes | None, name: str) -> str | None:
     try:
         body = json.loads(payload or b"")
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return None
     value = body.get(name) if isinstance(body, dict) else None
     return value if isinstance(value, str) else None

@@ -7,6 +7,7 @@ carries a command. Anything else is refused with a reason that becomes the dead 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -19,6 +20,9 @@ from worker.params import check_value, placeholders
 MAX_PAYLOAD_BYTES = 64 * 1024
 # Parameter names become environment variable names: keep them to this alphabet.
 PARAM_NAME_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_")
+# What may follow "<job>@" in a run id: the tick's epoch ms, "manual-<hex>", "event-<id>", and
+# "#<param key>". Run ids become Redis keys and log fields; no whitespace, NUL or "/" there.
+RUN_ID_TAIL = re.compile(r"[A-Za-z0-9_.:#-]{1,190}")
 # How long one XREADGROUP blocks; bounds how long shutdown waits for the fetch loop.
 FETCH_BLOCK_MS = 1000
 
@@ -41,12 +45,15 @@ def parse_message(payload: bytes | None, jobs: Mapping[str, JobSpec]) -> RunMess
         body = json.loads(payload)
     except (ValueError, UnicodeDecodeError) as exc:
         raise MessageError(f"undecodable: {exc}") from exc
+    except RecursionError as exc:  # json recurses into nested arrays: "[[[[..." of 64 KiB
+        raise MessageError("undecodable: nested too deeply") from exc
     if not isinstance(body, dict) or body.get("v") != 1:
         raise MessageError("malformed: not a version 1 run message")
     run_id, job, when, params = (body.get(k) for k in ("run_id", "job", "scheduled_at", "params"))
     if not isinstance(job, str) or job not in jobs:
         raise MessageError(f"unknown job: {job!r} is not defined in this node's config")
-    if not isinstance(run_id, str) or not run_id.startswith(f"{job}@") or len(run_id) > 300:
+    if not isinstance(run_id, str) or not run_id.startswith(f"{job}@") \
+            or not RUN_ID_TAIL.fullmatch(run_id[len(job) + 1:]):
         raise MessageError(f"malformed: run_id {run_id!r} does not belong to job {job!r}")
     try:
         scheduled = datetime.fromisoformat(str(when).replace("Z", "+00:00"))

@@ -17,6 +17,7 @@ from worker.config import Config
 from worker.consulapi import CALL_TIMEOUT_S, CONSUL_ERRORS, make_clients
 from worker.keys import Keys
 from worker.params import check_value, placeholders
+from worker.redisconn import connect
 from worker.runstate import TERMINAL
 from worker.sink import RECORD_TTL, run_payload
 
@@ -96,8 +97,7 @@ def enqueue(cfg: Config, job: str, pairs: list[str], wait: bool,
     now = datetime.now(UTC)
     run = Run(f"{job}@manual-{uuid.uuid4().hex}", job, now, params)
     keys = Keys(cfg.redis.key_prefix)
-    r = redis.Redis.from_url(cfg.redis.url, socket_timeout=5, socket_connect_timeout=5)
-    try:
+    with connect(cfg.redis, cfg.path) as r:
         r.eval(ENQUEUE_MANUAL, 2, keys.run(run.run_id), keys.stream(spec.queue), job,
                epoch_ms(now), run.run_id, spec.queue,
                run_payload(run.run_id, job, now, params), int(RECORD_TTL.total_seconds()))
@@ -105,9 +105,6 @@ def enqueue(cfg: Config, job: str, pairs: list[str], wait: bool,
         if not wait:
             return 0
         return _follow(r, keys, run.run_id, timeout_s or spec.timeout.total_seconds() * 3 + 60)
-    except redis.RedisError as exc:
-        raise ConnectionFailure(f"cannot reach Redis at {cfg.redis.url.split('@')[-1]}: "
-                                f"{exc}") from exc
 
 
 def _follow(r: redis.Redis, keys: Keys, run_id: str, timeout_s: float) -> int:

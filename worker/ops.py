@@ -28,6 +28,7 @@ from worker.httpserver import OpsHTTPServer
 from worker.keys import Keys
 from worker.maintenance import POLL_S
 from worker.metrics import Probes
+from worker.redisconn import redis_client
 from worker.sdnotify import Notifier
 
 if TYPE_CHECKING:
@@ -53,9 +54,8 @@ class Ops:
         self._last_ping = float("-inf")
         self._started = time.monotonic()
         self._http: OpsHTTPServer | None = None
-        self._probe = redis.Redis.from_url(agent.cfg.redis.url,
-                                           socket_timeout=REDIS_PROBE_TIMEOUT_S,
-                                           socket_connect_timeout=REDIS_PROBE_TIMEOUT_S)
+        self._probe = redis_client(agent.cfg.redis, socket_timeout=REDIS_PROBE_TIMEOUT_S,
+                                   connect_timeout=REDIS_PROBE_TIMEOUT_S, retries=0)
         self._log = structlog.get_logger("cronsul.ops").bind(node=agent.cfg.agent.node)
         agent.metrics.attach(
             Probes(is_leader=self.is_leader, lease_remaining_s=self._lease_remaining,

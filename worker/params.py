@@ -79,6 +79,8 @@ def load_params_file(path: Path, where: str) -> tuple[dict[str, str], ...]:
             raw = tomllib.loads(text).get("params")
     except (ValueError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"{where}: params_file {path} is invalid: {exc}") from exc
+    except RecursionError as exc:  # json and tomllib recurse into nested arrays
+        raise ConfigError(f"{where}: params_file {path} is nested too deeply") from exc
     return normalise_sets(raw, f"{where} params_file {path}")
 
 

@@ -150,7 +150,7 @@ def _run_id_of(payload: bytes | None) -> str | None:
         return None
     try:
         value = json.loads(payload)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: a hostile, deeply nested payload
         return None
     run_id = value.get("run_id") if isinstance(value, dict) else None
     return run_id if isinstance(run_id, str) else None

@@ -287,7 +287,7 @@ def normalise_event(body: bytes, message_id: str, sent_ms: str | None) -> bytes:
                 and isinstance(value.get("Message"), str) and "TopicArn" in value):
             body = value["Message"].encode("utf-8", "surrogateescape")
             value = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # deep nesting: parse_message says
         return body
     if not isinstance(value, dict) or value.get("v") != 1 or not isinstance(value.get("job"), str):
         return body

@@ -19,6 +19,7 @@ from worker.config import Config
 from worker.consulapi import CALL_TIMEOUT_S, CONSUL_ERRORS, make_clients
 from worker.keys import GROUP, Keys
 from worker.metrics import queue_stats
+from worker.secretfiles import redact
 
 # Recent failures shown: the newest few across all jobs, from each job's last runs.
 RECENT_FAILURES = 10
@@ -76,7 +77,7 @@ def gather(cfg: Config, redis_client: redis.Redis) -> dict[str, Any]:
     try:
         report.update(_redis_view(cfg, redis_client))
     except redis.RedisError as exc:
-        report["redis_error"] = str(exc).split("@")[-1][:200]
+        report["redis_error"] = redact(str(exc))[:200]
     return report
 
 

@@ -394,12 +394,14 @@ queues = {{ {mapping} }}
 [jobs.greet]
 schedule = "{NEVER}"
 timeout = "10s"
+allow_root = true  # tests run as root (worker/executor.py root_refusal)
 params = [{{ name = "nobody" }}]
 command = ["/bin/sh", "-c",
            'echo "$CRONSUL_RUN_ID $CRONSUL_SCHEDULED_AT $CRONSUL_PARAM_NAME" >> {out}']
 [jobs.j]
 schedule = "{NEVER}"
 timeout = "10s"
+allow_root = true
 command = ["/bin/sh", "-c", 'echo "$CRONSUL_RUN_ID" >> {out}']
 {extra}
 """)
