@@ -79,12 +79,11 @@ def _group(r: redis.Redis, queue: str) -> dict[str, Any]:
 
 # -- 1. no-op Python jobs ---------------------------------------------------------------------
 
-def noop_drain(ctx: Ctx, n: int) -> dict[str, Any]:
-    """cronsul has no Python callable jobs yet (issue 5). When it has, measure them here: enqueue
-    ``n`` runs of a ``callable = "bench_jobs:noop"`` job, start 2 agents, and return the same
-    fields as the peers' drain (``per_s`` from the first start to the last finish)."""
-    return {"status": "not implemented yet",
-            "why": "cronsul runs argv commands only; Python callable jobs arrive with issue 5"}
+def noop_drain(ctx: Ctx, n: int, concurrency: int = 8, agents: int = 2) -> dict[str, Any]:
+    """``n`` runs of a ``callable = "bench.bench_jobs:noop"`` job drained by 2 agents, each
+    with its warm Python worker pool (one worker per run slot)."""
+    job = {**IDLE, "callable": "bench.bench_jobs:noop", "timeout": "30s"}
+    return _drain(ctx, "noop", job, n, concurrency, agents)
 
 
 # -- 2. /bin/true shell jobs -------------------------------------------------------------------
@@ -99,10 +98,16 @@ def _enqueue_runs(r: redis.Redis, job: str, n: int, queue: str = "default") -> l
 
 
 def shell_drain(ctx: Ctx, n: int, concurrency: int, agents: int = 2) -> dict[str, Any]:
-    d = ctx.fresh("cronsul-shell")
+    return _drain(ctx, "true", {**IDLE, "command": ["/bin/true"], "timeout": "30s"}, n,
+                  concurrency, agents)
+
+
+def _drain(ctx: Ctx, name: str, job: dict[str, Any], n: int, concurrency: int,
+           agents: int) -> dict[str, Any]:
+    d = ctx.fresh(f"cronsul-{name}")
     r = ctx.client()
-    run_ids = _enqueue_runs(r, "true", n)
-    jobs = {"true": {**IDLE, "command": ["/bin/true"], "timeout": "30s"}}
+    run_ids = _enqueue_runs(r, name, n)
+    jobs = {name: job}
     with _Consul(d) as consul:
         cluster = Cluster(d, consul, ctx.redis.url, [f"s{i + 1}" for i in range(agents)], jobs,
                           worker_extra={"concurrency": concurrency, "visibility_timeout": "60s"})
@@ -114,7 +119,7 @@ def shell_drain(ctx: Ctx, n: int, concurrency: int, agents: int = 2) -> dict[str
                 except redis.ResponseError:
                     return False
                 return bool(g) and g.get("lag") == 0 and g.get("pending") == 0
-            wait_until(drained, 120 + n / 50, interval=0.05, what="all shell runs acked")
+            wait_until(drained, 120 + n / 50, interval=0.05, what=f"all {name} runs acked")
         finally:
             cluster.stop()
     recs = _records(r, run_ids, ["state", "started_ms", "finished_ms"])

@@ -59,6 +59,10 @@ class Consumer:
         self._margin_s = self._vis_s / 6
         self._inflight = 0  # dispatched and not yet finished (includes claims in progress)
         self._slot_freed = threading.Event()
+        # The agent's environment does not change while it runs: read os.environ once, not
+        # once per run (each os.environ lookup re-encodes; it showed up in profiles).
+        self._agent_env = dict(os.environ)
+        self._watchdog_sent: float | None = None  # the deadline the watchdog last got
         self._per_queue: dict[str, int] = {}  # in flight per queue, for queue_concurrency
         self._pool = ThreadPoolExecutor(cfg.worker.concurrency, thread_name_prefix="run")
         self._active: dict[str, _Active] = {}
@@ -255,7 +259,7 @@ class Consumer:
             "CRONSUL_ATTEMPT": str(attempt), "CRONSUL_NODE": self._node,
         }
         cronsul.update({f"CRONSUL_PARAM_{k.upper()}": v for k, v in msg.params.items()})
-        return job_environment(os.environ, job.env, cronsul)
+        return job_environment(self._agent_env, job.env, cronsul)
 
     # -- leases -----------------------------------------------------------------------------
 
@@ -268,6 +272,7 @@ class Consumer:
         with self._lock:
             active = list(self._active.values())
         if not active:
+            self._update_watchdog(disarm_idle=True)
             return
         sent = self._clock.monotonic()
         try:
@@ -290,10 +295,25 @@ class Consumer:
                 a.execution.stop()
         self._update_watchdog()
 
-    def _update_watchdog(self) -> None:
+    def _update_watchdog(self, disarm_idle: bool = False) -> None:
+        """Keep the watchdog's kill deadline at (oldest running lease's renewal + visibility -
+        margin) or earlier. Writes only when the deadline must move earlier (a safety matter)
+        or is a third of the visibility timeout stale, so a busy node does not pay two pipe
+        writes and a process wake-up per run. An idle node disarms from the heartbeat."""
         with self._lock:
             oldest = min((a.renewed_at for a in self._active.values()), default=None)
-        self._watchdog.deadline(None if oldest is None else oldest + self._vis_s - self._margin_s)
+            sent = self._watchdog_sent
+            if oldest is None:
+                if not disarm_idle or sent is None:
+                    return
+                self._watchdog_sent = None
+                desired: float | None = None
+            else:
+                desired = oldest + self._vis_s - self._margin_s
+                if sent is not None and desired >= sent and desired - sent < self._vis_s / 3:
+                    return
+                self._watchdog_sent = desired
+        self._watchdog.deadline(desired)
 
     def drain(self, timeout_s: float) -> bool:
         """Stop taking runs; wait up to ``timeout_s`` for running ones. True when all finished."""
