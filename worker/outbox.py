@@ -34,6 +34,7 @@ from worker.keys import Keys
 from worker.queue import DEAD_LETTER_MAX
 from worker.sink import APPLY, RECORD_TTL, RedisSink, run_payload
 from worker.sqs import (
+    ERROR_PAUSE_S,
     MAX_BATCH,
     QUEUE_FAILURES,
     SQS_ERRORS,
@@ -133,6 +134,7 @@ class OutboxDrainer:
         self._node = node
         self._remove = redis_client.register_script(REMOVE_SENT)
         self._release = redis_client.register_script(RELEASE)
+        self._trouble = False  # the last pass could not reach SQS: pause before the next
         self._log = structlog.get_logger("cronsul.outbox").bind(node=node)
 
     def run(self, stop: threading.Event) -> None:
@@ -144,10 +146,11 @@ class OutboxDrainer:
                 stop.wait(0.5)
                 continue
             if sent == 0:
-                stop.wait(DRAIN_IDLE_S)
+                stop.wait(ERROR_PAUSE_S if self._trouble else DRAIN_IDLE_S)
 
     def drain_once(self) -> int:
         """One pass: returns how many items left the outbox (sent, or dead-lettered)."""
+        self._trouble = False
         if not self._r.exists(self._keys.outbox):
             return 0
         token = uuid.uuid4().hex
@@ -157,6 +160,11 @@ class OutboxDrainer:
             raw: Any = self._r.lrange(self._keys.outbox, 0, DRAIN_ITEMS - 1)
             items = [_parse(v) for v in raw]
             done: list[bytes] = []
+            for item in items:
+                if not item.payload:  # never written by cronsul; must not block the outbox
+                    self._dead_letter(item, "malformed", "outbox item without a payload")
+                    done.append(item.raw)
+            items = [i for i in items if i.payload]
             for queue in dict.fromkeys(i.queue for i in items):
                 done += self._send(queue, [i for i in items if i.queue == queue])
             if done:
@@ -174,6 +182,7 @@ class OutboxDrainer:
             sqs = self._dir.get(queue)
         except QUEUE_FAILURES as exc:
             self._log.warning("outbox_queue_unavailable", queue=queue, error=str(exc)[:300])
+            self._trouble = True
             return []
         done: list[bytes] = []
         batch: list[_Item] = []
@@ -205,6 +214,7 @@ class OutboxDrainer:
             reply = self._client.send_message_batch(QueueUrl=url, Entries=entries)
         except SQS_ERRORS as exc:
             self._log.warning("outbox_send_failed", url=url, error=str(exc)[:300])
+            self._trouble = True
             return []  # stays in the outbox; the next pass sends it
         done = [batch[int(ok["Id"])].raw for ok in reply.get("Successful", [])]
         for failed in reply.get("Failed", []):
@@ -215,6 +225,7 @@ class OutboxDrainer:
                 done.append(item.raw)
             else:
                 self._log.warning("outbox_send_retrying", url=url, code=failed.get("Code"))
+                self._trouble = True
         return done
 
     def _dead_letter(self, item: _Item, reason: str, error: str) -> None:

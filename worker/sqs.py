@@ -57,6 +57,9 @@ READ_TIMEOUT_S = MAX_WAIT_S + 10
 # boto3's "standard" retry mode with a few attempts: transient errors are retried inside the
 # call; anything longer is the fetch loop's (or the drainer's) next round.
 RETRY_ATTEMPTS = 3
+# Connections kept to SQS: run threads delete and the heartbeat extends while the fetch loop
+# long-polls and the drainer sends; more than boto3's default 10 avoids reconnect churn.
+POOL_CONNECTIONS = 32
 
 
 def sqs_client(region: str, endpoint_url: str | None) -> Any:
@@ -65,7 +68,8 @@ def sqs_client(region: str, endpoint_url: str | None) -> Any:
     return boto3.session.Session().client(
         "sqs", region_name=region, endpoint_url=endpoint_url,
         config=BotoConfig(connect_timeout=CONNECT_TIMEOUT_S, read_timeout=READ_TIMEOUT_S,
-                          retries={"mode": "standard", "max_attempts": RETRY_ATTEMPTS}))
+                          retries={"mode": "standard", "max_attempts": RETRY_ATTEMPTS},
+                          max_pool_connections=POOL_CONNECTIONS))
 
 
 @dataclass(frozen=True)

@@ -340,6 +340,17 @@ def test_fifo_crash_between_send_and_remove_sends_nothing_twice(
     assert in_queue(sqs, url) == 2  # the re-send was deduplicated
 
 
+def test_an_outbox_item_sqs_cannot_take_is_dead_lettered_not_blocking(
+        sqs: Any, redis_client: redis.Redis) -> None:
+    url = make_queue(sqs)
+    redis_client.rpush(KEYS.outbox, b"garbage", "default|" + "x" * (300 * 1024),
+                       "default|" + json.dumps(run_msg()))
+    assert drainer(sqs, redis_client, {"default": url}).drain_once() == 3
+    reasons = [f[b"reason"] for _, f in redis_client.xrange(KEYS.dead)]
+    assert reasons == [b"malformed", b"oversized"]
+    assert redis_client.llen(KEYS.outbox) == 0 and in_queue(sqs, url) == 1
+
+
 def _crash(values: object) -> None:
     raise SystemExit("crashed between send and remove")
 
