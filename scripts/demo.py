@@ -45,6 +45,7 @@ class Demo:
         self.procs: list[subprocess.Popen[bytes]] = []
         self.agents: dict[str, subprocess.Popen[bytes]] = {}
         self.consul_addrs: dict[str, str] = {}
+        self.dashboards: dict[str, str] = {}  # node -> its dashboard URL ([http] listen)
         self.devconsul = None
         self.out = workdir / "ticks.log"
         self.out.touch()
@@ -98,6 +99,8 @@ class Demo:
 
     def start_agent(self, node: str, redis_url: str) -> None:
         cfg = self.dir / f"{node}.toml"
+        http_port = free_port()
+        self.dashboards[node] = f"http://127.0.0.1:{http_port}/"
         cfg.write_text(f"""
 [agent]
 node = "{node}"
@@ -115,6 +118,9 @@ url = "{redis_url}"
 [worker]
 concurrency = 4
 visibility_timeout = "5s"
+
+[http]
+listen = "127.0.0.1:{http_port}"
 
 [jobs.every-second]
 schedule = "* * * * * *"
@@ -193,12 +199,17 @@ def main() -> int:
             for n in nodes:
                 demo.start_agent(n, redis_url)
             say("three agents started; waiting for an election")
+            for n, url in demo.dashboards.items():
+                say(f"dashboard of {n}: {url}")
             leader = None
             while leader is None:
                 time.sleep(0.1)
                 leader = demo.leader(consul)
             say(f"LEADER: {leader}   (see it yourself: curl -s "
                 f"http://{consul}/v1/kv/cronsul/leader?raw, or consul kv get cronsul/leader)")
+            watch_on = next(n for n in nodes if n != leader)
+            say(f"watch the failover live on a node that survives it: {demo.dashboards[watch_on]}"
+                f" (the leader is killed in {RUN_BEFORE_KILL_S}s)")
             demo.watch(RUN_BEFORE_KILL_S, consul)
             say(f"kill -9 the leader {leader} (pid {demo.agents[leader].pid})")
             killed = time.monotonic()

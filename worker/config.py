@@ -44,6 +44,8 @@ CHECK_TTL_MIN = timedelta(seconds=1)
 # for a renewal round trip at visibility/3 intervals.
 VISIBILITY_MIN = timedelta(seconds=2)
 DEFAULT_CONSUL = "127.0.0.1:8500"
+# The dashboard's admin token is a password typed or pasted once; shorter is guessable.
+ADMIN_TOKEN_MIN = 16
 # SQS queue names: 1-80 characters of A-Z a-z 0-9 _ -, a FIFO queue's ending in ".fifo".
 SQS_QUEUE_NAME = re.compile(r"(?=.{1,80}$)[A-Za-z0-9_-]+(\.fifo)?")
 # A config (or included) file larger than this is refused before parsing: tomllib holds the
@@ -109,11 +111,14 @@ class QueueSection:
 
 @dataclass(frozen=True)
 class HttpSection:
-    """``[http] listen = "host:port"``: /metrics and /healthz. None (the default): no server."""
+    """``[http] listen = "host:port"``: /metrics, /healthz and the dashboard. None (the
+    default): no server. ``admin_token_file`` enables the dashboard's actions."""
 
     listen: str | None = None
     host: str = ""
     port: int = 0
+    admin_token_file: str | None = None
+    admin_token: str | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -348,14 +353,35 @@ def _worker(s: Section) -> WorkerSection:
 
 def _http(s: Section) -> HttpSection:
     listen = s.string("listen")
+    token_file = s.string("admin_token_file")
     s.check_unknown()
+    token = _admin_token(s, token_file) if token_file is not None else None
     if listen is None:
-        return HttpSection()
+        return HttpSection(admin_token_file=token_file, admin_token=token)
     host, sep, port_text = listen.rpartition(":")
     host = host.strip("[]")  # "[::1]:9464"
     if not sep or not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
         raise s.fail("listen", f"{listen!r} is not host:port (e.g. \"127.0.0.1:9464\")")
-    return HttpSection(listen=listen, host=host, port=int(port_text))
+    return HttpSection(listen=listen, host=host, port=int(port_text),
+                       admin_token_file=token_file, admin_token=token)
+
+
+def _admin_token(s: Section, token_file: str) -> str:
+    """The dashboard's admin token (a relative path is relative to the config file). Refused
+    when other users may read or write the file: its reader can run, pause and drain anything."""
+    path = Path(token_file) if Path(token_file).is_absolute() else s.path.parent / token_file
+    try:
+        mode = os.stat(path).st_mode
+        token = path.read_text().strip()
+    except OSError as exc:
+        raise s.fail("admin_token_file", f"cannot read {token_file}: {exc.strerror}") from exc
+    if mode & 0o007:
+        raise s.fail("admin_token_file", f"{token_file} is accessible by other users (mode "
+                     f"{mode & 0o777:o}): chmod 600 or 640 it")
+    if len(token) < ADMIN_TOKEN_MIN:
+        raise s.fail("admin_token_file", f"{token_file}: the token must be at least "
+                     f"{ADMIN_TOKEN_MIN} characters (e.g. openssl rand -hex 32)")
+    return token
 
 
 def _queue(s: Section, worker: WorkerSection, jobs: Mapping[str, JobSpec]) -> QueueSection:

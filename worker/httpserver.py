@@ -1,7 +1,9 @@
-"""The agent's small HTTP endpoint (``[http] listen``): ``/metrics`` and ``/healthz``.
+"""The agent's small HTTP endpoint (``[http] listen``): ``/metrics``, ``/healthz`` and, for
+every other path, the dashboard (worker/dashboard/, docs/dashboard.md).
 
 Standard library ``http.server`` in one daemon thread per request; nothing here blocks the
-agent. Read-only: there is no endpoint that changes state.
+agent. GET never changes state; the dashboard's actions are POSTs, off unless
+``[http] admin_token_file`` is set.
 """
 
 from __future__ import annotations
@@ -11,10 +13,13 @@ import socket
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+if TYPE_CHECKING:
+    from worker.dashboard import Dashboard
 
 # (ok, body) for /healthz.
 HealthCheck = Callable[[], tuple[bool, dict[str, Any]]]
@@ -22,7 +27,7 @@ HealthCheck = Callable[[], tuple[bool, dict[str, Any]]]
 
 class OpsHTTPServer:
     def __init__(self, host: str, port: int, registry: CollectorRegistry,
-                 health: HealthCheck) -> None:
+                 health: HealthCheck, dashboard: Dashboard | None = None) -> None:
         log = structlog.get_logger("cronsul.http")
 
         class Handler(BaseHTTPRequestHandler):
@@ -37,11 +42,19 @@ class OpsHTTPServer:
                         ok, body = health()
                         self._send(200 if ok else 503, "application/json",
                                    json.dumps(body, sort_keys=True).encode() + b"\n")
+                    elif dashboard is not None:
+                        dashboard.serve(self, "GET")
                     else:
                         self._send(404, "text/plain; charset=utf-8", b"not found\n")
                 except Exception:
                     log.exception("http_handler_failed", path=path)
                     self._send(500, "text/plain; charset=utf-8", b"internal error\n")
+
+            def do_POST(self) -> None:
+                if dashboard is None:
+                    self._send(405, "text/plain; charset=utf-8", b"method not allowed\n")
+                else:
+                    dashboard.serve(self, "POST")
 
             def _send(self, code: int, ctype: str, body: bytes) -> None:
                 self.send_response(code)

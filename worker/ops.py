@@ -24,6 +24,8 @@ import redis
 import structlog
 
 from worker.consulapi import CALL_TIMEOUT_S
+from worker.dashboard import Dashboard, Recorder
+from worker.dashboard.wiring import recorder_for
 from worker.httpserver import OpsHTTPServer
 from worker.keys import Keys
 from worker.maintenance import POLL_S
@@ -54,6 +56,8 @@ class Ops:
         self._last_ping = float("-inf")
         self._started = time.monotonic()
         self._http: OpsHTTPServer | None = None
+        self._dashboard: Dashboard | None = None
+        self._recorder: Recorder | None = None  # the dashboard's history (elections, ...)
         self._probe = redis_client(agent.cfg.redis, socket_timeout=REDIS_PROBE_TIMEOUT_S,
                                    connect_timeout=REDIS_PROBE_TIMEOUT_S, retries=0)
         self._log = structlog.get_logger("cronsul.ops").bind(node=agent.cfg.agent.node)
@@ -72,10 +76,13 @@ class Ops:
         self._started = time.monotonic()
         http = self._agent.cfg.http
         if http.listen is not None:
+            self._dashboard = Dashboard(lambda: self._agent.cfg)
             self._http = OpsHTTPServer(http.host, http.port, self._agent.metrics.registry,
-                                       self.health)
+                                       self.health, self._dashboard)
             self._http.start()
             self._log.info("http_listening", listen=f"{http.host}:{self._http.port}")
+        self._recorder = recorder_for(self._agent, self, self.http_port)
+        self._recorder.start()
         if self.notifier.watchdog_interval_s is not None:
             self._log.info("systemd_watchdog", ping_every_s=self.notifier.watchdog_interval_s)
         self.tick()
@@ -105,8 +112,12 @@ class Ops:
         self.notifier.stopping()
 
     def close(self) -> None:
+        if self._recorder is not None:
+            self._recorder.stop()
         if self._http is not None:
             self._http.close()
+        if self._dashboard is not None:
+            self._dashboard.close()
         self._probe.close()
 
     @property
