@@ -50,7 +50,12 @@ if st == 'dead' then
   redis.call('HSET', KEYS[3], 'state', 'queued')
   redis.call('HDEL', KEYS[3], 'retry_at_ms')
 end
-local id = redis.call('XADD', KEYS[2], '*', 'p', ARGV[2])
+local id = 'outbox'
+if ARGV[3] == 'outbox' then
+  redis.call('RPUSH', KEYS[2], ARGV[4] .. '|' .. ARGV[2])  -- the SQS backend's outbox
+else
+  id = redis.call('XADD', KEYS[2], '*', 'p', ARGV[2])
+end
 redis.call('XDEL', KEYS[1], ARGV[1])
 return {'ok', id}
 """
@@ -327,8 +332,11 @@ def _retry_one(r: redis.Redis, keys: Keys, cfg: Config, script: Any, entry_id: s
     queue = _s(fields.get(b"queue", b""))
     if not JOB_NAME.match(queue):
         raise MessageError(f"malformed: original queue {queue!r} is not a valid queue name")
-    verdict, detail = script(keys=[keys.dead, keys.stream(queue), keys.run(msg.run_id)],
-                             args=[entry_id, fields[b"payload"]])
+    sqs = cfg.queue.backend == "sqs"
+    target = keys.outbox if sqs else keys.stream(queue)
+    verdict, detail = script(keys=[keys.dead, target, keys.run(msg.run_id)],
+                             args=[entry_id, fields[b"payload"], "outbox" if sqs else "stream",
+                                   queue])
     if _s(verdict) == "gone":
         return None
     if _s(verdict) == "done":

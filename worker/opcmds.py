@@ -31,7 +31,11 @@ if redis.call('HSETNX', KEYS[1], 'state', 'queued') == 0 then return 0 end
 redis.call('HSET', KEYS[1], 'job', ARGV[1], 'scheduled_ms', ARGV[2], 'run_id', ARGV[3],
            'queue', ARGV[4], 'enqueued_ms', ARGV[2], 'payload', ARGV[5], 'manual', '1')
 redis.call('EXPIRE', KEYS[1], ARGV[6])
-redis.call('XADD', KEYS[2], '*', 'p', ARGV[5])
+if ARGV[7] == 'outbox' then
+  redis.call('RPUSH', KEYS[2], ARGV[4] .. '|' .. ARGV[5])  -- the SQS backend's outbox
+else
+  redis.call('XADD', KEYS[2], '*', 'p', ARGV[5])
+end
 return 1
 """
 
@@ -98,9 +102,12 @@ def enqueue(cfg: Config, job: str, pairs: list[str], wait: bool,
     run = Run(f"{job}@manual-{uuid.uuid4().hex}", job, now, params)
     keys = Keys(cfg.redis.key_prefix)
     with connect(cfg.redis, cfg.path) as r:
-        r.eval(ENQUEUE_MANUAL, 2, keys.run(run.run_id), keys.stream(spec.queue), job,
+        sqs = cfg.queue.backend == "sqs"
+        r.eval(ENQUEUE_MANUAL, 2, keys.run(run.run_id),
+               keys.outbox if sqs else keys.stream(spec.queue), job,
                epoch_ms(now), run.run_id, spec.queue,
-               run_payload(run.run_id, job, now, params), int(RECORD_TTL.total_seconds()))
+               run_payload(run.run_id, job, now, params), int(RECORD_TTL.total_seconds()),
+               "outbox" if sqs else "stream")
         print(run.run_id, flush=True)
         if not wait:
             return 0

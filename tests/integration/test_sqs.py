@@ -583,3 +583,29 @@ def test_two_agents_on_sqs_run_every_second_exactly_once(
         assert len(stamps) >= 10, f"{job}: only {len(stamps)} runs\n{cluster.logs()}"
     nodes = {line.split()[2] for line in out.read_text().splitlines()}
     assert nodes == {"n1", "n2"}, "both nodes' consumers take runs from SQS"
+
+
+def test_manual_run_and_dlq_retry_reach_sqs_through_the_outbox(
+        sqs: Any, redis_proc: RedisServer, tmp_path: Path) -> None:
+    """`cronsul run` and `cronsul dlq retry` on an SQS cluster: into the outbox, then SQS."""
+    from worker.cli import main
+
+    r = redis_proc.client()
+    r.flushdb()
+    url = make_queue(sqs)
+    cfg_path = tmp_path / "c.toml"
+    cfg_path.write_text(
+        f'[redis]\nurl = "{redis_proc.url}"\n[queue]\nbackend = "sqs"\n[queue.sqs]\n'
+        f'region = "{REGION}"\nqueues = {{ default = "{url}" }}\n'
+        '[jobs.j]\nschedule = "@daily"\ncommand = ["true"]\n')
+    assert main(["run", "j", "-c", str(cfg_path)]) == 0
+    assert r.llen(KEYS.outbox) == 1 and not r.exists(KEYS.stream("default"))
+    bad = run_msg("j", 9)
+    r.xadd(KEYS.dead, {"reason": "retries exhausted", "error": "x", "queue": "default",
+                       "entry_id": "1-0", "node": "n1", "payload": json.dumps(bad)})
+    assert main(["dlq", "retry", "--all", "-c", str(cfg_path)]) == 0
+    assert r.llen(KEYS.outbox) == 2 and r.xlen(KEYS.dead) == 0
+    assert drainer(sqs, r, {"default": url}).drain_once() == 2
+    t = transport(sqs, r, {"default": url})
+    jobs = sorted(json.loads(d.payload or b"")["job"] for d in fetch_all(t, ["default"], want=2))
+    assert jobs == ["j", "j"]
