@@ -16,6 +16,9 @@ from worker.runstate import TERMINAL
 
 EMPTY = Safe("")
 HOUR_S = 3600.0
+# Runs in flight are found on the queue streams, a few round trips per job; with more jobs than
+# this the Jobs list shows finished runs only (a job's own page always shows both).
+LIVE_LOOKUP_JOBS = 100
 
 
 @dataclass(frozen=True)
@@ -194,12 +197,15 @@ def jobs(reader: Reader, v: Viewer) -> Page:
     paused = reader.paused()
     rows = []
     data = []
-    for name in reader.job_names():
-        view = reader.job(name, STRIP_RUNS)
+    names = reader.job_names()
+    for name in names:
+        view = reader.job(name, STRIP_RUNS, live=len(names) <= LIVE_LOOKUP_JOBS)
         spec = view["spec"]
         runs = list(reversed(view["finished"])) + list(reversed(view["live"]))
-        needs = bool(spec and spec["params"] and not spec["param_sets"])
-        act = EMPTY if needs else form(v, url("jobs", name, "run"), "Run now", cls="inline")
+        if spec and spec["params"] and v.can_act:  # parameters are typed on the job's page
+            act = html('<a class="button" href="{h}">Run now…</a>', h=url("jobs", name))
+        else:
+            act = form(v, url("jobs", name, "run"), "Run now", cls="inline")
         state = html('<span class="badge paused" title="{r}">paused</span>', r=paused[name]) \
             if name in paused else Safe('<span class="badge active">active</span>')
         rows.append(html(

@@ -188,12 +188,12 @@ class Reader:
             return []
         return _in_flight(self.r, self.keys, job, spec.queue, exclude)
 
-    def job(self, job: str, n: int) -> View:
+    def job(self, job: str, n: int, live: bool = True) -> View:
         spec = self.cfg.jobs.get(job)
         finished = self.finished(job, n)
-        live = self.live(job, {v["run_id"] for v in finished})
+        in_flight = self.live(job, {v["run_id"] for v in finished}) if live else []
         return {"name": job, "spec": _spec_view(spec) if spec else None,
-                "live": live, "finished": finished}
+                "live": in_flight, "finished": finished}
 
     def run(self, run_id: str) -> tuple[View, dict[str, str], bytes] | None:
         raw: Any = self.r.hgetall(self.keys.run(run_id))
