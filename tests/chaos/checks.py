@@ -3,9 +3,10 @@ agents' logs and the process watcher.
 
 * duplicates: a run id that ran to the end more often than its job allows (once; 1 + retries
   for a failing job with retries), or that started again after a run of it had finished. The one
-  excuse is the at-least-once window every queue has: the node that finished it was killed
-  (kill -9) or frozen (SIGSTOP) within a second after the job's last line, before it could
-  record the result; those are counted as ``reexecuted_after_crash`` and listed, not failed.
+  excuse is the at-least-once window every queue has: the node that ran it was killed (kill -9)
+  within a second after the job's last line, or was frozen (SIGSTOP) when the job ended or
+  within a second after, so it could not record the result before its lease lapsed; those are
+  counted as ``reexecuted_after_crash`` and listed, not failed.
 * overlaps: two executions of one run id alive at the same moment: from the job's own start/end
   lines (an execution killed before its end line lasts until the watcher last saw it alive), and
   from the watcher's samples directly. For overlap=skip jobs, two runs of the job at once.
@@ -252,8 +253,7 @@ def _duplicates(run_id: str, job: WorkloadJob, execs: list[Exec],
         later = [e for e in execs if e is not first and (e.start_ns or 0) > (first.end_ns or 0)]
         if not later:
             continue
-        excused = any(kind in ("kill9", "stop") and end_s - 0.05 <= t <= end_s + CRASH_EXCUSE_S
-                      for t, kind in marks.get(first.node, []))
+        excused = _crashed_around(marks.get(first.node, []), end_s)
         if excused and len(done) <= job.max_completions() + 1:
             report.reexecuted_after_crash += 1
             report.add("reexecuted_after_crash", f"{run_id}: finished on {first.node} at "
@@ -271,6 +271,20 @@ def _duplicates(run_id: str, job: WorkloadJob, execs: list[Exec],
                    f"{[(e.node, e.attempt) for e in done]}")
     if bad:
         report.duplicates += 1
+
+
+def _crashed_around(marks: list[tuple[float, str]], end_s: float) -> bool:
+    """The node was killed within CRASH_EXCUSE_S after ``end_s``, or was frozen (SIGSTOP, not
+    yet SIGCONT) at ``end_s`` or within CRASH_EXCUSE_S after it: it could not record the
+    result before its lease lapsed."""
+    for i, (t, kind) in enumerate(marks):
+        if kind == "kill9" and end_s - 0.05 <= t <= end_s + CRASH_EXCUSE_S:
+            return True
+        if kind == "stop" and t <= end_s + CRASH_EXCUSE_S:
+            cont = next((t2 for t2, k2 in marks[i + 1:] if k2 == "cont"), None)
+            if cont is None or cont >= end_s:
+                return True
+    return False
 
 
 def _overlaps(run_id: str, execs: list[Exec], last_seen: dict[tuple[str, int], float],

@@ -331,6 +331,7 @@ def main() -> int:
             log(f"t=+{time.monotonic() - started:5.1f}s fault {f.describe()} -> "
                 f"{json.dumps(f.result, sort_keys=True)}")
             env.ensure_all_running()
+        (workdir / "marks.json").write_text(json.dumps(env.marks))  # signal times per node
         with open(workdir / "faults.jsonl", "w") as fh:
             for f in done:
                 fh.write(json.dumps({"n": f.n, "kind": f.kind, "plan": f.describe(),
