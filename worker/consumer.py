@@ -30,6 +30,9 @@ from worker.watchdog import Watchdog
 LOST, RENEWED, STOP_REQUESTED = 0, 1, 2
 # How long one XREADGROUP blocks; bounds how long shutdown waits for the fetch loop.
 FETCH_BLOCK_MS = 1000
+# Recording a result is retried through a Redis restart with this backoff, bounded by the lease.
+FINISH_RETRY_FIRST_S = 0.1
+FINISH_RETRY_MAX_S = 1.0
 # Delayed runs (retries, runs waiting for an overlap lock) are promoted this often.
 PROMOTE_EVERY_S = 0.5
 
@@ -193,16 +196,17 @@ class Consumer:
                 outcome = execution.run(render_argv(job.command, msg.params), env,
                                         job.working_dir, job.timeout.total_seconds(),
                                         user=job.user)
+            state, retry_at = self._verdict(job, outcome, begun.attempt, active.replaced)
+            finished_ms = epoch_ms(self._clock.now())
+            fields = _record_fields(outcome)
+            if active.replaced:
+                fields["error"] = "stopped: replaced by a newer run (overlap = replace)"
+            # Still in _active: the heartbeat keeps the lease alive while the result is written.
+            recorded = self._finish(active, state, finished_ms, fields, retry_at)
         finally:
             with self._lock:
                 self._active.pop(msg.run_id, None)
             self._update_watchdog()
-        state, retry_at = self._verdict(job, outcome, begun.attempt, active.replaced)
-        finished_ms = epoch_ms(self._clock.now())
-        fields = _record_fields(outcome)
-        if active.replaced:
-            fields["error"] = "stopped: replaced by a newer run (overlap = replace)"
-        recorded = self._runs.finish(ref, token, state, finished_ms, fields, retry_at)
         if recorded and not self._q.acks_with_record:
             self._q.settle(d)
         self.hooks.run_finished(msg.job, state if recorded else "lost", outcome.duration_s)
@@ -216,6 +220,25 @@ class Consumer:
             output_bytes=outcome.output_bytes, error=fields["error"] or None,
             retry_at=iso_utc(from_epoch_ms(retry_at)) if retry_at else None,
         )
+
+    def _finish(self, active: _Active, state: str, finished_ms: int, fields: dict[str, str],
+                retry_at: int | None) -> bool:
+        """Record the result, retrying through a Redis blip (a restart, a failover) for as
+        long as the lease can still be ours. Giving up at the first error would let the lease
+        lapse and another node run the finished job again."""
+        delay = FINISH_RETRY_FIRST_S
+        while True:
+            try:
+                return self._runs.finish(active.ref, active.token, state, finished_ms, fields,
+                                         retry_at)
+            except redis.RedisError as exc:
+                left = active.renewed_at + self._vis_s - self._margin_s - self._clock.monotonic()
+                if left <= delay:
+                    raise
+                self._log.warning("run_finish_retry", run_id=active.ref.run_id,
+                                  error=str(exc)[:200], lease_left_s=round(left, 1))
+                threading.Event().wait(delay)
+                delay = min(delay * 2, FINISH_RETRY_MAX_S)
 
     def _python_pool(self) -> PythonPool:
         """The warm worker pool for callable jobs, one worker per run slot."""

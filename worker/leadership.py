@@ -27,6 +27,7 @@ from typing import Any
 
 import structlog
 
+import consul
 from scheduler.clock import Clock
 from scheduler.runs import iso_utc
 from worker.config import ConsulSection
@@ -102,6 +103,7 @@ class Elector:
         self.lease = LocalLease(clock, min(self._ttl_s, self._lock_delay_s) - LEASE_MARGIN_S)
         self._monitor_wait_s = max(0.1, self.lease.length_s / 3)
         self._session: str | None = None
+        self._orphans: set[str] = set()  # abandoned sessions Consul could not be told about
         self._last_renew = 0.0
         self._term: Term | None = None
         self._mutex = threading.Lock()
@@ -121,6 +123,7 @@ class Elector:
                 stop.wait(0.5)
                 continue
             try:
+                self._clean_orphans()
                 sid = self._session or self._create_session()
                 if self._contend(sid, stop):
                     self._lead(sid, stop)
@@ -247,14 +250,22 @@ class Elector:
             self._release_and_destroy(sid)
 
     def _release_and_destroy(self, sid: str) -> None:
+        """Release, then destroy. If Consul cannot be reached the session is remembered and
+        cleaned up before the next one is created: left alone it would keep holding the key
+        until its TTL ran out (2 x session_ttl with no leader at all)."""
         try:
             self._c.kv.put(self._key, "", release=sid)
-        except CONSUL_ERRORS as exc:
-            self._log.warning("release_failed", error=str(exc)[:200])
-        try:
             self._c.session.destroy(sid)
+            self._orphans.discard(sid)
         except CONSUL_ERRORS as exc:
-            self._log.warning("session_destroy_failed", error=str(exc)[:200])
+            self._orphans.add(sid)
+            self._log.warning("session_cleanup_failed", session=sid, error=str(exc)[:200])
+
+    def _clean_orphans(self) -> None:
+        for sid in list(self._orphans):
+            self._release_and_destroy(sid)
+            if sid in self._orphans:
+                raise consul.ConsulException(f"session {sid} not yet released")
 
     def shutdown(self) -> None:
         """Clean handover: revoke the lease, release the key, destroy the session."""

@@ -46,7 +46,8 @@ class Membership:
         )
         # Re-registering keeps the check's old status (a restarted agent's check may still be
         # critical from its dead predecessor), so pass it explicitly before anyone relies on it.
-        self._c.agent.check.ttl_pass(self.check_id, notes="registered")
+        if not self._c.agent.check.ttl_pass(self.check_id, notes="registered"):
+            raise consul.NotFound(f"check {self.check_id} missing right after registration")
         self.last_ok = time.monotonic()
         self.registered.set()
         self._log.info("service_registered", service_id=self.service_id)
@@ -68,7 +69,10 @@ class Membership:
 
     def _heartbeat(self) -> bool:
         try:
-            self._c.agent.check.ttl_pass(self.check_id, notes="ok")
+            # python-consul2 answers a 404 (the check is gone: Consul lost its state) with
+            # False rather than an exception; both mean "register again".
+            if not self._c.agent.check.ttl_pass(self.check_id, notes="ok"):
+                raise consul.NotFound(f"check {self.check_id} is not registered")
             self.last_ok = time.monotonic()
             return True
         except CONSUL_ERRORS as exc:
