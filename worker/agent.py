@@ -20,7 +20,13 @@ from scheduler.clock import Clock, SystemClock
 from scheduler.errors import ConfigError, ConnectionFailure
 from scheduler.ticker import TickLoop
 from worker.config import Config, load_config
-from worker.consulapi import CALL_TIMEOUT_S, CONSUL_ERRORS, make_clients
+from worker.consulapi import (
+    CALL_TIMEOUT_S,
+    CONSUL_ERRORS,
+    acl_denied,
+    acl_message,
+    make_clients,
+)
 from worker.consumer import Consumer
 from worker.controls import PauseWatcher, SchedulePublisher, schedule_document
 from worker.keys import Keys
@@ -147,6 +153,9 @@ class Agent:
                 call()
                 return
             except (redis.RedisError, *CONSUL_ERRORS) as exc:  # type: ignore[misc]
+                if what == "consul" and acl_denied(exc):  # the token: a config error, exit 2
+                    raise ConfigError(f"{self.cfg.path}: [consul]: " + acl_message(
+                        "register", self.cfg.consul.prefix, exc)) from exc
                 if what == "redis" and is_auth_error(exc):  # a config error: exit 2, no retry
                     raise ConfigError(f"{self.cfg.path}: [redis]: Redis at "
                                       f"{self.cfg.redis.where} refused the credentials: "

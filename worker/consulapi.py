@@ -79,3 +79,23 @@ def make_clients(cfg: ConsulSection, wait_s: float,
 
     blocking_timeout = wait_s + wait_s / 16 + BLOCKING_MARGIN_S
     return ConsulClients(client(CALL_TIMEOUT_S), client(blocking_timeout), wait_s)
+
+
+# What each operation needs from the agent's ACL token (consul/acl-policy.hcl grants them all).
+ACL_RULES = {
+    "register": 'service_prefix "cronsul" { policy = "write" }',
+    "session": 'session_prefix "" { policy = "write" }',
+    "lock": 'key_prefix "<prefix>/" { policy = "write" }',
+    "read": 'key_prefix "<prefix>/" { policy = "read" }',
+}
+
+
+def acl_denied(exc: BaseException) -> bool:
+    return isinstance(exc, consul.ACLPermissionDenied)
+
+
+def acl_message(operation: str, prefix: str, exc: BaseException) -> str:
+    """A refusal an operator can act on: what was denied and which rule the token lacks."""
+    rule = ACL_RULES.get(operation, "see consul/acl-policy.hcl").replace("<prefix>", prefix)
+    return (f"Consul ACL denied {operation} ({str(exc).strip()[:120] or 'permission denied'}): "
+            f"the token needs {rule} (consul/acl-policy.hcl has the full policy)")

@@ -31,7 +31,7 @@ import consul
 from scheduler.clock import Clock
 from scheduler.runs import iso_utc
 from worker.config import ConsulSection
-from worker.consulapi import CONSUL_ERRORS, ConsulClients
+from worker.consulapi import CONSUL_ERRORS, ConsulClients, acl_denied, acl_message
 from worker.membership import Membership
 
 # Taken off the local lease so that our deadline passes before the earliest moment another
@@ -128,7 +128,12 @@ class Elector:
                 if self._contend(sid, stop):
                     self._lead(sid, stop)
             except CONSUL_ERRORS as exc:
-                self._log.warning("consul_error", error=str(exc)[:300])
+                if acl_denied(exc):
+                    operation = "lock" if self._session else "session"
+                    self._log.error("consul_acl_denied",
+                                    error=acl_message(operation, self._cfg.prefix, exc))
+                else:
+                    self._log.warning("consul_error", error=str(exc)[:300])
                 self._lost("consul error")
                 stop.wait(ERROR_BACKOFF_S)
 
