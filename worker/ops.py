@@ -66,7 +66,9 @@ class Ops:
                    draining=lambda: agent.maintenance.active,
                    running=lambda: agent.consumer.running,
                    queues=lambda: agent.cfg.worker.queues),
-            agent.redis, Keys(agent.cfg.redis.key_prefix),
+            # The probe client fails fast: a scrape must answer while Redis is down, not ride
+            # out the agent client's retry budget (scrapers time out after a few seconds).
+            self._probe, Keys(agent.cfg.redis.key_prefix),
         )
 
     # -- lifecycle --------------------------------------------------------------------------
