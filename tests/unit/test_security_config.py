@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 import redis
+from cronsul_testing import render_config
 from redis.sentinel import SentinelConnectionPool
 
-from cronsul_testing import render_config
 from scheduler.errors import ConfigError, ConnectionFailure, QueueError
 from worker.cli import main
 from worker.config import load_config

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from cronsul_testing import render_config
+
 from scheduler.errors import ConfigError, MessageError
 from scheduler.runs import JOB_NAME, Run, check_job_name
 from worker.cli import main
