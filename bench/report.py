@@ -51,7 +51,9 @@ def render_table(r: dict[str, Any]) -> str:
     fastest = max((v.get("per_s") or 0 for v in noop.values()), default=0) or None
     m1 = f"no-op Python jobs drained/s ({s['noop_n']:,}, 2 worker processes)"
     c = r.get("noop_cronsul", {})
-    rows.append((m1, "cronsul", c.get("status") or _f(c.get("per_s")), "",
+    rel = (f"{c['per_s'] / fastest:.2f}x fastest peer"
+           if fastest and isinstance(c.get("per_s"), int | float) else "")
+    rows.append((m1, "cronsul", c.get("status") or _f(c.get("per_s")), rel,
                  "≥ 1.5x fastest peer", "n/a" if "status" in c else
                  _met(bool(fastest) and c.get("per_s", 0) >= 1.5 * (fastest or 0))))
     for p, v in sorted(noop.items(), key=lambda kv: -(kv[1].get("per_s") or 0)):
