@@ -71,6 +71,10 @@ def make_clients(cfg: ConsulSection, wait_s: float,
     def client(timeout: float) -> consul.Consul:
         c = consul.Consul(host=cfg.host, port=cfg.port, token=cfg.token, scheme=cfg.scheme,
                           timeout=timeout)
+        # python-consul2 lets CONSUL_HTTP_ADDR and CONSUL_HTTP_TOKEN override its arguments. The
+        # config already uses them as its defaults, so an explicit setting must win.
+        c.http = c.http_connect(cfg.host, cfg.port, cfg.scheme, True, None, timeout)
+        c.token = cfg.token
         if on_error is not None:
             adapter = _ObservedAdapter(on_error)
             c.http.session.mount("http://", adapter)

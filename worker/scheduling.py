@@ -79,6 +79,11 @@ class SchedulerDriver:
                 continue
             except redis.RedisError as exc:
                 self._log.warning("redis_error", error=str(exc)[:200])
+                # Redis may have lost writes (a failover promotes a replica that missed the
+                # last ones): start the term again from the cursors Redis has now. A lost
+                # enqueue is then re-enqueued (its claim was lost with it), never silently
+                # skipped because our in-memory cursor had moved on.
+                current = None
                 stop.wait(REDIS_BACKOFF_S)
                 continue
             sleep = (deadline - self._clock.now()).total_seconds()

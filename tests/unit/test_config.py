@@ -97,3 +97,19 @@ def test_malformed_toml_names_the_file_and_line(tmp_path: Path) -> None:
 def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read config"):
         load_config(tmp_path / "nope.toml", env={})
+
+
+def test_configured_consul_address_and_token_win_over_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # python-consul2 would silently prefer CONSUL_HTTP_ADDR / CONSUL_HTTP_TOKEN to its arguments.
+    from worker.consulapi import make_clients
+
+    monkeypatch.setenv("CONSUL_HTTP_ADDR", "10.0.0.1:1")
+    monkeypatch.setenv("CONSUL_HTTP_TOKEN", "from-env")
+    text = GOOD.replace('address = "127.0.0.1:8500"',
+                       'address = "127.0.0.1:8599"\ntoken = "from-config"')
+    cfg = load_config(write(tmp_path, text), env={})
+    clients = make_clients(cfg.consul, 1.0)
+    for c in (clients.call, clients.blocking):
+        assert c.http.base_uri == "http://127.0.0.1:8599" and c.token == "from-config"
