@@ -31,7 +31,7 @@ import redis
 from chaos.procwatch import ProcWatch
 from chaos.workload import WorkloadJob
 
-TERMINAL = ("succeeded", "failed", "dead")
+TERMINAL = ("succeeded", "failed", "dead", "skipped")
 # kill -9 / SIGSTOP this soon after a job's end line excuses a re-execution (see above).
 CRASH_EXCUSE_S = 1.0
 
@@ -55,6 +55,7 @@ class Report:
     lost: int = 0
     overlaps: int = 0
     missed: int = 0
+    skipped: int = 0  # overlap = skip: recorded skipped by policy, never executed
     executions: int = 0
     redelivered: int = 0
     reexecuted_after_crash: int = 0
@@ -223,6 +224,9 @@ def check(jobs: list[WorkloadJob], outdir: Path, logs: list[Path],
                     report.missed += 1
                     continue
                 rec = records.get(run_id)
+                if rec is not None and rec.get("state") == "skipped" and job.overlap == "skip":
+                    report.skipped += 1  # the previous run still held the job's lock
+                    continue
                 report.lost += 1
                 report.add("lost", f"{run_id} ({tick:%H:%M:%S}): never ran; record "
                            f"{_short(rec)}")
@@ -250,7 +254,8 @@ def _duplicates(run_id: str, job: WorkloadJob, execs: list[Exec],
     bad = False
     for first in done:
         end_s = (first.end_ns or 0) / 1e9
-        later = [e for e in execs if e is not first and (e.start_ns or 0) > (first.end_ns or 0)]
+        later = [e for e in execs if e is not first and (e.start_ns or 0) > (first.end_ns or 0)
+                 and not _retry_of(job, first, e)]
         if not later:
             continue
         excused = _crashed_around(marks.get(first.node, []), end_s)
@@ -271,6 +276,17 @@ def _duplicates(run_id: str, job: WorkloadJob, execs: list[Exec],
                    f"{[(e.node, e.attempt) for e in done]}")
     if bad:
         report.duplicates += 1
+
+
+def _retry_of(job: WorkloadJob, failed: Exec, later: Exec) -> bool:
+    """``later`` is the retry policy at work: the job fails by design, has retries, and
+    ``later`` is a later attempt (how many may complete is bounded by max_completions)."""
+    if job.exit_code == 0 or not job.retries:
+        return False
+    try:
+        return int(later.attempt) > int(failed.attempt)
+    except ValueError:
+        return False
 
 
 def _crashed_around(marks: list[tuple[float, str]], end_s: float) -> bool:

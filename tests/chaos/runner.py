@@ -445,6 +445,7 @@ def _finish(env: Env, seed: int, done: list[Fault], report: checks.Report | None
             if len(items) > 15:
                 log(f"{kind}: ... {len(items) - 15} more")
         log(f"detail: runs_expected={report.ticks} missed_logged={report.missed} "
+            f"skipped_by_policy={report.skipped} "
             f"executions={report.executions} records={report.records} "
             f"redelivered={report.redelivered} "
             f"reexecuted_after_crash={report.reexecuted_after_crash} "

@@ -49,7 +49,7 @@ class WorkloadJob:
     timeout_s: float
     exit_code: int = 0
     params: tuple[dict[str, str], ...] = ()
-    # Not supported by cronsul yet (see the module docstring); None/0 = not emitted.
+    # None/0 = not emitted (the job allows overlap, failures are final).
     overlap: str | None = None
     retries: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
@@ -111,6 +111,12 @@ def workload() -> list[WorkloadJob]:
         WorkloadJob("long", period_s=10, sleep_s=7.0, timeout_s=8),
         # Fails every second (exit 1): a failed run is terminal and must not run again.
         WorkloadJob("failing", period_s=1, sleep_s=0.1, timeout_s=10, exit_code=1),
+        # overlap = skip, longer than its interval: every other tick finds the lock held and is
+        # recorded skipped; two runs of the job must never be alive at once, cluster-wide.
+        WorkloadJob("skipper", period_s=2, sleep_s=3.0, timeout_s=10, overlap="skip"),
+        # Fails and retries: attempts 1..3 (backoff 1 s, 2 s), then dead with a dead letter.
+        WorkloadJob("retrying", period_s=5, sleep_s=0.1, timeout_s=10, exit_code=1, retries=2,
+                    extra={"retry_backoff": "1s", "retry_backoff_max": "2s"}),
     ]
 
 
