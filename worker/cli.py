@@ -163,6 +163,8 @@ def _check(cfg: Config, n: int, as_json: bool) -> int:
             "command": list(spec.command),
             "next": [_local(t, spec.timezone) for t in _upcoming(cfg, name, n)],
         }
+        # A one-shot (@at) that already fired has nothing left to do: say so, do not look idle.
+        report["jobs"][name]["done"] = not report["jobs"][name]["next"]
     if as_json:
         print(json.dumps(report, indent=2))
         _warn_secrets(cfg)
@@ -173,6 +175,8 @@ def _check(cfg: Config, n: int, as_json: bool) -> int:
         print(f"\n{name}: {job['schedule']!r} ({job['timezone']})")
         for t in job["next"]:
             print(f"  {t}")
+        if job["done"]:
+            print("  done: fires no more (a one-shot whose time has passed)")
     return EXIT_OK
 
 

@@ -169,3 +169,34 @@ def test_bad_callable_jobs_are_refused(tmp_path: Path, body: str, fragment: str)
     with pytest.raises(ConfigError) as err:
         load_config(path, env={})
     assert fragment in str(err.value), str(err.value)
+
+
+def test_shell_true_takes_one_string_and_refuses_spliced_params(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, """
+[jobs.sh]
+schedule = "@hourly"
+shell = true
+command = "cd /srv && ./report.sh | gzip > out.gz"
+"""), env={})
+    assert cfg.jobs["sh"].command == ("/bin/sh", "-c", "cd /srv && ./report.sh | gzip > out.gz")
+    with pytest.raises(ConfigError, match=r"\[jobs.sh\] command: with shell = true"):
+        load_config(write(tmp_path, """
+[jobs.sh]
+schedule = "@hourly"
+shell = true
+command = "sync {param.app}"
+params = [{app = "a"}]
+"""), env={})
+
+
+def test_check_reports_a_past_one_shot_as_done(tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    from worker.cli import main
+
+    path = write(tmp_path, """
+[jobs.once]
+schedule = "@at 2020-01-01T00:00:00Z"
+command = ["/bin/true"]
+""")
+    assert main(["check", "-c", str(path)]) == 0
+    assert "done: fires no more" in capsys.readouterr().out
