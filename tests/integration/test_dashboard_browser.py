@@ -10,16 +10,13 @@ locally and fails under CI=true.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
-from cronsul_testing import REPO, Cluster, RedisServer, wait_until
+from cronsul_testing import REPO, Cluster, RedisServer, require_binary, unavailable, wait_until
 
 from devconsul.testing import DevConsul
 
@@ -38,27 +35,9 @@ JOBS = {
 }
 
 
-def _unavailable(message: str) -> None:
-    if os.environ.get("CI"):
-        pytest.fail(message)
-    pytest.skip(message)
-
-
 def chromium() -> str:
     """The system Chromium, installed from Debian when missing and we are root."""
-    found = shutil.which("chromium") or ("/usr/bin/chromium"
-                                         if Path("/usr/bin/chromium").exists() else None)
-    if found is None and os.geteuid() == 0 and shutil.which("apt-get"):
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        subprocess.run(["apt-get", "update", "-qq"], check=False, env=env, timeout=600,
-                       stdout=subprocess.DEVNULL)
-        subprocess.run(["apt-get", "install", "-y", "-qq", "chromium"], check=False, env=env,
-                       timeout=900, stdout=subprocess.DEVNULL)
-        found = shutil.which("chromium")
-    if found is None:
-        _unavailable("Debian chromium is not installed (apt-get install chromium)")
-    assert found is not None
-    return found
+    return require_binary("chromium", "chromium")
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +46,7 @@ def browser() -> Iterator[Any]:
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
-        _unavailable("the playwright package is not installed (pip install -e '.[test]')")
+        unavailable("the playwright package is not installed (pip install -e '.[test]')")
     with sync_playwright() as pw:
         b = pw.chromium.launch(executable_path=path, args=CHROMIUM_ARGS)
         try:

@@ -9,17 +9,14 @@ the tests); nothing else is changed.
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import subprocess
 import sys
 from datetime import timedelta
 from pathlib import Path
 
-import pytest
+from cronsul_testing import REPO, require_binary
 
-from cronsul_testing import REPO
 from scheduler.durations import parse_duration
 
 UNIT = REPO / "systemd" / "cronsul.service"
@@ -28,19 +25,7 @@ PROD_EXEC = "/opt/cronsul/venv/bin/cronsul"
 
 def systemd_tool(name: str) -> str:
     """The binary, installing Debian's `systemd` package when we are root and may."""
-    path = shutil.which(name)
-    if path is None and os.geteuid() == 0 and shutil.which("apt-get"):
-        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-        subprocess.run(["apt-get", "update", "-qq"], env=env, check=False, timeout=300)
-        subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", "systemd"],
-                       env=env, check=False, timeout=600)
-        path = shutil.which(name)
-    if path is None:
-        message = f"{name} is missing and could not be installed (apt-get install systemd)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    return path
+    return require_binary(name, "systemd")
 
 
 def directives(text: str) -> list[tuple[int, str, str]]:

@@ -8,8 +8,6 @@ the last moments before the switch."""
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 import time
 from collections import Counter
@@ -31,20 +29,7 @@ RECOVERY_S = 30.0
 def require_sentinel() -> str:
     """redis-sentinel from Debian: installed here when missing and we may (root), else skipped
     locally and failed under CI."""
-    path = shutil.which("redis-sentinel")
-    if path is None and os.geteuid() == 0 and shutil.which("apt-get"):
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        install = ["apt-get", "install", "-y", "-q", "redis-sentinel"]
-        if subprocess.run(install, capture_output=True, env=env).returncode != 0:
-            subprocess.run(["apt-get", "update", "-q"], capture_output=True, env=env)
-            subprocess.run(install, capture_output=True, env=env)
-        path = shutil.which("redis-sentinel")
-    if path is None:
-        message = "redis-sentinel is not installed (apt-get install redis-sentinel)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    return path
+    return require_binary("redis-sentinel", "redis-sentinel")
 
 
 class Deployment:
