@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 import threading
 import uuid
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from queue import Empty, SimpleQueue
 
 import redis
 import structlog
@@ -22,7 +25,8 @@ from worker.metrics import RunHooks
 from worker.params import render_argv
 from worker.pyjobs import PyExecution, PythonPool
 from worker.queue import Delivery
-from worker.runstate import RunRef, RunState
+from worker.reactor import Reactor
+from worker.runstate import Finished, RunRef, RunState
 from worker.transport import Transport
 from worker.watchdog import Watchdog
 
@@ -35,19 +39,37 @@ FINISH_RETRY_FIRST_S = 0.1
 FINISH_RETRY_MAX_S = 1.0
 # Delayed runs (retries, runs waiting for an overlap lock) are promoted this often.
 PROMOTE_EVERY_S = 0.5
+# While runs are in flight, the fetch loop waits until 1/REFILL_DIVISOR of the slots are free.
+REFILL_DIVISOR = 2
+# Most results one ``finish`` script call records: bounds the script's run time (Redis serves
+# nobody else meanwhile) while a busy node still records many results per round trip.
+FINISH_BATCH_MAX = 256
 
 
-@dataclass
+@dataclass(eq=False)
 class _Active:
     delivery: Delivery
+    msg: RunMessage
+    job: JobSpec
     ref: RunRef
     token: str
+    attempt: int
     execution: Execution | PyExecution
     renewed_at: float  # monotonic time the last successful lease write was sent
+    start_lag_ms: int  # claimed (ms since the epoch) - scheduled
+    refusal: str | None = None  # why it must not start (recorded as a failed attempt)
     replaced: bool = False
+    outcome: Outcome | None = None
 
 
 class Consumer:
+    """Fetch runs, claim them, execute, record, ack.
+
+    Threads: the fetch loop (:meth:`run`) claims the runs of one fetch with one ``begin``
+    script call and starts them; each run executes on a run thread; the finisher records the
+    results that are ready with one ``finish`` script call, then writes each run's log line.
+    A busy node therefore pays two Redis round trips per batch of runs, not per run."""
+
     def __init__(self, cfg: Config, queue: Transport, runs: RunState, watchdog: Watchdog,
                  clock: Clock) -> None:
         self._cfg = cfg
@@ -60,20 +82,27 @@ class Consumer:
         self._lease_ms = int(self._vis_s * 1000)
         # The watchdog kills this node's jobs this long before their leases could lapse.
         self._margin_s = self._vis_s / 6
-        self._inflight = 0  # dispatched and not yet finished (includes claims in progress)
+        self._inflight = 0  # fetched and not yet finished (includes claims in progress)
         self._slot_freed = threading.Event()
         # The agent's environment does not change while it runs: read os.environ once, not
         # once per run (each os.environ lookup re-encodes; it showed up in profiles).
         self._agent_env = dict(os.environ)
         self._watchdog_sent: float | None = None  # the deadline the watchdog last got
         self._per_queue: dict[str, int] = {}  # in flight per queue, for queue_concurrency
+        self._refill_at = max(1, cfg.worker.concurrency // REFILL_DIVISOR)
         self._pool = ThreadPoolExecutor(cfg.worker.concurrency, thread_name_prefix="run")
         self._active: dict[str, _Active] = {}
         self._lock = threading.Lock()
+        self._finished: SimpleQueue[_Active | None] = SimpleQueue()
+        self._reactor = Reactor("run-reactor").start()
+        self._finisher: threading.Thread | None = None
         self.accepting = threading.Event()
         self.accepting.set()
         self._py: PythonPool | None = None  # started on first use by a callable job
         self.hooks = RunHooks()  # metrics; the agent plugs its AgentMetrics in
+        # Script calls and the runs they carried (logged at shutdown: how well batching works).
+        self.batches = dict.fromkeys(("begin_calls", "begin_runs", "finish_calls",
+                                      "finish_runs"), 0)
         self._log = structlog.get_logger("cronsul.run").bind(node=self._node)
 
     @property
@@ -89,28 +118,32 @@ class Consumer:
     def run(self, stop: threading.Event) -> None:
         queues = list(self._cfg.worker.queues)
         self._q.ensure_groups(queues)
+        self._start_finisher()
         next_reclaim = next_promote = 0.0
         while not stop.is_set():
             if not self.accepting.is_set():
                 stop.wait(0.2)
                 continue
             try:
-                if self._clock.monotonic() >= next_reclaim:
+                free = self._free_slots()
+                if self._clock.monotonic() >= next_reclaim and free > 0:
                     next_reclaim = self._clock.monotonic() + self._vis_s / 2
-                    for d in self._q.reclaim(queues, self._lease_ms, 100):
+                    reclaimed = self._q.reclaim(queues, self._lease_ms, free)
+                    for d in reclaimed:
                         self._log.info("run_reclaimed", entry_id=d.entry_id, queue=d.queue)
-                        self._dispatch(d, stop)
+                    self._start(reclaimed)
+                    free = self._free_slots()
                 if self._clock.monotonic() >= next_promote:
                     next_promote = self._clock.monotonic() + PROMOTE_EVERY_S
                     self._runs.promote(epoch_ms(self._clock.now()))
-                free = self._free_slots()
-                if free == 0:
+                if free <= 0 or (free < self._refill_at and free < self._cfg.worker.concurrency):
                     # Woken the moment a run finishes; the timeout only bounds a missed wake-up.
+                    # While runs are in flight, wait until a batch's worth of slots is free:
+                    # one fetch and one claim for several runs instead of one each.
                     self._slot_freed.wait(1.0)
                     self._slot_freed.clear()
                     continue
-                for d in self._q.fetch(queues, free, FETCH_BLOCK_MS, self._queue_room()):
-                    self._dispatch(d, stop)
+                self._start(self._q.fetch(queues, free, FETCH_BLOCK_MS, self._queue_room()))
             except redis.RedisError as exc:
                 self._log.warning("redis_error", error=str(exc)[:200])
                 stop.wait(0.5)
@@ -126,117 +159,243 @@ class Consumer:
         with self._lock:
             return {q: n - self._per_queue.get(q, 0) for q, n in limits.items()}
 
-    def _dispatch(self, d: Delivery, stop: threading.Event) -> None:
+    def _take_slots(self, deliveries: Sequence[Delivery]) -> None:
         with self._lock:
-            self._inflight += 1
-            self._per_queue[d.queue] = self._per_queue.get(d.queue, 0) + 1
-        self._pool.submit(self._handle_safely, d)
+            self._inflight += len(deliveries)
+            for d in deliveries:
+                self._per_queue[d.queue] = self._per_queue.get(d.queue, 0) + 1
 
-    def _handle_safely(self, d: Delivery) -> None:
-        try:
-            self._handle(d)
-        except redis.RedisError as exc:
-            # The entry stays pending; another node (or we) reclaims it once its lease lapses.
-            self._log.warning("run_redis_error", entry_id=d.entry_id, error=str(exc)[:200])
-        except Exception:
-            self._log.exception("run_handler_crashed", entry_id=d.entry_id)
-        finally:
-            with self._lock:
-                self._inflight -= 1
-                self._slot_freed.set()
-                self._per_queue[d.queue] -= 1
-
-    # -- one run ----------------------------------------------------------------------------
-
-    def _handle(self, d: Delivery) -> None:
-        jobs = self._cfg.jobs
-        try:
-            msg = parse_message(d.payload, jobs)
-        except MessageError as exc:
-            reason = str(exc).split(":", 1)[0]
-            self._q.dead_letter(d, reason, str(exc))
-            self._log.error("run_dead_lettered", entry_id=d.entry_id, queue=d.queue,
-                            reason=reason, error=str(exc))
-            self.hooks.run_dead_lettered(reason)
+    def _free(self, deliveries: Sequence[Delivery]) -> None:
+        if not deliveries:
             return
-        job = jobs[msg.job]
-        entry = d.entry_id if self._q.acks_with_record else ""
-        ref = RunRef(msg.run_id, msg.job, epoch_ms(msg.scheduled_at), d.queue,
-                     d.payload or b"", entry, job.overlap, job.lock_name(msg.params),
-                     job.on_lost)
-        token = uuid.uuid4().hex
+        with self._lock:
+            self._inflight -= len(deliveries)
+            for d in deliveries:
+                self._per_queue[d.queue] -= 1
+        self._slot_freed.set()
+
+    # -- claiming and starting --------------------------------------------------------------
+
+    def _start(self, deliveries: Sequence[Delivery]) -> None:
+        """Claim the runs of one fetch with one ``begin`` call and start those we may run."""
+        if not deliveries:
+            return
+        self._take_slots(deliveries)
+        claims: list[tuple[Delivery, RunMessage, RunRef, str]] = []
+        jobs = self._cfg.jobs
+        for d in deliveries:
+            try:
+                msg = parse_message(d.payload, jobs)
+            except MessageError as exc:
+                self._dead_letter(d, exc)
+                continue
+            job = jobs[msg.job]
+            entry = d.entry_id if self._q.acks_with_record else ""
+            ref = RunRef(msg.run_id, msg.job, epoch_ms(msg.scheduled_at), d.queue,
+                         d.payload or b"", entry, job.overlap, job.lock_name(msg.params),
+                         job.on_lost)
+            claims.append((d, msg, ref, uuid.uuid4().hex))
+        if not claims:
+            return
         sent = self._clock.monotonic()
         now_ms = epoch_ms(self._clock.now())
-        begun = self._runs.begin(ref, token, self._lease_ms, now_ms)
-        if begun.verdict != "start":
-            if begun.verdict != "busy" and not self._q.acks_with_record:
-                self._q.settle(d)
-            self._not_started(ref, begun.verdict, begun.detail)
-            return
-        refusal = root_refusal(job.user, job.allow_root, job.callable is not None, os.geteuid())
-        execution: Execution | PyExecution
-        if job.callable is not None and refusal is None:
-            execution = self._python_pool().execution()
-        else:
-            execution = Execution(self._watchdog, self._cfg.worker.kill_grace.total_seconds(),
-                                  job.output_limit, log=self._log.bind(run_id=msg.run_id))
-        self.hooks.run_started(msg.job)
-        active = _Active(d, ref, token, execution, sent)
-        with self._lock:
-            self._active[msg.run_id] = active
-        self._update_watchdog()
         try:
-            env = self._environment(job, msg, begun.attempt)
-            if refusal is not None:  # recorded as a failed attempt; nothing is started
-                outcome = Outcome(None, None, False, 0.0, "", 0, refusal)
-            elif isinstance(execution, PyExecution):
-                outcome = execution.run(job.callable or "", msg.params, env,
-                                        job.timeout.total_seconds())
+            self.batches["begin_calls"] += 1
+            self.batches["begin_runs"] += len(claims)
+            results = self._runs.begin_many([(ref, token) for _, _, ref, token in claims],
+                                            self._lease_ms, now_ms)
+        except redis.RedisError:
+            # The entries stay pending; another node (or we) reclaims them once idle.
+            self._free([d for d, *_ in claims])
+            raise
+        started: list[_Active] = []
+        not_started: list[Delivery] = []
+        euid = os.geteuid()
+        for (d, msg, ref, token), begun in zip(claims, results, strict=True):
+            if begun.verdict != "start":
+                if begun.verdict != "busy" and not self._q.acks_with_record:
+                    self._settle(d)
+                self._not_started(ref, begun.verdict, begun.detail)
+                not_started.append(d)
+                continue
+            job = jobs[msg.job]
+            refusal = root_refusal(job.user, job.allow_root, job.callable is not None, euid)
+            execution: Execution | PyExecution
+            if job.callable is not None and refusal is None:
+                execution = self._python_pool().execution()
             else:
-                outcome = execution.run(render_argv(job.command, msg.params), env,
-                                        job.working_dir, job.timeout.total_seconds(),
-                                        user=job.user)
-            state, retry_at = self._verdict(job, outcome, begun.attempt, active.replaced)
-            finished_ms = epoch_ms(self._clock.now())
-            fields = _record_fields(outcome)
-            if active.replaced:
-                fields["error"] = "stopped: replaced by a newer run (overlap = replace)"
-            # Still in _active: the heartbeat keeps the lease alive while the result is written.
-            recorded = self._finish(active, state, finished_ms, fields, retry_at)
-        finally:
-            with self._lock:
-                self._active.pop(msg.run_id, None)
-            self._update_watchdog()
-        if recorded and not self._q.acks_with_record:
-            self._q.settle(d)
-        self.hooks.run_finished(msg.job, state if recorded else "lost", outcome.duration_s)
-        self._log.info(
-            "run_finished" if recorded else "run_finished_lease_lost",
-            job=msg.job, run_id=msg.run_id, attempt=begun.attempt,
-            scheduled_at=iso_utc(msg.scheduled_at), state=state if recorded else "lost",
-            exit_code=outcome.exit_code, signal=outcome.signal, timed_out=outcome.timed_out,
-            duration_ms=round(outcome.duration_s * 1000, 1),
-            start_lag_ms=now_ms - epoch_ms(msg.scheduled_at),
-            output_bytes=outcome.output_bytes, error=fields["error"] or None,
-            retry_at=iso_utc(from_epoch_ms(retry_at)) if retry_at else None,
-        )
+                execution = Execution(self._watchdog, self._cfg.worker.kill_grace.total_seconds(),
+                                      job.output_limit, log=self._log.bind(run_id=msg.run_id),
+                                      reactor=self._reactor)
+            started.append(_Active(d, msg, job, ref, token, begun.attempt, execution, sent,
+                                   now_ms - ref.scheduled_ms, refusal))
+        self._free(not_started)
+        if not started:
+            return
+        with self._lock:
+            for a in started:
+                self._active[a.ref.run_id] = a
+        self._update_watchdog()
+        commands: list[_Active] = []
+        for a in started:
+            self.hooks.run_started(a.msg.job)
+            if isinstance(a.execution, PyExecution):
+                self._pool.submit(self._execute, a)
+            else:
+                commands.append(a)
+        if commands:
+            self._reactor.call_soon(self._launch, commands)
 
-    def _finish(self, active: _Active, state: str, finished_ms: int, fields: dict[str, str],
-                retry_at: int | None) -> bool:
-        """Record the result, retrying through a Redis blip (a restart, a failover) for as
-        long as the lease can still be ours. Giving up at the first error would let the lease
+    def _dead_letter(self, d: Delivery, exc: MessageError) -> None:
+        reason = str(exc).split(":", 1)[0]
+        try:
+            self._q.dead_letter(d, reason, str(exc))
+        except redis.RedisError as err:  # it stays pending and is dead-lettered when reclaimed
+            self._log.warning("run_redis_error", entry_id=d.entry_id, error=str(err)[:200])
+            return
+        finally:
+            self._free([d])
+        self._log.error("run_dead_lettered", entry_id=d.entry_id, queue=d.queue,
+                        reason=reason, error=str(exc))
+        self.hooks.run_dead_lettered(reason)
+
+    def _settle(self, d: Delivery) -> None:
+        """Tell a transport that does not ack with the record (SQS) that the run is settled.
+        A failure leaves the message to come back; ``begin`` then finds the run done."""
+        try:
+            self._q.settle(d)
+        except Exception as exc:
+            self._log.warning("run_settle_failed", entry_id=d.entry_id, error=str(exc)[:200])
+
+    def _launch(self, batch: list[_Active]) -> None:
+        """On the reactor thread: start the command runs of one claim."""
+        for a in batch:
+            try:
+                if a.refusal is not None:  # recorded as a failed attempt; nothing is started
+                    self._completed(a, Outcome(None, None, False, 0.0, "", 0, a.refusal))
+                    continue
+                job, msg = a.job, a.msg
+                assert isinstance(a.execution, Execution)
+                a.execution.start(render_argv(job.command, msg.params),
+                                  self._environment(job, msg, a.attempt), job.working_dir,
+                                  job.timeout.total_seconds(), job.user,
+                                  functools.partial(self._completed, a))
+            except Exception as exc:
+                self._crashed(a, exc)
+
+    def _execute(self, a: _Active) -> None:
+        """On a run thread: run a callable job, then hand the outcome to the finisher."""
+        try:
+            job, msg = a.job, a.msg
+            assert isinstance(a.execution, PyExecution)
+            self._completed(a, a.execution.run(job.callable or "", msg.params,
+                                               self._environment(job, msg, a.attempt),
+                                               job.timeout.total_seconds()))
+        except Exception as exc:
+            self._crashed(a, exc)
+
+    def _crashed(self, a: _Active, exc: Exception) -> None:
+        self._log.exception("run_handler_crashed", run_id=a.ref.run_id)
+        self._completed(a, Outcome(None, None, False, 0.0, "", 0,
+                                   f"cronsul crashed running it: {type(exc).__name__}: {exc}"))
+
+    def _completed(self, a: _Active, outcome: Outcome) -> None:
+        a.outcome = outcome
+        self._finished.put(a)
+
+    # -- recording results ------------------------------------------------------------------
+
+    def _start_finisher(self) -> None:
+        with self._lock:
+            if self._finisher is None:
+                self._finisher = threading.Thread(target=self._finish_loop, name="run-finisher",
+                                                  daemon=True)
+                self._finisher.start()
+
+    def _finish_loop(self) -> None:
+        """Record the results that are ready, in batches (one script call each)."""
+        while True:
+            first = self._finished.get()
+            if first is None:
+                return
+            batch = [first]
+            closing = False
+            while len(batch) < FINISH_BATCH_MAX:
+                try:
+                    item = self._finished.get_nowait()
+                except Empty:
+                    break
+                if item is None:
+                    closing = True
+                    break
+                batch.append(item)
+            try:
+                self._finish_batch(batch)
+            except Exception:
+                self._log.exception("run_finisher_crashed", runs=len(batch))
+            if closing:
+                return
+
+    def _finish_batch(self, batch: list[_Active]) -> None:
+        records: list[Finished] = []
+        for a in batch:
+            outcome = a.outcome or Outcome(None, None, False, 0.0, "", 0, "no outcome")
+            state, retry_at = self._verdict(a.job, outcome, a.attempt, a.replaced)
+            fields = _record_fields(outcome)
+            if a.replaced:
+                fields["error"] = "stopped: replaced by a newer run (overlap = replace)"
+            records.append(Finished(a.ref, a.token, state, epoch_ms(self._clock.now()), fields,
+                                    retry_at))
+        recorded: list[bool] | None
+        try:
+            # Still in _active: the heartbeat keeps the leases alive while the results are written.
+            recorded = self._record(batch, records)
+        except redis.RedisError as exc:
+            # The entries stay pending; another node (or we) reclaims them once their leases
+            # lapse, and ``begin`` tells a finished run from one to run again.
+            for a in batch:
+                self._log.warning("run_redis_error", run_id=a.ref.run_id, error=str(exc)[:200])
+            recorded = None
+        with self._lock:
+            for a in batch:
+                self._active.pop(a.ref.run_id, None)
+        self._update_watchdog()
+        for i, (a, rec) in enumerate(zip(batch, records, strict=True)):
+            ok = recorded is not None and recorded[i]
+            if recorded is None:
+                continue
+            if ok and not self._q.acks_with_record:
+                self._settle(a.delivery)
+            outcome = a.outcome or Outcome(None, None, False, 0.0, "", 0, "no outcome")
+            self.hooks.run_finished(a.msg.job, rec.state if ok else "lost", outcome.duration_s)
+            self._log.info(
+                "run_finished" if ok else "run_finished_lease_lost",
+                job=a.msg.job, run_id=a.ref.run_id, attempt=a.attempt,
+                scheduled_at=iso_utc(a.msg.scheduled_at), state=rec.state if ok else "lost",
+                exit_code=outcome.exit_code, signal=outcome.signal, timed_out=outcome.timed_out,
+                duration_ms=round(outcome.duration_s * 1000, 1), start_lag_ms=a.start_lag_ms,
+                output_bytes=outcome.output_bytes, error=rec.fields["error"] or None,
+                retry_at=iso_utc(from_epoch_ms(rec.retry_at_ms)) if rec.retry_at_ms else None,
+            )
+        self._free([a.delivery for a in batch])
+
+    def _record(self, batch: list[_Active], records: list[Finished]) -> list[bool]:
+        """Record the results, retrying through a Redis blip (a restart, a failover) for as
+        long as the leases can still be ours. Giving up at the first error would let a lease
         lapse and another node run the finished job again."""
         delay = FINISH_RETRY_FIRST_S
         while True:
             try:
-                return self._runs.finish(active.ref, active.token, state, finished_ms, fields,
-                                         retry_at)
+                self.batches["finish_calls"] += 1
+                self.batches["finish_runs"] += len(records)
+                return self._runs.finish_many(records)
             except redis.RedisError as exc:
-                left = active.renewed_at + self._vis_s - self._margin_s - self._clock.monotonic()
+                oldest = min(a.renewed_at for a in batch)
+                left = oldest + self._vis_s - self._margin_s - self._clock.monotonic()
                 if left <= delay:
                     raise
-                self._log.warning("run_finish_retry", run_id=active.ref.run_id,
-                                  error=str(exc)[:200], lease_left_s=round(left, 1))
+                self._log.warning("run_finish_retry", runs=len(batch), error=str(exc)[:200],
+                                  lease_left_s=round(left, 1))
                 threading.Event().wait(delay)
                 delay = min(delay * 2, FINISH_RETRY_MAX_S)
 
@@ -351,7 +510,10 @@ class Consumer:
             return self._inflight > 0
 
     def close(self) -> None:
+        self._log.info("consumer_batches", **self.batches)
+        self._finished.put(None)
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._reactor.stop()
         if self._py is not None:
             self._py.stop()
 

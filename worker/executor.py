@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import errno
 import os
 import pwd
+import shutil
 import signal
 import subprocess
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from worker.reactor import Reactor
 from worker.watchdog import Watchdog
 
 # What of the agent's own environment a job inherits; everything else comes from the job's
@@ -25,6 +29,11 @@ DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
 OUTPUT_LIMIT = 64 * 1024
 # How long to wait for the output pipe to close after the process group is gone.
 PIPE_DRAIN_S = 2.0
+# Without pidfds (Linux < 5.3) a process's exit is polled this often.
+EXIT_POLL_S = 0.05
+# Signals Python ignores in the agent (SIGPIPE, SIGXFSZ) are reset to their default in a job, as
+# subprocess does (restore_signals), or `yes | head` in a job would not end.
+RESTORED_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ)
 # Output lines also go to the agent's log (run id bound) up to this many per run, so a chatty
 # job cannot flood the journal; the recorded tail is unaffected.
 LOGGED_LINES_MAX = 200
@@ -55,74 +64,226 @@ def job_environment(agent_env: Mapping[str, str], job_env: Sequence[tuple[str, s
 
 
 class Execution:
-    """One running process group; ``stop()`` may be called from another thread."""
+    """One job process group, driven by a :class:`Reactor` (no thread of its own).
+
+    :meth:`start` runs on the reactor thread and calls ``done(outcome)`` there when the process
+    has exited and its output pipe is closed; :meth:`stop` may be called from any thread;
+    :meth:`run` is the blocking form (``cronsul run --local``, tests). The process is started
+    with ``posix_spawn`` (vfork: the cheapest way to start a process) unless the job needs a
+    working directory or another user, which only ``subprocess.Popen`` can set up; either way
+    it gets its own session (so its group can be killed), stdin from /dev/null, and stdout and
+    stderr on one pipe. Its exit is watched through a pidfd, its output through the pipe."""
 
     def __init__(self, watchdog: Watchdog | None, kill_grace: float,
-                 output_limit: int = OUTPUT_LIMIT, log: Any = None) -> None:
+                 output_limit: int = OUTPUT_LIMIT, log: Any = None,
+                 reactor: Reactor | None = None) -> None:
         self._watchdog = watchdog
         self._kill_grace = kill_grace
-        self._output_limit = output_limit
         self._log = log
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._stopped = threading.Event()
+        self._reactor = reactor
+        self._tail = _Tail(output_limit, log)
+        self._done: Callable[[Outcome], None] | None = None
+        self._pid: int | None = None
+        self._popen: subprocess.Popen[bytes] | None = None
+        self._out_fd: int | None = None
+        self._pidfd: int | None = None
+        self._code: int | None = None
+        self._exited = False
+        self._timed_out = False
+        self._stopping = False
+        self._timers: list[asyncio.TimerHandle] = []
+        self._began = 0.0
+
+    # -- blocking form ----------------------------------------------------------------------
 
     def run(self, argv: Sequence[str], env: Mapping[str, str], cwd: str | None,
             timeout: float, user: str | None = None) -> Outcome:
-        start = time.monotonic()
+        """Start the command and wait for its outcome (on a reactor of its own if none given)."""
+        own = self._reactor is None
+        reactor = self._reactor or Reactor("execution").start()
+        self._reactor = reactor
+        finished = threading.Event()
+        box: list[Outcome] = []
+
+        def done(outcome: Outcome) -> None:
+            box.append(outcome)
+            finished.set()
+
+        try:
+            reactor.call_soon(self.start, argv, env, cwd, timeout, user, done)
+            finished.wait()
+        finally:
+            if own:
+                reactor.stop()
+        return box[0]
+
+    # -- on the reactor thread --------------------------------------------------------------
+
+    def start(self, argv: Sequence[str], env: Mapping[str, str], cwd: str | None,
+              timeout: float, user: str | None, done: Callable[[Outcome], None]) -> None:
+        """Start the process (reactor thread); ``done(outcome)`` follows on the same thread."""
+        assert self._reactor is not None, "start() needs a reactor"
+        loop = self._reactor.loop
+        self._done = done
+        self._began = time.monotonic()
         try:
             identity = _identity(user)
         except (KeyError, PermissionError) as exc:
-            return Outcome(None, None, False, 0.0, "", 0, str(exc).strip("'\""))
+            self._report(Outcome(None, None, False, 0.0, "", 0, str(exc).strip("'\"")))
+            return
+        read_fd, write_fd = os.pipe()
         try:
-            proc = subprocess.Popen(
-                list(argv), env=dict(env), cwd=cwd, stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
-                close_fds=True, **identity,
-            )
+            self._pid = self._spawn(argv, env, cwd, identity, write_fd)
         except OSError as exc:
-            return Outcome(None, None, False, 0.0, "", 0, f"cannot start {argv[0]!r}: {exc}")
-        self._proc = proc
-        if self._watchdog is not None:
-            self._watchdog.track(proc.pid)
-        tail = _Tail(self._output_limit, self._log)
-        reader = threading.Thread(target=tail.drain, args=(proc,), daemon=True)
-        reader.start()
-        timed_out = False
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            timed_out = True
-            self._terminate(proc)
+            os.close(read_fd)
+            self._report(Outcome(None, None, False, 0.0, "", 0,
+                                 f"cannot start {argv[0]!r}: {exc}"))
+            return
         finally:
-            # Kill stragglers the job left in its group (a backgrounded child), then forget it.
-            _killpg(proc.pid, signal.SIGKILL)
-            if self._watchdog is not None:
-                self._watchdog.untrack(proc.pid)
-        reader.join(PIPE_DRAIN_S)
-        code = proc.returncode
-        return Outcome(
+            os.close(write_fd)
+        if self._watchdog is not None:
+            self._watchdog.track(self._pid)
+        os.set_blocking(read_fd, False)
+        self._out_fd = read_fd
+        loop.add_reader(read_fd, self._on_output)
+        try:
+            self._pidfd = os.pidfd_open(self._pid)
+        except (AttributeError, OSError):  # no pidfds (Linux < 5.3): poll for the exit
+            self._timers.append(loop.call_later(EXIT_POLL_S, self._poll_exit))
+        else:
+            loop.add_reader(self._pidfd, self._on_exit)
+        self._timers.append(loop.call_later(timeout, self._on_timeout))
+        if self._stopping:  # stop() came before the process existed
+            self._stopping = False
+            self._stop()
+
+    def _spawn(self, argv: Sequence[str], env: Mapping[str, str], cwd: str | None,
+               identity: dict[str, Any], out_fd: int) -> int:
+        if cwd is None and not identity:
+            path = _executable(argv[0], env)
+            return os.posix_spawn(
+                path, list(argv), dict(env),
+                file_actions=[(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                              (os.POSIX_SPAWN_DUP2, out_fd, 1), (os.POSIX_SPAWN_DUP2, out_fd, 2)],
+                setsid=True, setsigdef=RESTORED_SIGNALS,
+            )
+        self._popen = subprocess.Popen(
+            list(argv), env=dict(env), cwd=cwd, stdin=subprocess.DEVNULL, stdout=out_fd,
+            stderr=out_fd, start_new_session=True, close_fds=True, **identity,
+        )
+        return self._popen.pid
+
+    def _on_output(self) -> None:
+        assert self._out_fd is not None
+        try:
+            chunk = os.read(self._out_fd, 65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            chunk = b""
+        if chunk:
+            self._tail.feed(chunk)
+            return
+        self._close_output()
+        self._maybe_done()
+
+    def _close_output(self) -> None:
+        if self._out_fd is not None and self._reactor is not None:
+            self._reactor.loop.remove_reader(self._out_fd)
+            os.close(self._out_fd)
+            self._out_fd = None
+
+    def _poll_exit(self) -> None:
+        assert self._pid is not None and self._reactor is not None
+        if os.waitid(os.P_PID, self._pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+            self._timers.append(self._reactor.loop.call_later(EXIT_POLL_S, self._poll_exit))
+            return
+        self._on_exit()
+
+    def _on_exit(self) -> None:
+        assert self._pid is not None and self._reactor is not None
+        loop = self._reactor.loop
+        if self._pidfd is not None:
+            loop.remove_reader(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = None
+        # Kill stragglers the job left in its group (a backgrounded child) before reaping the
+        # leader: until it is reaped, its pid (the group id) cannot be reused by another group.
+        _killpg(self._pid, signal.SIGKILL)
+        _, status = os.waitpid(self._pid, 0)
+        self._code = os.waitstatus_to_exitcode(status)
+        if self._popen is not None:
+            self._popen.returncode = self._code  # reaped here; Popen must not try again
+        if self._watchdog is not None:
+            self._watchdog.untrack(self._pid)
+        self._exited = True
+        for timer in self._timers:
+            timer.cancel()
+        self._timers = []
+        if self._out_fd is not None:  # the group is dead: the pipe closes at once, or never
+            self._timers.append(loop.call_later(PIPE_DRAIN_S, self._give_up_output))
+        self._maybe_done()
+
+    def _give_up_output(self) -> None:
+        self._close_output()
+        self._maybe_done()
+
+    def _on_timeout(self) -> None:
+        self._timed_out = True
+        self._terminate()
+
+    def _terminate(self) -> None:
+        """TERM to the group now, KILL after the grace period."""
+        assert self._pid is not None and self._reactor is not None
+        _killpg(self._pid, signal.SIGTERM)
+        self._timers.append(self._reactor.loop.call_later(self._kill_grace, _killpg, self._pid,
+                                                          signal.SIGKILL))
+
+    def _maybe_done(self) -> None:
+        if not self._exited or self._out_fd is not None:
+            return
+        for timer in self._timers:
+            timer.cancel()
+        self._timers = []
+        code = self._code
+        self._report(Outcome(
             exit_code=code if code is not None and code >= 0 else None,
             signal=-code if code is not None and code < 0 else None,
-            timed_out=timed_out,
-            duration_s=time.monotonic() - start,
-            output=tail.text(),
-            output_bytes=tail.total,
-        )
+            timed_out=self._timed_out,
+            duration_s=time.monotonic() - self._began,
+            output=self._tail.text(),
+            output_bytes=self._tail.total,
+        ))
 
-    def _terminate(self, proc: subprocess.Popen[bytes]) -> None:
-        _killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=self._kill_grace)
-        except subprocess.TimeoutExpired:
-            _killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    def _report(self, outcome: Outcome) -> None:
+        done, self._done = self._done, None
+        if done is not None:
+            done(outcome)
+
+    def _stop(self) -> None:
+        if self._exited or self._done is None:
+            return
+        if self._pid is None:
+            self._stopping = True  # start() is still to come
+            return
+        if not self._stopping:
+            self._stopping = True
+            self._terminate()
 
     def stop(self) -> None:
         """Stop the run now (its lease was lost): TERM, grace, KILL, from any thread."""
-        proc = self._proc
-        if proc is not None and proc.poll() is None and not self._stopped.is_set():
-            self._stopped.set()
-            threading.Thread(target=self._terminate, args=(proc,), daemon=True).start()
+        if self._reactor is not None:
+            self._reactor.call_soon(self._stop)
+
+
+def _executable(name: str, env: Mapping[str, str]) -> str:
+    """Where ``name`` is, searched on the job's PATH (as subprocess does); OSError if nowhere."""
+    if "/" in name:
+        return name
+    found = shutil.which(name, path=env.get("PATH", os.defpath))
+    if found is None:
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory", name)
+    return found
 
 
 def root_refusal(user: str | None, allow_root: bool, python_callable: bool,
@@ -178,22 +339,13 @@ class _Tail:
         self._logged = 0
         self._partial = b""
 
-    def drain(self, proc: subprocess.Popen[bytes]) -> None:
-        stream = proc.stdout
-        if stream is None:
-            return
-        fd = stream.fileno()
-        while True:
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                break
-            self.total += len(chunk)
-            self._buf += chunk
-            if self._log is not None and self._logged < LOGGED_LINES_MAX:
-                self._stream_lines(chunk)
-            if len(self._buf) > 2 * self._limit:
-                del self._buf[: len(self._buf) - self._limit]
-        stream.close()
+    def feed(self, chunk: bytes) -> None:
+        self.total += len(chunk)
+        self._buf += chunk
+        if self._log is not None and self._logged < LOGGED_LINES_MAX:
+            self._stream_lines(chunk)
+        if len(self._buf) > 2 * self._limit:
+            del self._buf[: len(self._buf) - self._limit]
 
     def _stream_lines(self, chunk: bytes) -> None:
         *lines, self._partial = (self._partial + chunk).split(b"\n")

@@ -19,7 +19,6 @@ unrecorded, or recorded as finished but delivered again.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -30,66 +29,83 @@ from worker.keys import GROUP, Keys
 
 TERMINAL = ("succeeded", "failed", "dead", "skipped")
 
+# BEGIN and FINISH take any number of runs in one call (the consumer batches the runs of one
+# fetch and the results finished together), so a busy node pays one round trip per batch.
+# BEGIN: shared ARGV[1..7] = node, lease ms, now ms, record ttl s, stop key prefix, overlap
+# wait ms, consumer group; then per run 6 KEYS (record, lease, lock, waiting, stream, delayed)
+# and 9 ARGV (token, job, scheduled ms, run id, queue, overlap, on_lost, entry id, payload).
+# Returns per run two elements: verdict, detail (the attempt number for "start").
 BEGIN = """
-local run, lease, lock, waiting = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local stream, delayed = KEYS[5], KEYS[6]
-local token, node, lease_ms, now = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-local job, sched, run_id, queue, ttl = ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9]
-local overlap, on_lost, entry = ARGV[10], ARGV[11], ARGV[12]
-local payload, stop_prefix = ARGV[13], ARGV[14]
-local wait_ms = tonumber(ARGV[15])
-local function ack() if entry ~= '' then redis.call('XACK', stream, ARGV[16], entry) end end
-local function meta()
-  redis.call('HSET', run, 'job', job, 'scheduled_ms', sched, 'run_id', run_id, 'queue', queue)
-  if redis.call('TTL', run) < 0 then redis.call('EXPIRE', run, ttl) end
-end
-local st = redis.call('HGET', run, 'state')
-if st == 'succeeded' or st == 'failed' or st == 'dead' or st == 'skipped' then
-  ack(); return {'done', st}
-end
-local holder = redis.call('GET', lease)
-if holder and holder ~= token then return {'busy', holder} end
-if st == 'running' and not holder and on_lost == 'fail' then
-  meta()
-  redis.call('HSET', run, 'state', 'failed', 'finished_ms', now,
-             'error', 'lost: the node running it stopped renewing its lease (on_lost = fail)')
-  ack(); return {'lost', ''}
-end
-if overlap ~= 'allow' then
-  local cur = redis.call('GET', lock)
-  local mine = run_id .. ' '
-  if cur and string.sub(cur, 1, #mine) ~= mine then
-    local other = string.match(cur, '^(%S+)')
-    if overlap == 'skip' then
-      meta()
-      redis.call('HSET', run, 'state', 'skipped', 'finished_ms', now,
-                 'error', 'skipped: previous run ' .. other .. ' still running (overlap = skip)')
-      ack(); return {'skipped', other}
-    end
-    local w = redis.call('GET', waiting)
-    if w and w ~= run_id then
-      meta()
-      redis.call('HSET', run, 'state', 'skipped', 'finished_ms', now,
-                 'error', 'skipped: run ' .. w .. ' is already waiting (overlap = '
-                 .. overlap .. ')')
-      ack(); return {'skipped', w}
-    end
-    redis.call('SET', waiting, run_id, 'PX', lease_ms)
-    if overlap == 'replace' then redis.call('SET', stop_prefix .. other, run_id, 'PX', lease_ms) end
-    meta()
-    redis.call('HSET', run, 'state', 'queued', 'waiting_for', other)
-    redis.call('ZADD', delayed, tonumber(now) + wait_ms, queue .. '|' .. payload)
-    ack(); return {'wait', other}
+local node, lease_ms, now, ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local stop_prefix, wait_ms, group = ARGV[5], tonumber(ARGV[6]), ARGV[7]
+local function begin(run, lease, lock, waiting, stream, delayed, a)
+  local token, job, sched, run_id = ARGV[a], ARGV[a+1], ARGV[a+2], ARGV[a+3]
+  local queue, overlap, on_lost, entry, payload = ARGV[a+4], ARGV[a+5], ARGV[a+6], ARGV[a+7],
+                                                  ARGV[a+8]
+  local function ack() if entry ~= '' then redis.call('XACK', stream, group, entry) end end
+  local function meta()
+    redis.call('HSET', run, 'job', job, 'scheduled_ms', sched, 'run_id', run_id, 'queue', queue)
+    if redis.call('TTL', run) < 0 then redis.call('EXPIRE', run, ttl) end
   end
-  redis.call('SET', lock, run_id .. ' ' .. token, 'PX', lease_ms)
-  if redis.call('GET', waiting) == run_id then redis.call('DEL', waiting) end
+  local st = redis.call('HGET', run, 'state')
+  if st == 'succeeded' or st == 'failed' or st == 'dead' or st == 'skipped' then
+    ack(); return 'done', st
+  end
+  local holder = redis.call('GET', lease)
+  if holder and holder ~= token then return 'busy', holder end
+  if st == 'running' and not holder and on_lost == 'fail' then
+    meta()
+    redis.call('HSET', run, 'state', 'failed', 'finished_ms', now,
+               'error', 'lost: the node running it stopped renewing its lease (on_lost = fail)')
+    ack(); return 'lost', ''
+  end
+  if overlap ~= 'allow' then
+    local cur = redis.call('GET', lock)
+    local mine = run_id .. ' '
+    if cur and string.sub(cur, 1, #mine) ~= mine then
+      local other = string.match(cur, '^(%S+)')
+      if overlap == 'skip' then
+        meta()
+        redis.call('HSET', run, 'state', 'skipped', 'finished_ms', now,
+                   'error', 'skipped: previous run ' .. other .. ' still running (overlap = skip)')
+        ack(); return 'skipped', other
+      end
+      local w = redis.call('GET', waiting)
+      if w and w ~= run_id then
+        meta()
+        redis.call('HSET', run, 'state', 'skipped', 'finished_ms', now,
+                   'error', 'skipped: run ' .. w .. ' is already waiting (overlap = '
+                   .. overlap .. ')')
+        ack(); return 'skipped', w
+      end
+      redis.call('SET', waiting, run_id, 'PX', lease_ms)
+      if overlap == 'replace' then
+        redis.call('SET', stop_prefix .. other, run_id, 'PX', lease_ms)
+      end
+      meta()
+      redis.call('HSET', run, 'state', 'queued', 'waiting_for', other)
+      redis.call('ZADD', delayed, tonumber(now) + wait_ms, queue .. '|' .. payload)
+      ack(); return 'wait', other
+    end
+    redis.call('SET', lock, run_id .. ' ' .. token, 'PX', lease_ms)
+    if redis.call('GET', waiting) == run_id then redis.call('DEL', waiting) end
+  end
+  redis.call('SET', lease, token, 'PX', lease_ms)
+  local attempt = redis.call('HINCRBY', run, 'attempt', 1)
+  meta()
+  redis.call('HSET', run, 'state', 'running', 'node', node, 'started_ms', now)
+  redis.call('HDEL', run, 'waiting_for')
+  return 'start', tostring(attempt)
 end
-redis.call('SET', lease, token, 'PX', lease_ms)
-local attempt = redis.call('HINCRBY', run, 'attempt', 1)
-meta()
-redis.call('HSET', run, 'state', 'running', 'node', node, 'started_ms', now)
-redis.call('HDEL', run, 'waiting_for')
-return {'start', tostring(attempt)}
+local out = {}
+for i = 0, #KEYS / 6 - 1 do
+  local k = 6 * i
+  local verdict, detail = begin(KEYS[k+1], KEYS[k+2], KEYS[k+3], KEYS[k+4], KEYS[k+5],
+                                KEYS[k+6], 8 + 9 * i)
+  out[2*i+1] = verdict
+  out[2*i+2] = detail
+end
+return out
 """
 
 # KEYS: per run (lease, lock or the lease key again when no lock, stop); ARGV[1] = lease ms,
@@ -113,32 +129,55 @@ end
 return out
 """
 
+# FINISH: shared KEYS[1..2] = delayed set, dead-letter stream; ARGV[1..4] = consumer group,
+# node, dead letters kept, history entries kept per job. Per run 5 KEYS (record, lease, lock,
+# stream, history) and ARGV token, entry id, state, finished ms, run id, retry due ms or "",
+# queue, payload, n, then n field/value pairs for the record. Returns per run 1 recorded, 0 the
+# lease was not ours (nothing written).
 FINISH = """
-local run, lease, lock, stream = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local hist, delayed, dlq = KEYS[5], KEYS[6], KEYS[7]
-local token, group, entry, state, now = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
-local run_id, retry_at, queue, payload = ARGV[7], ARGV[8], ARGV[9], ARGV[10]
-if redis.call('GET', lease) ~= token then return 0 end
-local fields = cjson.decode(ARGV[6])
-for k, v in pairs(fields) do redis.call('HSET', run, k, tostring(v)) end
-redis.call('HSET', run, 'state', state, 'finished_ms', now)
-redis.call('DEL', lease)
-if lock ~= lease and redis.call('GET', lock) == run_id .. ' ' .. token then
-  redis.call('DEL', lock)
+local delayed, dlq = KEYS[1], KEYS[2]
+local group, node, dead_max, hist_keep = ARGV[1], ARGV[2], ARGV[3], -1 - tonumber(ARGV[4])
+local out = {}
+local a = 5
+for i = 0, (#KEYS - 2) / 5 - 1 do
+  local k = 2 + 5 * i
+  local run, lease, lock, stream, hist = KEYS[k+1], KEYS[k+2], KEYS[k+3], KEYS[k+4], KEYS[k+5]
+  local token, entry, state, now = ARGV[a], ARGV[a+1], ARGV[a+2], ARGV[a+3]
+  local run_id, retry_at, queue, payload = ARGV[a+4], ARGV[a+5], ARGV[a+6], ARGV[a+7]
+  local n = tonumber(ARGV[a+8])
+  local first = a + 9
+  a = first + 2 * n
+  if redis.call('GET', lease) ~= token then
+    out[i+1] = 0
+  else
+    local err = ''
+    local hset = {'HSET', run, 'state', state, 'finished_ms', now}
+    for j = first, first + 2 * n - 1, 2 do
+      hset[#hset+1] = ARGV[j]
+      hset[#hset+1] = ARGV[j+1]
+      if ARGV[j] == 'error' then err = ARGV[j+1] end
+    end
+    redis.call(unpack(hset))
+    redis.call('DEL', lease)
+    if lock ~= lease and redis.call('GET', lock) == run_id .. ' ' .. token then
+      redis.call('DEL', lock)
+    end
+    if entry ~= '' then redis.call('XACK', stream, group, entry) end
+    if retry_at ~= '' then
+      redis.call('ZADD', delayed, tonumber(retry_at), queue .. '|' .. payload)
+      redis.call('HSET', run, 'retry_at_ms', retry_at)
+    end
+    if state == 'dead' then
+      redis.call('XADD', dlq, 'MAXLEN', '~', dead_max, '*', 'reason', 'retries exhausted',
+                 'error', err, 'queue', queue, 'entry_id', entry, 'node', node,
+                 'payload', payload, 'run_id', run_id)
+    end
+    redis.call('ZADD', hist, now, run_id)
+    redis.call('ZREMRANGEBYRANK', hist, 0, hist_keep)
+    out[i+1] = 1
+  end
 end
-if entry ~= '' then redis.call('XACK', stream, group, entry) end
-if retry_at ~= '' then
-  redis.call('ZADD', delayed, tonumber(retry_at), queue .. '|' .. payload)
-  redis.call('HSET', run, 'retry_at_ms', retry_at)
-end
-if state == 'dead' then
-  redis.call('XADD', dlq, 'MAXLEN', '~', ARGV[11], '*', 'reason', 'retries exhausted',
-             'error', fields['error'] or '', 'queue', queue, 'entry_id', entry,
-             'node', fields['node'] or '', 'payload', payload, 'run_id', run_id)
-end
-redis.call('ZADD', hist, now, run_id)
-redis.call('ZREMRANGEBYRANK', hist, 0, -1001)
-return 1
+return out
 """
 
 # Delayed runs (retries, waiting overlap runs) due by now go to their queue stream: atomic, so
@@ -174,6 +213,8 @@ return #due / 2
 DEAD_LETTER_MAX = 10_000
 # A run waiting for an overlap lock is looked at again this often.
 OVERLAP_WAIT_MS = 1000
+# Run ids kept in each job's history index (`cronsul history`); the records expire on their own.
+HISTORY_PER_JOB = 1000
 
 
 @dataclass(frozen=True)
@@ -198,6 +239,18 @@ class RunRef:
     on_lost: str = "retry"
 
 
+@dataclass(frozen=True)
+class Finished:
+    """What finish records for one run."""
+
+    ref: RunRef
+    token: str
+    state: str
+    finished_ms: int
+    fields: Mapping[str, Any]
+    retry_at_ms: int | None = None
+
+
 class RunState:
     def __init__(self, client: redis.Redis, keys: Keys, node: str, record_ttl_s: int,
                  *, outbox: bool = False) -> None:
@@ -217,19 +270,31 @@ class RunState:
             ref.run_id)
 
     def begin(self, ref: RunRef, token: str, lease_ms: int, now_ms: int) -> BeginResult:
+        return self.begin_many([(ref, token)], lease_ms, now_ms)[0]
+
+    def begin_many(self, runs: Sequence[tuple[RunRef, str]], lease_ms: int,
+                   now_ms: int) -> list[BeginResult]:
+        """Claim each (run, token) in one script call; one BeginResult per run, in order."""
+        if not runs:
+            return []
         k = self._keys
-        lock = self._lock_key(ref)
-        out = self._begin(
-            keys=[k.run(ref.run_id), k.lease(ref.run_id), lock, k.waiting(ref.lock_name or "-"),
-                  k.stream(ref.queue), k.delayed],
-            args=[token, self._node, lease_ms, now_ms, ref.job, ref.scheduled_ms, ref.run_id,
-                  ref.queue, self._ttl, ref.overlap, ref.on_lost, ref.entry_id, ref.payload,
-                  k.stop(""), OVERLAP_WAIT_MS, GROUP],
-        )
-        verdict = _s(out[0])
-        if verdict == "start":
-            return BeginResult("start", attempt=int(out[1]))
-        return BeginResult(verdict, detail=_s(out[1]))
+        keys: list[str] = []
+        args: list[Any] = [self._node, lease_ms, now_ms, self._ttl, k.stop(""), OVERLAP_WAIT_MS,
+                           GROUP]
+        for ref, token in runs:
+            keys += [k.run(ref.run_id), k.lease(ref.run_id), self._lock_key(ref),
+                     k.waiting(ref.lock_name or "-"), k.stream(ref.queue), k.delayed]
+            args += [token, ref.job, ref.scheduled_ms, ref.run_id, ref.queue, ref.overlap,
+                     ref.on_lost, ref.entry_id, ref.payload]
+        out = self._begin(keys=keys, args=args)
+        results: list[BeginResult] = []
+        for i in range(0, len(out), 2):
+            verdict = _s(out[i])
+            if verdict == "start":
+                results.append(BeginResult("start", attempt=int(out[i + 1])))
+            else:
+                results.append(BeginResult(verdict, detail=_s(out[i + 1])))
+        return results
 
     def renew(self, runs: Sequence[tuple[RunRef, str]], lease_ms: int) -> list[int]:
         """Extend each (run, token) lease still ours: 1 ok, 0 lost, 2 ok but asked to stop."""
@@ -244,16 +309,27 @@ class RunState:
 
     def finish(self, ref: RunRef, token: str, state: str, finished_ms: int,
                fields: Mapping[str, Any], retry_at_ms: int | None = None) -> bool:
+        return self.finish_many([Finished(ref, token, state, finished_ms, fields,
+                                          retry_at_ms)])[0]
+
+    def finish_many(self, runs: Sequence[Finished]) -> list[bool]:
+        """Record each result in one script call (only where the lease is still ours: False
+        for a run whose lease was lost, nothing written for it); in order."""
+        if not runs:
+            return []
         k = self._keys
-        out = self._finish(
-            keys=[k.run(ref.run_id), k.lease(ref.run_id), self._lock_key(ref), k.stream(ref.queue),
-                  k.history(ref.job), k.delayed, k.dead],
-            args=[token, GROUP, ref.entry_id, state, finished_ms,
-                  json.dumps(dict(fields), separators=(",", ":")), ref.run_id,
-                  "" if retry_at_ms is None else retry_at_ms, ref.queue, ref.payload,
-                  DEAD_LETTER_MAX],
-        )
-        return bool(int(out))
+        keys: list[str] = [k.delayed, k.dead]
+        args: list[Any] = [GROUP, self._node, DEAD_LETTER_MAX, HISTORY_PER_JOB]
+        for f in runs:
+            ref = f.ref
+            keys += [k.run(ref.run_id), k.lease(ref.run_id), self._lock_key(ref),
+                     k.stream(ref.queue), k.history(ref.job)]
+            args += [f.token, ref.entry_id, f.state, f.finished_ms, ref.run_id,
+                     "" if f.retry_at_ms is None else f.retry_at_ms, ref.queue, ref.payload,
+                     len(f.fields)]
+            for name, value in f.fields.items():
+                args += [name, str(value)]
+        return [bool(int(x)) for x in self._finish(keys=keys, args=args)]
 
     def promote(self, now_ms: int, limit: int = 500) -> int:
         if self._outbox:
