@@ -8,7 +8,6 @@ import random
 import threading
 import uuid
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from queue import Empty, SimpleQueue
 
@@ -90,7 +89,6 @@ class Consumer:
         self._watchdog_sent: float | None = None  # the deadline the watchdog last got
         self._per_queue: dict[str, int] = {}  # in flight per queue, for queue_concurrency
         self._refill_at = max(1, cfg.worker.concurrency // REFILL_DIVISOR)
-        self._pool = ThreadPoolExecutor(cfg.worker.concurrency, thread_name_prefix="run")
         self._active: dict[str, _Active] = {}
         self._lock = threading.Lock()
         self._finished: SimpleQueue[_Active | None] = SimpleQueue()
@@ -236,15 +234,9 @@ class Consumer:
             for a in started:
                 self._active[a.ref.run_id] = a
         self._update_watchdog()
-        commands: list[_Active] = []
         for a in started:
             self.hooks.run_started(a.msg.job)
-            if isinstance(a.execution, PyExecution):
-                self._pool.submit(self._execute, a)
-            else:
-                commands.append(a)
-        if commands:
-            self._reactor.call_soon(self._launch, commands)
+        self._reactor.call_soon(self._launch, started)
 
     def _dead_letter(self, d: Delivery, exc: MessageError) -> None:
         reason = str(exc).split(":", 1)[0]
@@ -268,31 +260,23 @@ class Consumer:
             self._log.warning("run_settle_failed", entry_id=d.entry_id, error=str(exc)[:200])
 
     def _launch(self, batch: list[_Active]) -> None:
-        """On the reactor thread: start the command runs of one claim."""
+        """On the reactor thread: start the runs of one claim."""
         for a in batch:
             try:
+                job, msg, execution = a.job, a.msg, a.execution
+                done = functools.partial(self._completed, a)
                 if a.refusal is not None:  # recorded as a failed attempt; nothing is started
-                    self._completed(a, Outcome(None, None, False, 0.0, "", 0, a.refusal))
-                    continue
-                job, msg = a.job, a.msg
-                assert isinstance(a.execution, Execution)
-                a.execution.start(render_argv(job.command, msg.params),
-                                  self._environment(job, msg, a.attempt), job.working_dir,
-                                  job.timeout.total_seconds(), job.user,
-                                  functools.partial(self._completed, a))
+                    done(Outcome(None, None, False, 0.0, "", 0, a.refusal))
+                elif isinstance(execution, PyExecution):
+                    execution.start(job.callable or "", msg.params,
+                                    self._environment(job, msg, a.attempt),
+                                    job.timeout.total_seconds(), done)
+                else:
+                    execution.start(render_argv(job.command, msg.params),
+                                    self._environment(job, msg, a.attempt), job.working_dir,
+                                    job.timeout.total_seconds(), job.user, done)
             except Exception as exc:
                 self._crashed(a, exc)
-
-    def _execute(self, a: _Active) -> None:
-        """On a run thread: run a callable job, then hand the outcome to the finisher."""
-        try:
-            job, msg = a.job, a.msg
-            assert isinstance(a.execution, PyExecution)
-            self._completed(a, a.execution.run(job.callable or "", msg.params,
-                                               self._environment(job, msg, a.attempt),
-                                               job.timeout.total_seconds()))
-        except Exception as exc:
-            self._crashed(a, exc)
 
     def _crashed(self, a: _Active, exc: Exception) -> None:
         self._log.exception("run_handler_crashed", run_id=a.ref.run_id)
@@ -403,7 +387,8 @@ class Consumer:
         """The warm worker pool for callable jobs, one worker per run slot."""
         with self._lock:
             if self._py is None:
-                pool = PythonPool(self._cfg.worker.concurrency, watchdog=self._watchdog)
+                pool = PythonPool(self._cfg.worker.concurrency, watchdog=self._watchdog,
+                                  reactor=self._reactor)
                 pool.start()
                 self._py = pool
             return self._py
@@ -512,8 +497,6 @@ class Consumer:
     def close(self) -> None:
         self._log.info("consumer_batches", **self.batches)
         self._finished.put(None)
-        self._pool.shutdown(wait=False, cancel_futures=True)
-        self._reactor.stop()
         if self._py is not None:
             self._py.stop()
 

@@ -25,6 +25,7 @@ is one frame each way, so its overhead is tens of microseconds, not a process st
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import keyword
@@ -39,7 +40,7 @@ import tempfile
 import threading
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,7 @@ from typing import Any
 from scheduler.errors import ConfigError, CronsulError
 from worker.executor import BASE_ENV, OUTPUT_LIMIT, Outcome
 from worker.pyworker import FrameError, Inbox, encode
+from worker.reactor import Reactor
 from worker.watchdog import Watchdog
 
 # The directory holding the `worker` package, so a worker process finds worker.pyworker even
@@ -106,13 +108,6 @@ class _Worker:
     def send(self, message: Mapping[str, Any]) -> None:
         self.sock.sendall(encode(message))
 
-    def receive(self, deadline: float) -> dict[str, Any]:
-        """The next reply (skipping the ready frame). Raises _Timeout, _Died or FrameError."""
-        while True:
-            message = self.receive_frame(deadline)
-            if "ready" not in message:
-                return message
-
     def receive_frame(self, deadline: float) -> dict[str, Any]:
         while True:
             message = self.inbox.frame()
@@ -151,7 +146,7 @@ class PythonPool:
     """``size`` warm worker processes; :meth:`run` is safe to call from ``size`` threads."""
 
     def __init__(self, size: int, *, watchdog: Watchdog | None, max_rss_mb: int | None = 1024,
-                 env: Mapping[str, str] | None = None) -> None:
+                 env: Mapping[str, str] | None = None, reactor: Reactor | None = None) -> None:
         if size < 1:
             raise ConfigError(f"python pool size must be at least 1, not {size}")
         self._size = size
@@ -164,9 +159,16 @@ class PythonPool:
         self._live: set[_Worker] = set()  # idle and busy; a worker leaves it before it is reaped
         self._count = 0  # live workers plus spawns in progress
         self._closed = False
+        # Runs wait on the reactor thread for a worker here (only after a worker was lost and
+        # its replacement could not start yet: the pool has one worker per run slot).
+        self._waiting: deque[PyExecution] = deque()
+        self._own_reactor = reactor is None
+        self.reactor = reactor or Reactor("python-pool")
 
     def start(self) -> None:
         """Start all workers and wait until each is ready. Raises CronsulError if one fails."""
+        if self._own_reactor:
+            self.reactor.start()
         workers: list[_Worker] = []
         try:
             for _ in range(self._size):
@@ -181,7 +183,12 @@ class PythonPool:
                 self._discard(w)
             raise
         for w in workers:
-            self._release(w)
+            w.sock.setblocking(False)  # from now on read by the reactor, only when readable
+        def release_all() -> None:
+            for w in workers:
+                self._release(w)
+
+        self.reactor.call(release_all, START_TIMEOUT_S)
 
     def _wait_ready(self, w: _Worker, deadline: float) -> None:
         try:
@@ -229,6 +236,8 @@ class PythonPool:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 w.proc.wait(max(0.0, deadline - time.monotonic()))
             self._discard(w)
+        if self._own_reactor:
+            self.reactor.stop()
 
     # -- workers --------------------------------------------------------------------------
 
@@ -277,30 +286,39 @@ class PythonPool:
                     "output_limit": OUTPUT_LIMIT})
         return w
 
-    def _acquire(self) -> _Worker:
-        """An idle, live worker (waiting for one if all are busy). Raises CronsulError."""
+    def _acquire(self) -> _Worker | None:
+        """An idle, live worker, or None when all are busy (reactor thread). CronsulError when
+        the pool is stopped or a missing worker cannot be started."""
         while True:
             with self._cond:
-                while not self._idle and self._count >= self._size and not self._closed:
-                    self._cond.wait()
                 if self._closed:
                     raise CronsulError("the python pool is stopped")
                 w = self._idle.popleft() if self._idle else None
                 if w is None:
+                    if self._count >= self._size:
+                        return None
                     self._count += 1  # one was lost and its replacement failed: start it now
             if w is None:
-                return self._spawn_counted()
+                w = self._spawn_counted()
+                w.sock.setblocking(False)
+                return w
             if w.proc.poll() is None:
                 return w
             self._replace(w)  # died while idle (the watchdog's deadline, the OOM killer)
 
     def _release(self, w: _Worker) -> None:
         with self._cond:
-            if not self._closed:
+            if self._closed:
+                waiting = None
+            elif self._waiting:
+                waiting = self._waiting.popleft()
+            else:
                 self._idle.append(w)
-                self._cond.notify()
                 return
-        self._discard(w)
+        if waiting is None:
+            self._discard(w)
+        else:
+            waiting._dispatch(w)
 
     def _discard(self, w: _Worker) -> tuple[bytes, int]:
         """Kill what is left of a worker's process group, reap it, forget it; its last output."""
@@ -330,66 +348,183 @@ class PythonPool:
                 return output
             self._count += 1
         with contextlib.suppress(CronsulError):  # if it fails, _acquire tries again
-            self._release(self._spawn_counted())
+            fresh = self._spawn_counted()
+            fresh.sock.setblocking(False)
+            self._release(fresh)
         return output
 
 
 class PyExecution:
-    """One Python run on a :class:`PythonPool`; ``stop()`` may be called from another thread."""
+    """One Python run on a :class:`PythonPool`, driven by the pool's reactor.
+
+    :meth:`start` runs on the reactor thread and calls ``done(outcome)`` there; :meth:`stop`
+    may be called from any thread; :meth:`run` is the blocking form."""
 
     def __init__(self, pool: PythonPool) -> None:
         self._pool = pool
-        self._lock = threading.Lock()
         self._worker: _Worker | None = None
         self._stopped = False
-
-    def stop(self) -> None:
-        """Kill the run now (its lease was lost): SIGKILL to its worker's process group."""
-        with self._lock:
-            self._stopped = True
-            if self._worker is not None:
-                self._worker.kill()
+        self._done: Callable[[Outcome], None] | None = None
+        self._request: dict[str, Any] = {}
+        self._target = ""
+        self._timeout = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._poll: asyncio.TimerHandle | None = None
+        self._began = 0.0
+        self._tries = 0
 
     def run(self, target: str, kwargs: Mapping[str, str], env: Mapping[str, str],
             timeout: float) -> Outcome:
-        start = time.monotonic()
-        pool = self._pool
-        request = {"target": target, "kwargs": dict(kwargs), "env": dict(env)}
-        for _ in range(2):  # a worker that died while idle has not started the job: retry once
-            try:
-                w = pool._acquire()
-            except CronsulError as exc:
-                return Outcome(None, None, False, time.monotonic() - start, "", 0, str(exc))
-            try:
-                w.send(request)
-                break
-            except OSError:
-                pool._replace(w)
-        else:
-            return Outcome(None, None, False, time.monotonic() - start, "", 0,
-                           f"callable {target!r}: python workers die before taking the run")
-        with self._lock:
-            if self._stopped:
-                w.kill()
-            self._worker = w
-        try:
-            reply = w.receive(time.monotonic() + timeout)  # waiting for a worker is not the job's
-        except (_Timeout, _Died, FrameError, OSError) as exc:
-            return self._failed(w, target, exc, timeout, start)
-        with self._lock:
-            self._worker = None
-        data, size = w.take_output()
-        if reply.get("recycle"):
-            pool._replace(w)
-        else:
-            pool._release(w)
-        return _outcome(reply, data, size, time.monotonic() - start)
+        """Run the callable and wait for its outcome."""
+        finished = threading.Event()
+        box: list[Outcome] = []
 
-    def _failed(self, w: _Worker, target: str, exc: Exception, timeout: float,
-                start: float) -> Outcome:
-        with self._lock:
-            self._worker = None
-            stopped = self._stopped
+        def done(outcome: Outcome) -> None:
+            box.append(outcome)
+            finished.set()
+
+        self._pool.reactor.call_soon(self.start, target, kwargs, env, timeout, done)
+        finished.wait()
+        return box[0]
+
+    def stop(self) -> None:
+        """Kill the run now (its lease was lost): SIGKILL to its worker's process group."""
+        self._pool.reactor.call_soon(self._stop)
+
+    def _stop(self) -> None:
+        self._stopped = True
+        if self._worker is not None:
+            self._worker.kill()  # its pidfd fires: _on_died reports the run as stopped
+
+    def start(self, target: str, kwargs: Mapping[str, str], env: Mapping[str, str],
+              timeout: float, done: Callable[[Outcome], None]) -> None:
+        """On the reactor thread: hand the run to an idle worker (or wait for one)."""
+        self._done = done
+        self._began = time.monotonic()
+        self._target, self._timeout = target, timeout
+        self._request = {"target": target, "kwargs": dict(kwargs), "env": dict(env)}
+        try:
+            w = self._pool._acquire()
+        except CronsulError as exc:
+            self._report(Outcome(None, None, False, time.monotonic() - self._began, "", 0,
+                                 str(exc)))
+            return
+        if w is None:
+            with self._pool._cond:
+                self._pool._waiting.append(self)
+            return
+        self._dispatch(w)
+
+    def _dispatch(self, w: _Worker) -> None:
+        """Send the request to ``w``; a worker that died while idle has not started the job,
+        so the run is tried once more on another."""
+        if self._stopped:
+            self._pool._release(w)
+            self._report(Outcome(None, None, False, time.monotonic() - self._began, "", 0,
+                                 f"callable {self._target!r} was stopped before it started"))
+            return
+        try:
+            w.send(self._request)
+        except OSError:
+            self._pool._replace(w)
+            self._tries += 1
+            if self._tries >= 2:
+                self._report(Outcome(None, None, False, time.monotonic() - self._began, "", 0,
+                                     f"callable {self._target!r}: python workers die before "
+                                     "taking the run"))
+                return
+            self.start(self._target, self._request["kwargs"], self._request["env"],
+                       self._timeout, self._done or (lambda _o: None))
+            return
+        self._worker = w
+        loop = self._pool.reactor.loop
+        loop.add_reader(w.sock.fileno(), self._on_readable)
+        if w.pidfd is not None:
+            loop.add_reader(w.pidfd, self._on_died)
+        else:  # no pidfds: check now and then that the worker is alive
+            self._poll = loop.call_later(LIVENESS_SLICE_S, self._check_alive)
+        # Waiting for a worker is not the job's time: the clock starts now.
+        self._timer = loop.call_later(self._timeout, self._on_timeout)
+
+    def _on_readable(self) -> None:
+        w = self._worker
+        if w is None:
+            return
+        try:
+            if not w.inbox.fill():
+                self._on_died()
+                return
+            while True:
+                message = w.inbox.frame()
+                if message is None:
+                    return
+                if "ready" not in message:
+                    break
+        except BlockingIOError:
+            return
+        except (FrameError, OSError) as exc:
+            self._failed(exc)
+            return
+        self._detach()
+        data, size = w.take_output()
+        if message.get("recycle"):
+            self._pool._replace(w)
+        else:
+            self._pool._release(w)
+        self._report(_outcome(message, data, size, time.monotonic() - self._began))
+
+    def _check_alive(self) -> None:
+        w = self._worker
+        if w is None:
+            return
+        if w.proc.poll() is not None:
+            self._on_died()
+        else:
+            self._poll = self._pool.reactor.loop.call_later(LIVENESS_SLICE_S, self._check_alive)
+
+    def _on_died(self) -> None:
+        w = self._worker
+        if w is None:
+            return
+        # A reply it sent just before exiting (a recycle) is still in the socket: take it.
+        try:
+            filled = w.inbox.fill()
+        except (BlockingIOError, OSError):
+            filled = False
+        if filled:
+            try:
+                message = w.inbox.frame()
+            except FrameError:
+                message = None
+            if message is not None and "ready" not in message:
+                self._detach()
+                data, size = self._pool._replace(w)
+                self._report(_outcome(message, data, size, time.monotonic() - self._began))
+                return
+        self._failed(_Died())
+
+    def _on_timeout(self) -> None:
+        self._failed(_Timeout())
+
+    def _detach(self) -> None:
+        w = self._worker
+        if w is None:
+            return
+        loop = self._pool.reactor.loop
+        loop.remove_reader(w.sock.fileno())
+        if w.pidfd is not None:
+            loop.remove_reader(w.pidfd)
+        for handle in (self._timer, self._poll):
+            if handle is not None:
+                handle.cancel()
+        self._worker = None
+
+    def _failed(self, exc: Exception) -> None:
+        w = self._worker
+        if w is None:
+            return
+        self._detach()
+        target, timeout = self._target, self._timeout
         timed_out = isinstance(exc, _Timeout)
         data, size = self._pool._replace(w)  # kills it first if a timeout left it running
         code = w.proc.returncode
@@ -398,21 +533,26 @@ class PyExecution:
                   else f"exit code {code}")
         if timed_out:
             error = f"callable {target!r} timed out after {timeout:g}s; its worker was killed"
-        elif stopped:
+        elif self._stopped:
             error = f"callable {target!r} was stopped; its worker was killed"
         elif isinstance(exc, FrameError | OSError):
             error = f"python worker running {target!r} broke the protocol ({exc}): killed"
         else:
             error = f"python worker running {target!r} died: {status}"
-        return Outcome(
+        self._report(Outcome(
             exit_code=code if code is not None and code >= 0 else None,
             signal=-code if code is not None and code < 0 else None,
             timed_out=timed_out,
-            duration_s=time.monotonic() - start,
+            duration_s=time.monotonic() - self._began,
             output=data.decode("utf-8", "replace")[-OUTPUT_LIMIT:],
             output_bytes=size,
             error=error,
-        )
+        ))
+
+    def _report(self, outcome: Outcome) -> None:
+        done, self._done = self._done, None
+        if done is not None:
+            done(outcome)
 
 
 def _signal_name(number: int) -> str:
