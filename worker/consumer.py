@@ -9,7 +9,6 @@ import threading
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from queue import Empty, SimpleQueue
 
 import redis
 import structlog
@@ -91,9 +90,8 @@ class Consumer:
         self._refill_at = max(1, cfg.worker.concurrency // REFILL_DIVISOR)
         self._active: dict[str, _Active] = {}
         self._lock = threading.Lock()
-        self._finished: SimpleQueue[_Active | None] = SimpleQueue()
+        self._ready: list[_Active] = []  # ended runs to record (reactor thread only)
         self._reactor = Reactor("run-reactor").start()
-        self._finisher: threading.Thread | None = None
         self.accepting = threading.Event()
         self.accepting.set()
         self._py: PythonPool | None = None  # started on first use by a callable job
@@ -116,7 +114,6 @@ class Consumer:
     def run(self, stop: threading.Event) -> None:
         queues = list(self._cfg.worker.queues)
         self._q.ensure_groups(queues)
-        self._start_finisher()
         next_reclaim = next_promote = 0.0
         while not stop.is_set():
             if not self.accepting.is_set():
@@ -170,7 +167,11 @@ class Consumer:
             self._inflight -= len(deliveries)
             for d in deliveries:
                 self._per_queue[d.queue] -= 1
-        self._slot_freed.set()
+            # Wake the fetch loop only when it will fetch (see run): a wake-up per run costs.
+            wake = (self._inflight == 0
+                    or self._cfg.worker.concurrency - self._inflight >= self._refill_at)
+        if wake:
+            self._slot_freed.set()
 
     # -- claiming and starting --------------------------------------------------------------
 
@@ -284,41 +285,22 @@ class Consumer:
                                    f"cronsul crashed running it: {type(exc).__name__}: {exc}"))
 
     def _completed(self, a: _Active, outcome: Outcome) -> None:
+        """On the reactor thread: a run ended. The results that arrive in one turn of the
+        loop are recorded together, right after it."""
         a.outcome = outcome
-        self._finished.put(a)
+        self._ready.append(a)
+        if len(self._ready) == 1:
+            self._reactor.loop.call_soon(self._flush)
 
     # -- recording results ------------------------------------------------------------------
 
-    def _start_finisher(self) -> None:
-        with self._lock:
-            if self._finisher is None:
-                self._finisher = threading.Thread(target=self._finish_loop, name="run-finisher",
-                                                  daemon=True)
-                self._finisher.start()
-
-    def _finish_loop(self) -> None:
-        """Record the results that are ready, in batches (one script call each)."""
-        while True:
-            first = self._finished.get()
-            if first is None:
-                return
-            batch = [first]
-            closing = False
-            while len(batch) < FINISH_BATCH_MAX:
-                try:
-                    item = self._finished.get_nowait()
-                except Empty:
-                    break
-                if item is None:
-                    closing = True
-                    break
-                batch.append(item)
+    def _flush(self) -> None:
+        batch, self._ready = self._ready, []
+        for i in range(0, len(batch), FINISH_BATCH_MAX):
             try:
-                self._finish_batch(batch)
+                self._finish_batch(batch[i:i + FINISH_BATCH_MAX])
             except Exception:
                 self._log.exception("run_finisher_crashed", runs=len(batch))
-            if closing:
-                return
 
     def _finish_batch(self, batch: list[_Active]) -> None:
         records: list[Finished] = []
@@ -330,9 +312,22 @@ class Consumer:
                 fields["error"] = "stopped: replaced by a newer run (overlap = replace)"
             records.append(Finished(a.ref, a.token, state, epoch_ms(self._clock.now()), fields,
                                     retry_at))
+        # Still in _active: the heartbeat keeps the leases alive while the results are written.
+        self.batches["finish_calls"] += 1
+        self.batches["finish_runs"] += len(records)
+        try:
+            recorded = self._runs.finish_many(records)
+        except redis.RedisError:
+            # Redis is away (a restart, a failover): keep trying on a thread of its own, so the
+            # reactor goes on watching the runs still going.
+            threading.Thread(target=self._record_slowly, args=(batch, records),
+                             name="finish-retry", daemon=True).start()
+            return
+        self._settle_batch(batch, records, recorded)
+
+    def _record_slowly(self, batch: list[_Active], records: list[Finished]) -> None:
         recorded: list[bool] | None
         try:
-            # Still in _active: the heartbeat keeps the leases alive while the results are written.
             recorded = self._record(batch, records)
         except redis.RedisError as exc:
             # The entries stay pending; another node (or we) reclaims them once their leases
@@ -340,6 +335,10 @@ class Consumer:
             for a in batch:
                 self._log.warning("run_redis_error", run_id=a.ref.run_id, error=str(exc)[:200])
             recorded = None
+        self._settle_batch(batch, records, recorded)
+
+    def _settle_batch(self, batch: list[_Active], records: list[Finished],
+                      recorded: list[bool] | None) -> None:
         with self._lock:
             for a in batch:
                 self._active.pop(a.ref.run_id, None)
@@ -355,7 +354,7 @@ class Consumer:
             self._log.info(
                 "run_finished" if ok else "run_finished_lease_lost",
                 job=a.msg.job, run_id=a.ref.run_id, attempt=a.attempt,
-                scheduled_at=iso_utc(a.msg.scheduled_at), state=rec.state if ok else "lost",
+                scheduled_at=a.msg.scheduled_iso, state=rec.state if ok else "lost",
                 exit_code=outcome.exit_code, signal=outcome.signal, timed_out=outcome.timed_out,
                 duration_ms=round(outcome.duration_s * 1000, 1), start_lag_ms=a.start_lag_ms,
                 output_bytes=outcome.output_bytes, error=rec.fields["error"] or None,
@@ -370,8 +369,6 @@ class Consumer:
         delay = FINISH_RETRY_FIRST_S
         while True:
             try:
-                self.batches["finish_calls"] += 1
-                self.batches["finish_runs"] += len(records)
                 return self._runs.finish_many(records)
             except redis.RedisError as exc:
                 oldest = min(a.renewed_at for a in batch)
@@ -422,7 +419,7 @@ class Consumer:
     def _environment(self, job: JobSpec, msg: RunMessage, attempt: int) -> dict[str, str]:
         cronsul = {
             "CRONSUL_JOB": msg.job, "CRONSUL_RUN_ID": msg.run_id,
-            "CRONSUL_SCHEDULED_AT": iso_utc(msg.scheduled_at),
+            "CRONSUL_SCHEDULED_AT": msg.scheduled_iso,
             "CRONSUL_ATTEMPT": str(attempt), "CRONSUL_NODE": self._node,
         }
         cronsul.update({f"CRONSUL_PARAM_{k.upper()}": v for k, v in msg.params.items()})
@@ -496,7 +493,6 @@ class Consumer:
 
     def close(self) -> None:
         self._log.info("consumer_batches", **self.batches)
-        self._finished.put(None)
         if self._py is not None:
             self._py.stop()
 

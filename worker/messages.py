@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from scheduler.errors import ConfigError, MessageError
+from scheduler.runs import iso_utc
 from worker.config import JobSpec
 from worker.params import check_value, placeholders
 
@@ -27,12 +28,21 @@ RUN_ID_TAIL = re.compile(r"[A-Za-z0-9_.:#-]{1,190}")
 FETCH_BLOCK_MS = 1000
 
 
+# scheduler.runs.iso_utc's output: the form the scheduler writes, reused as it is when it comes.
+CANONICAL_TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.(?!000)\d{3})?Z")
+
+
 @dataclass(frozen=True)
 class RunMessage:
     run_id: str
     job: str
     scheduled_at: datetime
     params: Mapping[str, str]
+    scheduled_iso: str = ""  # scheduled_at as iso_utc writes it (CRONSUL_SCHEDULED_AT, logs)
+
+    def __post_init__(self) -> None:
+        if not self.scheduled_iso:
+            object.__setattr__(self, "scheduled_iso", iso_utc(self.scheduled_at))
 
 
 def parse_message(payload: bytes | None, jobs: Mapping[str, JobSpec]) -> RunMessage:
@@ -79,4 +89,5 @@ def parse_message(payload: bytes | None, jobs: Mapping[str, JobSpec]) -> RunMess
     missing = sorted(placeholders(spec.command, job) - set(params))
     if missing:
         raise MessageError(f"bad params: command needs {missing[0]!r}")
-    return RunMessage(run_id, job, scheduled, params)
+    iso = when if isinstance(when, str) and CANONICAL_TIME.fullmatch(when) else ""
+    return RunMessage(run_id, job, scheduled, params, iso)
