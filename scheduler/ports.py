@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol
 
@@ -29,6 +29,9 @@ class TickBatch:
 
     runs: Sequence[tuple[Run, str]]  # (run, queue name)
     cursors: Mapping[str, datetime]  # job -> newest scheduled time handled (enqueued or missed)
+    # The sink's own encoding of runs and cursors, made ahead of the tick by ``Sink.prepare``
+    # (opaque to the scheduler; a sink ignores an encoding that is not its own).
+    encoded: object = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,10 @@ class Lease(Protocol):
 
 class Sink(Protocol):
     """Where due ticks go. Implementations refuse a batch whose fence is below the highest seen."""
+
+    def prepare(self, batch: TickBatch) -> TickBatch:
+        """The same batch with its encoding done (no I/O), so ``apply`` at the tick only writes."""
+        ...
 
     def apply(self, batch: TickBatch, fence: Fence) -> EnqueueResult: ...
 

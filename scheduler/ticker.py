@@ -71,6 +71,30 @@ class TickReport:
     lags: list[float] = field(default_factory=list)  # seconds from fire time to enqueue
 
 
+@dataclass
+class _Pass:
+    """One pass worked out for the time ``at``: what ``tick`` writes and logs when it runs it."""
+
+    at: datetime
+    next_deadline: datetime
+    runs: list[tuple[Run, str]] = field(default_factory=list)
+    fires: list[datetime] = field(default_factory=list)  # fire time of each kept tick
+    cursors: dict[str, datetime] = field(default_factory=dict)
+    adopted: dict[str, datetime] = field(default_factory=dict)  # jobs that had no cursor yet
+    missed: int = 0
+    skipped_paused: int = 0
+    events: list[tuple[str, str, dict[str, object]]] = field(default_factory=list)  # log lines
+    # The catch-up decisions hold while now < valid_until (None: no kept tick can age out).
+    valid_until: datetime | None = None
+    batch: TickBatch | None = None  # the sink's prepared encoding (prepare only)
+
+    def holds_at(self, now: datetime) -> bool:
+        """Would a pass at ``now`` write exactly this? Yes while no further tick has come due
+        (now < next_deadline) and no kept tick has aged out of its catch-up policy."""
+        return (self.at <= now < self.next_deadline
+                and (self.valid_until is None or now < self.valid_until))
+
+
 class TickLoop:
     """Computes due ticks for every job and hands them to the Sink in one fenced batch."""
 
@@ -88,6 +112,10 @@ class TickLoop:
         self._next: dict[str, tuple[datetime, datetime | None]] = {}
         self._shared: dict[tuple[str, str, datetime], datetime | None] = {}  # this pass only
         self._paused: frozenset[str] = frozenset()
+        # The next pass worked out ahead (prepare), and the deadline the last pass returned:
+        # both None whenever something they were computed from changed (_changed).
+        self._prepared: _Pass | None = None
+        self._quiet_until: datetime | None = None
         self._log = structlog.get_logger("cronsul.ticker")
         self.last_report = TickReport()
 
@@ -98,6 +126,7 @@ class TickLoop:
     def start_term(self, fence: Fence, now: datetime) -> None:
         """Begin a leadership term: adopt the fence and the cursors the last leader left."""
         self._fence = fence
+        self._changed()
         stored = self._store.load_cursors(sorted(self._jobs))
         self._cursors = {}
         self._unsaved = set()
@@ -112,11 +141,13 @@ class TickLoop:
     def end_term(self) -> None:
         self._fence = None
         self._cursors = {}
+        self._changed()
 
     def set_jobs(self, jobs: Sequence[ScheduledJob], now: datetime) -> None:
         """Apply a reloaded configuration without a restart and without double-firing a tick."""
         self._jobs = {j.name: j for j in jobs}
         self._next = {}  # schedules may have changed
+        self._changed()
         if self._fence is None:
             return
         stored = self._store.load_cursors([n for n in self._jobs if n not in self._cursors])
@@ -131,60 +162,104 @@ class TickLoop:
         self._unsaved &= set(cursors)
 
     def set_paused(self, paused: frozenset[str]) -> None:
-        self._paused = paused
+        if paused != self._paused:
+            self._paused = paused
+            self._changed()
+
+    def prepare(self, at: datetime) -> None:
+        """Work out the pass due at ``at`` (normally the deadline ``tick`` just returned) ahead
+        of time: runs, payloads and the sink's encoding, so that ``tick`` then only checks the
+        lease and writes. Dropped when anything it was computed from changes (term, jobs,
+        paused set, cursors); ``tick`` uses it only if a pass at its ``now`` would write the
+        same."""
+        if self._fence is None or (self._prepared is not None and self._prepared.at == at):
+            return
+        plan = self._plan(at)
+        if plan.cursors:
+            plan.batch = self._sink.prepare(TickBatch(plan.runs, plan.cursors))
+        self._prepared = plan
 
     def tick(self, now: datetime, lease: Lease) -> datetime:
         """Enqueue every due tick, return when to call again. Raises LeadershipLost/FencedOff."""
         if self._fence is None:
             raise LeadershipLost("tick loop has no leadership term")
-        report = TickReport()
-        self._shared = {}
-        runs: list[tuple[Run, str]] = []
-        cursors: dict[str, datetime] = {n: self._cursors[n] for n in self._unsaved}
-        next_deadline = now + IDLE_WAKE
-        for job in self._jobs.values():
-            due, upcoming = self._due_ticks(job, now)
-            if upcoming is not None and upcoming < next_deadline:
-                next_deadline = upcoming
-            if not due:
-                continue
-            cursors[job.name] = due[-1]
-            if job.name in self._paused:
-                report.skipped_paused += len(due)
-                self._log.info("ticks_skipped_paused", job=job.name, count=len(due),
-                               first=iso_utc(due[0]), last=iso_utc(due[-1]))
-                continue
-            keep, missed = self._admit(job, due, now)
-            if missed:
-                report.missed += len(missed)
-                self._log.warning(
-                    "ticks_missed", job=job.name, count=len(missed), policy=job.catchup,
-                    catchup_window_s=job.catchup_window.total_seconds(),
-                    first=iso_utc(missed[0]), last=iso_utc(missed[-1]),
-                    ticks=[iso_utc(t) for t in missed[:MISSED_LISTED]],
-                )
-            for tick in keep:
-                report.lags.append((now - job.fire_at(tick)).total_seconds())
-                if job.params:
-                    runs.extend((Run.for_tick(job.name, tick, p), job.queue) for p in job.params)
-                else:
-                    runs.append((Run.for_tick(job.name, tick), job.queue))
-        if cursors:
+        if self._quiet_until is not None and now < self._quiet_until:
+            # Nothing changed since the pass that returned this deadline, so nothing is due
+            # before it: an early wake-up (the driver naps at most a second) writes nothing.
+            self.last_report = TickReport()
+            return self._quiet_until
+        prepared, self._prepared, self._quiet_until = self._prepared, None, None
+        plan = prepared if prepared is not None and prepared.holds_at(now) else self._plan(now)
+        report = TickReport(missed=plan.missed, skipped_paused=plan.skipped_paused)
+        for level, event, fields in plan.events:
+            getattr(self._log, level)(event, **fields)
+        for name, cursor in plan.adopted.items():
+            self._cursors.setdefault(name, cursor)
+        if plan.cursors:
             if not lease.valid():
                 raise LeadershipLost("local lease expired before enqueue")
-            result = self._sink.apply(TickBatch(runs, cursors), self._fence)
-            self._cursors.update(cursors)
+            result = self._sink.apply(plan.batch or TickBatch(plan.runs, plan.cursors),
+                                      self._fence)
+            self._cursors.update(plan.cursors)
             self._unsaved.clear()
             report.enqueued, report.deduplicated = result.enqueued, result.deduplicated
+        report.lags = [(now - fire).total_seconds() for fire in plan.fires]  # after the writes
         self.last_report = report
-        return next_deadline
+        self._quiet_until = plan.next_deadline
+        return plan.next_deadline
+
+    def _changed(self) -> None:
+        """Something a pass is computed from changed: forget the prepared pass and deadline."""
+        self._prepared = None
+        self._quiet_until = None
+
+    def _plan(self, now: datetime) -> _Pass:
+        """What a pass at ``now`` writes and logs; changes nothing but the next-tick caches."""
+        self._shared = {}
+        plan = _Pass(at=now, next_deadline=now + IDLE_WAKE)
+        plan.cursors.update({n: self._cursors[n] for n in self._unsaved})
+        for job in self._jobs.values():
+            due, upcoming = self._due_ticks(job, now, plan)
+            if upcoming is not None and upcoming < plan.next_deadline:
+                plan.next_deadline = upcoming
+            if not due:
+                continue
+            plan.cursors[job.name] = due[-1]
+            if job.name in self._paused:
+                plan.skipped_paused += len(due)
+                plan.events.append(("info", "ticks_skipped_paused", {
+                    "job": job.name, "count": len(due), "first": iso_utc(due[0]),
+                    "last": iso_utc(due[-1])}))
+                continue
+            keep, missed, until = self._admit(job, due, now)
+            if until is not None and (plan.valid_until is None or until < plan.valid_until):
+                plan.valid_until = until
+            if missed:
+                plan.missed += len(missed)
+                plan.events.append(("warning", "ticks_missed", {
+                    "job": job.name, "count": len(missed), "policy": job.catchup,
+                    "catchup_window_s": job.catchup_window.total_seconds(),
+                    "first": iso_utc(missed[0]), "last": iso_utc(missed[-1]),
+                    "ticks": [iso_utc(t) for t in missed[:MISSED_LISTED]],
+                }))
+            for tick in keep:
+                fire = job.fire_at(tick)
+                if job.params:
+                    plan.runs.extend((Run.for_tick(job.name, tick, p), job.queue)
+                                     for p in job.params)
+                else:
+                    plan.runs.append((Run.for_tick(job.name, tick), job.queue))
+                plan.fires.append(fire)
+        return plan
 
     def _due_ticks(
-        self, job: ScheduledJob, now: datetime
+        self, job: ScheduledJob, now: datetime, plan: _Pass
     ) -> tuple[list[datetime], datetime | None]:
         """Ticks after the cursor whose fire time has come, and the next fire time after them."""
         due: list[datetime] = []
-        cursor = self._cursors.setdefault(job.name, now)
+        cursor = self._cursors.get(job.name)
+        if cursor is None:
+            cursor = plan.adopted[job.name] = now
         tick = self._next_after(job, cursor)
         while tick is not None:
             fire = job.fire_at(tick)
@@ -218,19 +293,26 @@ class TickLoop:
     @staticmethod
     def _admit(
         job: ScheduledJob, due: list[datetime], now: datetime
-    ) -> tuple[list[datetime], list[datetime]]:
-        """Split due ticks into (enqueue, missed) by the job's catch-up policy."""
+    ) -> tuple[list[datetime], list[datetime], datetime | None]:
+        """Split due ticks into (enqueue, missed) by the job's catch-up policy, and say until
+        when (exclusive) the split stays the same: a kept tick only ever ages into a missed one."""
         def age(t: datetime) -> timedelta:
             return now - job.fire_at(t)
 
         if job.catchup == "none":
             keep = [t for t in due if age(t) <= ON_TIME_GRACE]
+            limit = ON_TIME_GRACE  # kept while age <= grace: "until" errs one instant early
         elif job.catchup == "latest":
             keep = [due[-1]] if age(due[-1]) < job.catchup_window else []
+            limit = job.catchup_window
         else:
             keep = [t for t in due if age(t) < job.catchup_window]
+            limit = job.catchup_window
+        until = min((job.fire_at(t) + limit for t in keep), default=None)
+        if len(keep) == len(due):
+            return keep, [], until
         kept = set(keep)
-        return keep, [t for t in due if t not in kept]
+        return keep, [t for t in due if t not in kept], until
 
 
 __all__ = ["CatchUp", "EnqueueResult", "ScheduledJob", "TickLoop", "TickReport"]

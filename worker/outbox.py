@@ -1,9 +1,10 @@
 """The SQS backend's enqueue path: a Redis outbox between the fenced claim and SQS.
 
-The leader's pass must stay one atomic step (fence check, claim of each run id, cursor advance),
-and a Redis script cannot call SQS. So :class:`OutboxSink` runs worker.sink's APPLY with its
-XADD replaced by an RPUSH of ``<queue>|<payload>`` onto ``<prefix>:outbox``; any node's
-:class:`OutboxDrainer` then sends the list's head to SQS and removes what was sent.
+The leader's pass must stay atomic, fenced steps (fence check, claim of each run id, cursor
+advance after the last run), and a Redis script cannot call SQS. So :class:`OutboxSink` runs
+worker.sink's APPLY with its XADD replaced by an RPUSH of ``<queue>|<payload>`` onto
+``<prefix>:outbox``; any node's :class:`OutboxDrainer` then sends the list's head to SQS and
+removes what was sent.
 
 A crash between the send and the removal sends those runs again. That is safe: a FIFO queue drops
 the copy (MessageDeduplicationId = run id, for 5 minutes), and on a standard queue the run
@@ -26,13 +27,11 @@ from typing import Any
 import redis
 import structlog
 
-from scheduler.errors import FencedOff, QueueError
-from scheduler.ports import EnqueueResult, Fence, TickBatch
-from scheduler.runs import epoch_ms
+from scheduler.errors import QueueError
 from worker.config import Config
 from worker.keys import Keys
 from worker.queue import DEAD_LETTER_MAX
-from worker.sink import APPLY, RECORD_TTL, RedisSink, run_payload
+from worker.sink import APPLY, RedisSink
 from worker.sqs import (
     ERROR_PAUSE_S,
     MAX_BATCH,
@@ -43,8 +42,8 @@ from worker.sqs import (
     sqs_client,
 )
 
-_XADD = "redis.call('XADD', r[2], '*', 'p', r[3])"
-_RPUSH = "redis.call('RPUSH', KEYS[2], r[7] .. '|' .. r[3])"
+_XADD = "redis.call('XADD', qpre .. queue, '*', 'p', payload)"
+_RPUSH = "redis.call('RPUSH', KEYS[2], queue .. '|' .. payload)"
 
 
 def _outbox_apply() -> str:
@@ -85,33 +84,14 @@ DEDUP_ID_MAX = 128
 
 
 class OutboxSink(RedisSink):
-    """scheduler.ports.Sink for the SQS backend: RedisSink's atomic, fenced pass, with the runs
-    appended to the outbox instead of a stream."""
+    """scheduler.ports.Sink for the SQS backend: RedisSink's fenced, idempotent pass (same calls,
+    same chunks), with the runs appended to the outbox instead of a stream."""
+
+    SCRIPT = OUTBOX_APPLY
 
     def __init__(self, client: redis.Redis, keys: Keys) -> None:
         super().__init__(client, keys)
-        self._apply_outbox = client.register_script(OUTBOX_APPLY)
-
-    def apply(self, batch: TickBatch, fence: Fence) -> EnqueueResult:
-        k = self._keys
-        runs = [
-            [k.run(run.run_id), "", run_payload(run.run_id, run.job, run.scheduled_at, run.params),
-             run.job, epoch_ms(run.scheduled_at), run.run_id, queue]
-            for run, queue in batch.runs
-        ]
-        cursors = [[k.cursor(job), epoch_ms(when)] for job, when in batch.cursors.items()]
-        ops = json.dumps({"runs": runs or {}, "cursors": cursors or {}}, separators=(",", ":"))
-        now_ms = int(self._r.time()[0]) * 1000
-        out = self._apply_outbox(
-            keys=[k.fence, k.outbox],
-            args=[fence.epoch, fence.index, int(RECORD_TTL.total_seconds()), now_ms, ops],
-        )
-        if int(out[0]) < 0:
-            raise FencedOff(
-                f"enqueue refused: fence {fence.epoch}/{fence.index} is below the highest seen "
-                f"{int(out[1])}/{int(out[2])}"
-            )
-        return EnqueueResult(enqueued=int(out[0]), deduplicated=int(out[1]))
+        self._script_keys = [keys.fence, keys.outbox]
 
 
 @dataclass(frozen=True)

@@ -69,6 +69,9 @@ class SchedulerDriver:
                 self.ticker.set_paused(frozenset(self._pauses.paused))
                 deadline = self.ticker.tick(self._clock.now(), lease)
                 self._report()
+                # Build the next pass now, while there is time: at the deadline only the lease
+                # check and the writes remain (dropped if jobs, pauses or the term change).
+                self.ticker.prepare(deadline)
             except FencedOff as exc:
                 self._log.error("fenced_off", error=str(exc))
                 self._elector.shutdown()  # another leader has written: step down for good

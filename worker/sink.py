@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
 import redis
@@ -13,41 +15,64 @@ from scheduler.ports import EnqueueResult, Fence, TickBatch
 from scheduler.runs import epoch_ms, from_epoch_ms, iso_utc
 from worker.keys import Keys
 
-# One script call per scheduler pass: refuse a lower fence, raise the highest seen, claim each
-# run id once (HSETNX on the run record), enqueue, advance cursors. Redis runs it atomically,
-# so a zombie leader can neither interleave with nor overwrite its successor's writes.
+# A scheduler pass is a few calls of this script: the runs in chunks of RUNS_PER_CALL, then the
+# cursors. Each call refuses a lower fence and raises the highest seen; claims each run id once
+# (HSETNX on the run record) and only then fills the record and enqueues it. Redis runs each call
+# atomically, so a zombie leader can neither interleave with nor overwrite its successor's
+# writes. Cursors move only after every run of the pass is in: a pass cut short (crash, fence
+# refusal) is done again by the next leader from the old cursors, and the claims make the runs
+# that were already in duplicates, not second runs.
+#
+# ARGV: epoch, index, record ttl (s), run key prefix, stream key prefix, n runs, then per run
+# run_id, job, scheduled_ms, queue, payload; then n cursors, then per cursor key, epoch ms.
 APPLY = """
 local e = tonumber(ARGV[1])
 local i = tonumber(ARGV[2])
-local he = tonumber(redis.call('HGET', KEYS[1], 'epoch') or '0')
-local hi = tonumber(redis.call('HGET', KEYS[1], 'index') or '0')
+local f = redis.call('HMGET', KEYS[1], 'epoch', 'index')
+local he = tonumber(f[1] or '0')
+local hi = tonumber(f[2] or '0')
 if e < he or (e == he and i < hi) then
   return {-1, he, hi}
 end
 if e ~= he or i ~= hi then
   redis.call('HSET', KEYS[1], 'epoch', e, 'index', i)
 end
-local ttl = tonumber(ARGV[3])
-local now = ARGV[4]
-local ops = cjson.decode(ARGV[5])
+local ttl, rpre, qpre = ARGV[3], ARGV[4], ARGV[5]
+local t = redis.call('TIME')  -- Redis's clock: one for all nodes
+local now = t[1] .. string.format('%03d', math.floor(tonumber(t[2]) / 1000))
+local last = 6 + 5 * tonumber(ARGV[6])
 local enq, dup = 0, 0
-for _, r in ipairs(ops.runs) do
-  -- r = {run_key, stream, payload, job, scheduled_ms, run_id, queue}
-  if redis.call('HSETNX', r[1], 'state', 'queued') == 1 then
-    redis.call('HSET', r[1], 'job', r[4], 'scheduled_ms', r[5], 'run_id', r[6],
-               'queue', r[7], 'enqueued_ms', now, 'payload', r[3])
-    redis.call('EXPIRE', r[1], ttl)
-    redis.call('XADD', r[2], '*', 'p', r[3])
+for j = 7, last, 5 do
+  local run_id, queue, payload = ARGV[j], ARGV[j + 3], ARGV[j + 4]
+  local key = rpre .. run_id
+  if redis.call('HSETNX', key, 'state', 'queued') == 1 then
+    redis.call('HSET', key, 'job', ARGV[j + 1], 'scheduled_ms', ARGV[j + 2], 'run_id', run_id,
+               'queue', queue, 'enqueued_ms', now, 'payload', payload)
+    redis.call('EXPIRE', key, ttl)
+    redis.call('XADD', qpre .. queue, '*', 'p', payload)
     enq = enq + 1
   else
     dup = dup + 1
   end
 end
-for _, c in ipairs(ops.cursors) do
-  local cur = tonumber(redis.call('GET', c[1]) or '-1')
-  if tonumber(c[2]) > cur then
-    redis.call('SET', c[1], c[2])
+-- Cursors only move forward: read them with MGET, write those that advance with MSET, in
+-- slices (Lua's unpack has a stack limit of a few thousand values).
+local stop = last + 1 + 2 * tonumber(ARGV[last + 1])
+for s = last + 2, stop, 1000 do
+  local keys, want = {}, {}
+  for j = s, math.min(s + 998, stop - 1), 2 do
+    keys[#keys + 1] = ARGV[j]
+    want[#want + 1] = ARGV[j + 1]
   end
+  local cur = redis.call('MGET', unpack(keys))
+  local set = {}
+  for x = 1, #keys do
+    if not cur[x] or tonumber(want[x]) > tonumber(cur[x]) then
+      set[#set + 1] = keys[x]
+      set[#set + 1] = want[x]
+    end
+  end
+  if #set > 0 then redis.call('MSET', unpack(set)) end
 end
 return {enq, dup}
 """
@@ -65,23 +90,60 @@ return he + 1
 RECORD_TTL = timedelta(days=7)
 
 
-def run_payload(run_id: str, job: str, scheduled_at: datetime, params: Mapping[str, str]) -> str:
-    """The versioned message format a worker accepts (see docs/architecture.md)."""
+# Run ids and job names are built from this alphabet (scheduler.runs.JOB_NAME, "@", "#", the
+# run id's digits and hex, "manual-"), so they go into JSON strings as they are.
+_JSON_PLAIN = re.compile(r"[A-Za-z0-9_.@#-]*")
+
+
+def run_payload(run_id: str, job: str, scheduled_at: datetime, params: Mapping[str, str],
+                iso: str | None = None) -> str:
+    """The versioned message format a worker accepts (see docs/architecture.md).
+
+    Byte for byte ``json.dumps({"v": 1, "run_id", "job", "scheduled_at", "params"},
+    separators=(",", ":"), ensure_ascii=False)``, formatted directly when the run id and job
+    need no escaping (always, for names cronsul accepts). ``iso`` may pass
+    ``iso_utc(scheduled_at)`` when the caller already has it."""
+    when = iso if iso is not None else iso_utc(scheduled_at)
+    if _JSON_PLAIN.fullmatch(run_id) and _JSON_PLAIN.fullmatch(job):
+        body = json.dumps(dict(params), separators=(",", ":"), ensure_ascii=False) \
+            if params else "{}"
+        return (f'{{"v":1,"run_id":"{run_id}","job":"{job}","scheduled_at":"{when}",'
+                f'"params":{body}}}')
     return json.dumps(
-        {"v": 1, "run_id": run_id, "job": job, "scheduled_at": iso_utc(scheduled_at),
-         "params": dict(params)},
+        {"v": 1, "run_id": run_id, "job": job, "scheduled_at": when, "params": dict(params)},
         separators=(",", ":"), ensure_ascii=False,
     )
+
+
+# Runs per APPLY call: a pass of 1,000 runs becomes visible to consumers in four steps instead
+# of all at the end, for one more round trip per step.
+RUNS_PER_CALL = 250
+
+Arg = str | int
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """A TickBatch as APPLY calls: each call's ARGV after the fence (RedisSink.prepare)."""
+
+    owner: tuple[type, str]  # the sink class and key prefix it was encoded for
+    calls: tuple[list[Arg], ...]
 
 
 class RedisSink:
     """Implements scheduler.ports.Sink and CursorStore on one Redis."""
 
+    SCRIPT = APPLY
+
     def __init__(self, client: redis.Redis, keys: Keys) -> None:
         self._r = client
         self._keys = keys
-        self._apply = client.register_script(APPLY)
+        self._apply = client.register_script(self.SCRIPT)
         self._rebase = client.register_script(REBASE)
+        self._script_keys = [keys.fence]
+        self._owner = (type(self), keys.prefix)
+        if keys.run("x") != keys.run("") + "x" or keys.stream("x") != keys.stream("") + "x":
+            raise ValueError("APPLY builds run and stream keys as prefix + name")
 
     def highest_fence(self) -> Fence:
         raw = self._r.hgetall(self._keys.fence)
@@ -97,28 +159,47 @@ class RedisSink:
         result = int(self._rebase(keys=[self._keys.fence], args=[seen.epoch, index]))
         return None if result < 0 else Fence(result, index)
 
+    def prepare(self, batch: TickBatch) -> TickBatch:
+        return replace(batch, encoded=self._encode(batch))
+
     def apply(self, batch: TickBatch, fence: Fence) -> EnqueueResult:
+        encoded = batch.encoded
+        if not isinstance(encoded, Encoded) or encoded.owner != self._owner:
+            encoded = self._encode(batch)
+        enq = dup = 0
+        for args in encoded.calls:
+            out = self._apply(keys=self._script_keys, args=[fence.epoch, fence.index, *args])
+            if int(out[0]) < 0:
+                raise FencedOff(
+                    f"enqueue refused: fence {fence.epoch}/{fence.index} is below the highest "
+                    f"seen {int(out[1])}/{int(out[2])}"
+                )
+            enq += int(out[0])
+            dup += int(out[1])
+        return EnqueueResult(enqueued=enq, deduplicated=dup)
+
+    def _encode(self, batch: TickBatch) -> Encoded:
         k = self._keys
-        runs = [
-            [k.run(run.run_id), k.stream(queue),
-             run_payload(run.run_id, run.job, run.scheduled_at, run.params),
-             run.job, epoch_ms(run.scheduled_at), run.run_id, queue]
-            for run, queue in batch.runs
-        ]
-        cursors = [[k.cursor(job), epoch_ms(when)] for job, when in batch.cursors.items()]
-        ops = json.dumps({"runs": runs or {}, "cursors": cursors or {}}, separators=(",", ":"))
-        seconds, micros = self._r.time()
-        now_ms = int(seconds) * 1000 + int(micros) // 1000  # Redis's clock: one for all nodes
-        out = self._apply(
-            keys=[k.fence],
-            args=[fence.epoch, fence.index, int(RECORD_TTL.total_seconds()), now_ms, ops],
-        )
-        if int(out[0]) < 0:
-            raise FencedOff(
-                f"enqueue refused: fence {fence.epoch}/{fence.index} is below the highest seen "
-                f"{int(out[1])}/{int(out[2])}"
-            )
-        return EnqueueResult(enqueued=int(out[0]), deduplicated=int(out[1]))
+        head: list[Arg] = [int(RECORD_TTL.total_seconds()), k.run(""), k.stream("")]
+        times: dict[datetime, tuple[int, str]] = {}  # a pass's runs share a few tick times
+        calls: list[list[Arg]] = []
+        args: list[Arg] = []
+        for n, (run, queue) in enumerate(batch.runs, 1):
+            when = times.get(run.scheduled_at)
+            if when is None:
+                when = times[run.scheduled_at] = (epoch_ms(run.scheduled_at),
+                                                  iso_utc(run.scheduled_at))
+            args += (run.run_id, run.job, when[0], queue,
+                     run_payload(run.run_id, run.job, run.scheduled_at, run.params, when[1]))
+            if n % RUNS_PER_CALL == 0 or n == len(batch.runs):
+                calls.append([*head, len(args) // 5, *args, 0])
+                args = []
+        if batch.cursors:
+            cursors: list[Arg] = [len(batch.cursors)]
+            for job, when_ in batch.cursors.items():
+                cursors += (k.cursor(job), epoch_ms(when_))
+            calls.append([*head, 0, *cursors])
+        return Encoded(self._owner, tuple(calls))
 
     def load_cursors(self, jobs: Sequence[str]) -> Mapping[str, datetime | None]:
         if not jobs:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from structlog.testing import capture_logs
 
 from scheduler.clock import FakeClock
 from scheduler.errors import FencedOff, LeadershipLost
@@ -15,6 +17,7 @@ from scheduler.schedule import parse_schedule
 from scheduler.ticker import ScheduledJob, TickLoop
 
 T0 = datetime(2026, 11, 22, 12, 0, 0, tzinfo=UTC)
+PREPARED = "prepared by MemorySink"
 
 
 class MemorySink:
@@ -25,12 +28,17 @@ class MemorySink:
         self.claimed: dict[str, Run] = {}
         self.cursors: dict[str, datetime] = {}
         self.batches = 0
+        self.prepared_applied = 0  # batches that came through prepare()
+
+    def prepare(self, batch: TickBatch) -> TickBatch:
+        return replace(batch, encoded=PREPARED)
 
     def apply(self, batch: TickBatch, fence: Fence) -> EnqueueResult:
         if fence < self.highest:
             raise FencedOff(f"fence {fence} < {self.highest}")
         self.highest = fence
         self.batches += 1
+        self.prepared_applied += batch.encoded == PREPARED
         enq = dup = 0
         for run, _queue in batch.runs:
             if run.run_id in self.claimed:
@@ -177,3 +185,156 @@ def test_reload_keeps_cursors_so_no_tick_fires_twice() -> None:
     assert sink.batches == 2
     assert len(scheduled_seconds(sink, "every-second")) == 5
     assert scheduled_seconds(sink, "new-job") == [T0 + timedelta(seconds=4)]
+
+
+# -- the next pass prepared ahead of its deadline ------------------------------------------------
+
+def prepared_loop(*jobs: ScheduledJob) -> tuple[FakeClock, MemorySink, TickLoop, datetime]:
+    """A loop that has run one pass at :00.3 and prepared the pass due at its deadline."""
+    clock, sink = FakeClock(T0 + timedelta(milliseconds=300)), MemorySink()
+    loop = TickLoop(list(jobs) or [job()], sink, sink)
+    loop.start_term(Fence(0, 1), clock.now())
+    deadline = loop.tick(clock.now(), Lease())
+    loop.prepare(deadline)
+    return clock, sink, loop, deadline
+
+
+def test_prepared_pass_is_what_the_tick_writes() -> None:
+    clock, sink, loop, deadline = prepared_loop(job(), job("other", "*/2 * * * * *"))
+    assert deadline == T0 + timedelta(seconds=1)
+    batches = sink.batches
+    clock.advance(0.7 + 0.002)  # woke 2 ms after the deadline
+    assert loop.tick(clock.now(), Lease()) == T0 + timedelta(seconds=2)
+    assert (sink.batches, sink.prepared_applied) == (batches + 1, 1)
+    assert scheduled_seconds(sink, "every-second") == [deadline]
+    assert scheduled_seconds(sink, "other") == []
+    assert loop.last_report.enqueued == 1
+    assert loop.last_report.lags == [pytest.approx(0.002)]  # measured at the tick, not at prepare
+    # The cursors moved: the next pass (:02) is computed from them, both jobs fire.
+    loop.prepare(T0 + timedelta(seconds=2))
+    clock.advance(1)
+    loop.tick(clock.now(), Lease())
+    assert sink.prepared_applied == 2
+    assert scheduled_seconds(sink, "every-second") == [deadline, deadline + timedelta(seconds=1)]
+    assert scheduled_seconds(sink, "other") == [T0 + timedelta(seconds=2)]
+
+
+def test_early_wakeup_writes_nothing_and_keeps_the_prepared_pass() -> None:
+    clock, sink, loop, deadline = prepared_loop()
+    batches = sink.batches
+    clock.advance(0.4)  # a nap ends before the deadline
+    assert loop.tick(clock.now(), Lease()) == deadline
+    assert sink.batches == batches and loop.last_report.enqueued == 0
+    clock.advance(0.3)
+    loop.tick(clock.now(), Lease())
+    assert sink.prepared_applied == 1
+    assert scheduled_seconds(sink, "every-second") == [deadline]
+
+
+def test_late_wakeup_does_not_use_a_prepared_pass_that_missed_ticks() -> None:
+    clock, sink, loop, deadline = prepared_loop()
+    clock.advance(2.2)  # :02.5: the :02 tick came due after the pass prepared for :01
+    assert loop.tick(clock.now(), Lease()) == T0 + timedelta(seconds=3)
+    assert sink.prepared_applied == 0
+    assert scheduled_seconds(sink, "every-second") == [deadline, deadline + timedelta(seconds=1)]
+
+
+def test_reload_drops_the_prepared_pass() -> None:
+    clock, sink, loop, deadline = prepared_loop(job(), job("gone"))
+    # Reloaded before the deadline: "every-second" now fires on even seconds, "gone" is gone,
+    # "new" is added (it starts at the reload: its first tick is :01).
+    loop.set_jobs([job("every-second", "*/2 * * * * *"), job("new")], clock.now())
+    clock.advance(0.7)
+    loop.tick(clock.now(), Lease())
+    assert sink.prepared_applied == 0
+    assert scheduled_seconds(sink, "every-second") == []
+    assert scheduled_seconds(sink, "gone") == []
+    assert scheduled_seconds(sink, "new") == [deadline]
+    assert "gone" not in sink.cursors or sink.cursors["gone"] < deadline
+
+
+def test_pause_and_resume_drop_the_prepared_pass() -> None:
+    clock, sink, loop, _deadline = prepared_loop()
+    loop.set_paused(frozenset({"every-second"}))
+    clock.advance(0.7)
+    with capture_logs() as logs:
+        loop.tick(clock.now(), Lease())
+    assert sink.prepared_applied == 0 and sink.claimed == {}
+    assert loop.last_report.skipped_paused == 1
+    assert [e["event"] for e in logs] == ["ticks_skipped_paused"]
+    # Prepared while paused (its pass would skip :02), resumed before :02: :02 is enqueued.
+    with capture_logs() as logs:
+        loop.prepare(T0 + timedelta(seconds=2))
+    assert logs == []  # a prepared pass logs only when it is written
+    loop.set_paused(frozenset())
+    clock.advance(1)
+    loop.tick(clock.now(), Lease())
+    assert sink.prepared_applied == 0
+    assert scheduled_seconds(sink, "every-second") == [T0 + timedelta(seconds=2)]
+    # The same paused set handed in again (the driver does so before every pass) keeps it.
+    loop.prepare(T0 + timedelta(seconds=3))
+    loop.set_paused(frozenset())
+    clock.advance(1)
+    loop.tick(clock.now(), Lease())
+    assert sink.prepared_applied == 1
+
+
+def test_term_change_drops_the_prepared_pass() -> None:
+    clock, sink, loop, deadline = prepared_loop()
+    # We lose leadership; another leader enqueues :01 and :02; we lead again later.
+    loop.end_term()
+    other = TickLoop([job()], sink, sink)
+    other.start_term(Fence(0, 2), clock.now())
+    clock.advance(1.7)
+    other.tick(clock.now(), Lease())
+    assert scheduled_seconds(sink, "every-second") == [deadline, deadline + timedelta(seconds=1)]
+    loop.start_term(Fence(0, 3), clock.now())
+    batches = sink.batches
+    loop.tick(clock.now(), Lease())  # :02: the cursors from Redis say nothing is due
+    assert sink.batches == batches and loop.last_report.deduplicated == 0
+    clock.advance(1)
+    loop.tick(clock.now(), Lease())
+    assert sink.prepared_applied == 0 and sink.highest == Fence(0, 3)
+    assert len(scheduled_seconds(sink, "every-second")) == 3
+
+
+def test_no_prepare_without_a_term() -> None:
+    clock, sink, loop, deadline = prepared_loop()
+    loop.end_term()
+    loop.prepare(deadline)
+    loop.start_term(Fence(0, 2), clock.now())
+    clock.advance(0.7)
+    loop.tick(clock.now(), Lease())
+    assert sink.prepared_applied == 0
+    assert scheduled_seconds(sink, "every-second") == [deadline]
+
+
+def test_prepared_catchup_decision_is_taken_again_at_the_tick() -> None:
+    # catchup = "none": a tick is on time if at most 2 s late. Prepared when :10 was 1.9 s late,
+    # written when it is 2.1 s late: it is missed, as an unprepared pass at that time decides.
+    clock, sink = FakeClock(T0 + timedelta(seconds=11.9)), MemorySink()
+    sink.cursors["ten-s"] = T0
+    loop = TickLoop([job("ten-s", "*/10 * * * * *", catchup="none")], sink, sink)
+    loop.start_term(Fence(0, 1), T0)
+    loop.prepare(clock.now())
+    clock.advance(0.2)
+    loop.tick(clock.now(), Lease())
+    assert sink.prepared_applied == 0 and sink.claimed == {}
+    assert loop.last_report.missed == 1
+    # Within the grace the prepared pass is used and enqueues the late tick.
+    sink2 = MemorySink()
+    sink2.cursors["ten-s"] = T0
+    loop2 = TickLoop([job("ten-s", "*/10 * * * * *", catchup="none")], sink2, sink2)
+    loop2.start_term(Fence(0, 1), T0)
+    loop2.prepare(T0 + timedelta(seconds=11.5))
+    loop2.tick(T0 + timedelta(seconds=11.8), Lease())
+    assert sink2.prepared_applied == 1
+    assert scheduled_seconds(sink2, "ten-s") == [T0 + timedelta(seconds=10)]
+
+
+def test_expired_lease_refuses_the_prepared_pass_too() -> None:
+    clock, sink, loop, _deadline = prepared_loop()
+    clock.advance(0.7)
+    with pytest.raises(LeadershipLost):
+        loop.tick(clock.now(), Lease(ok=False))
+    assert scheduled_seconds(sink, "every-second") == []
