@@ -6,6 +6,7 @@ import functools
 import os
 import random
 import threading
+import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -39,6 +40,9 @@ FINISH_RETRY_MAX_S = 1.0
 PROMOTE_EVERY_S = 0.5
 # While runs are in flight, the fetch loop waits until 1/REFILL_DIVISOR of the slots are free.
 REFILL_DIVISOR = 2
+# Results are recorded at most this often: an idle node records a result at once, a busy one
+# gathers the results of this long into one script call.
+FINISH_EVERY_S = 0.001
 # Most results one ``finish`` script call records: bounds the script's run time (Redis serves
 # nobody else meanwhile) while a busy node still records many results per round trip.
 FINISH_BATCH_MAX = 256
@@ -91,6 +95,7 @@ class Consumer:
         self._active: dict[str, _Active] = {}
         self._lock = threading.Lock()
         self._ready: list[_Active] = []  # ended runs to record (reactor thread only)
+        self._flushed_at = 0.0  # monotonic time of the last recording (reactor thread only)
         self._reactor = Reactor("run-reactor").start()
         self.accepting = threading.Event()
         self.accepting.set()
@@ -290,11 +295,16 @@ class Consumer:
         a.outcome = outcome
         self._ready.append(a)
         if len(self._ready) == 1:
-            self._reactor.loop.call_soon(self._flush)
+            wait = self._flushed_at + FINISH_EVERY_S - time.monotonic()
+            if wait > 0:
+                self._reactor.loop.call_later(wait, self._flush)
+            else:
+                self._reactor.loop.call_soon(self._flush)
 
     # -- recording results ------------------------------------------------------------------
 
     def _flush(self) -> None:
+        self._flushed_at = time.monotonic()
         batch, self._ready = self._ready, []
         for i in range(0, len(batch), FINISH_BATCH_MAX):
             try:

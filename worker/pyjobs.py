@@ -96,6 +96,8 @@ class _Worker:
     pidfd: int | None
     poller: select.poll
     inbox: Inbox
+    current: PyExecution | None = None  # the run it is busy with (reactor thread)
+    watched: bool = False  # its pidfd is registered with the reactor
 
     @property
     def pid(self) -> int:
@@ -186,6 +188,7 @@ class PythonPool:
             w.sock.setblocking(False)  # from now on read by the reactor, only when readable
         def release_all() -> None:
             for w in workers:
+                self._watch(w)
                 self._release(w)
 
         self.reactor.call(release_all, START_TIMEOUT_S)
@@ -220,14 +223,24 @@ class PythonPool:
 
     def stop(self) -> None:
         """Retire every worker: idle ones exit at EOF, busy ones are killed (their runs fail)."""
+        try:
+            self.reactor.call(self._stop_here, STOP_GRACE_S + REAP_TIMEOUT_S + 5)
+        except (TimeoutError, RuntimeError):  # the reactor is gone: nothing else touches them
+            self._stop_here()
+        if self._own_reactor:
+            self.reactor.stop()
+
+    def _stop_here(self) -> None:
         with self._cond:
             self._closed = True
             idle = list(self._idle)
             self._idle.clear()
-            for w in self._live:
-                if w not in idle:
-                    w.kill()
+            busy = [w for w in self._live if w not in idle]
             self._cond.notify_all()
+        for w in busy:
+            w.kill()
+            if w.current is not None:
+                w.current._failed(_Died())
         for w in idle:
             with contextlib.suppress(OSError):
                 w.sock.shutdown(socket.SHUT_RDWR)
@@ -236,8 +249,8 @@ class PythonPool:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 w.proc.wait(max(0.0, deadline - time.monotonic()))
             self._discard(w)
-        if self._own_reactor:
-            self.reactor.stop()
+        for w in busy:
+            self._discard(w)
 
     # -- workers --------------------------------------------------------------------------
 
@@ -293,7 +306,8 @@ class PythonPool:
             with self._cond:
                 if self._closed:
                     raise CronsulError("the python pool is stopped")
-                w = self._idle.popleft() if self._idle else None
+                # The most recently used worker: warm caches, and the others stay asleep.
+                w = self._idle.pop() if self._idle else None
                 if w is None:
                     if self._count >= self._size:
                         return None
@@ -301,6 +315,7 @@ class PythonPool:
             if w is None:
                 w = self._spawn_counted()
                 w.sock.setblocking(False)
+                self._watch(w)
                 return w
             if w.proc.poll() is None:
                 return w
@@ -320,6 +335,28 @@ class PythonPool:
         else:
             waiting._dispatch(w)
 
+    def _watch(self, w: _Worker) -> None:
+        """Watch a worker's pidfd for its whole life (reactor thread): an idle worker that
+        dies (the watchdog's deadline, the OOM killer) is replaced at once, a busy one fails
+        its run."""
+        if w.pidfd is not None and not w.watched:
+            self.reactor.loop.add_reader(w.pidfd, self._on_exit, w)
+            w.watched = True
+
+    def _on_exit(self, w: _Worker) -> None:
+        if w.current is not None:
+            w.current._on_died()
+            return
+        with self._cond:
+            idle = w in self._idle
+            if idle:
+                self._idle.remove(w)
+        if idle:
+            self._replace(w)
+        elif w.watched and w.pidfd is not None:  # being discarded elsewhere: stop watching
+            self.reactor.loop.remove_reader(w.pidfd)
+            w.watched = False
+
     def _discard(self, w: _Worker) -> tuple[bytes, int]:
         """Kill what is left of a worker's process group, reap it, forget it; its last output."""
         with self._cond:
@@ -329,6 +366,9 @@ class PythonPool:
             self._count -= 1
             w.kill()  # while its pid cannot have been reused: it is not reaped yet
             self._cond.notify()
+        if w.watched and w.pidfd is not None:
+            self.reactor.loop.remove_reader(w.pidfd)  # before its fd number can be reused
+            w.watched = False
         try:
             w.proc.wait(REAP_TIMEOUT_S)
         except subprocess.TimeoutExpired:
@@ -350,6 +390,7 @@ class PythonPool:
         with contextlib.suppress(CronsulError):  # if it fails, _acquire tries again
             fresh = self._spawn_counted()
             fresh.sock.setblocking(False)
+            self._watch(fresh)
             self._release(fresh)
         return output
 
@@ -438,10 +479,9 @@ class PyExecution:
             return
         self._worker = w
         loop = self._pool.reactor.loop
+        w.current = self
         loop.add_reader(w.sock.fileno(), self._on_readable)
-        if w.pidfd is not None:
-            loop.add_reader(w.pidfd, self._on_died)
-        else:  # no pidfds: check now and then that the worker is alive
+        if w.pidfd is None:  # no pidfds: check now and then that the worker is alive
             self._poll = loop.call_later(LIVENESS_SLICE_S, self._check_alive)
         # Waiting for a worker is not the job's time: the clock starts now.
         self._timer = loop.call_later(self._timeout, self._on_timeout)
@@ -510,10 +550,8 @@ class PyExecution:
         w = self._worker
         if w is None:
             return
-        loop = self._pool.reactor.loop
-        loop.remove_reader(w.sock.fileno())
-        if w.pidfd is not None:
-            loop.remove_reader(w.pidfd)
+        self._pool.reactor.loop.remove_reader(w.sock.fileno())
+        w.current = None
         for handle in (self._timer, self._poll):
             if handle is not None:
                 handle.cancel()
