@@ -133,14 +133,23 @@ def _drain(ctx: Ctx, name: str, job: dict[str, Any], n: int, concurrency: int,
 
 # -- 3. enqueue-to-start latency -----------------------------------------------------------------
 
-def latency(ctx: Ctx, n: int, interval_s: float = 0.010, warmup: int = 20) -> dict[str, Any]:
-    d = ctx.fresh("cronsul-latency")
+def latency(ctx: Ctx, n: int, interval_s: float = 0.010, warmup: int = 20,
+            kind: str = "command") -> dict[str, Any]:
+    """``kind`` "command": the job is ``bash -c`` writing $EPOCHREALTIME (a process per run);
+    "callable": the job is ``bench.bench_jobs:stamp`` in the warm Python pool writing
+    time.time() when entered, exactly what each peer's task records."""
+    d = ctx.fresh(f"cronsul-latency-{kind}")
     r = ctx.client()
     stamps = d / "stamps.txt"
     stamps.write_text("")
-    # bash's printf and $EPOCHREALTIME are builtins: the job records its own start with no fork.
-    jobs = {"stamp": {**IDLE, "timeout": "30s", "command": [
-        "/bin/bash", "-c", f'printf "%s %s\\n" "$CRONSUL_RUN_ID" "$EPOCHREALTIME" >> {stamps}']}}
+    if kind == "callable":
+        job = {**IDLE, "timeout": "30s", "callable": "bench.bench_jobs:stamp",
+               "env": {"BENCH_STAMPS": str(stamps)}}
+    else:
+        # bash's printf and $EPOCHREALTIME are builtins: the job records its start with no fork.
+        job = {**IDLE, "timeout": "30s", "command": [
+            "/bin/bash", "-c", f'printf "%s %s\\n" "$CRONSUL_RUN_ID" "$EPOCHREALTIME" >> {stamps}']}
+    jobs = {"stamp": job}
     stream = KEYS.stream("default")
     base = datetime(2031, 1, 1, tzinfo=UTC)
     sent: dict[str, float] = {}
@@ -186,7 +195,7 @@ def latency(ctx: Ctx, n: int, interval_s: float = 0.010, warmup: int = 20) -> di
     claimed = [int(rec[0]) - sent[rid] * 1000
                for rid, rec in zip(ids, _records(r, ids, ["started_ms"]), strict=True)
                if rec[0] is not None]
-    return {"n": n, "interval_ms": interval_s * 1000, "agents": 2,
+    return {"n": n, "interval_ms": interval_s * 1000, "agents": 2, "kind": kind,
             "process_start": summary_ms(process),
             "claimed": {**summary_ms(claimed), "note": "run record started_ms (ms resolution)"}}
 

@@ -90,16 +90,22 @@ def render_table(r: dict[str, Any]) -> str:
     peer_p99 = [x for x in peer_p99 if x is not None]
     best = min(peer_p99, default=None)
     lc = r.get("latency_cronsul", {})
+    lpy = r.get("latency_cronsul_callable", {})
+    if "process_start" in lpy:
+        ent = lpy["process_start"]
+        rows.append((m3, "cronsul: callable entered in the warm pool (as the peers measure)",
+                     f"{_f(ent['p50_ms'], 2)} / {_f(ent['p99_ms'], 2)}", "",
+                     "p99 ≤ best peer's", _met(None if best is None else ent["p99_ms"] <= best)))
+    else:
+        rows.append((m3, "cronsul: callable", _err(lpy) or "n/a", "", "", ""))
     if "claimed" in lc:
         cl, ps = lc["claimed"], lc["process_start"]
-        rows.append((m3, "cronsul: run claimed (record started_ms)",
-                     f"{_f(cl['p50_ms'], 2)} / {_f(cl['p99_ms'], 2)}", "",
-                     "p99 ≤ best peer's", _met(None if best is None else cl["p99_ms"] <= best)))
-        rows.append((m3, "cronsul: job process running (bash $EPOCHREALTIME)",
-                     f"{_f(ps['p50_ms'], 2)} / {_f(ps['p99_ms'], 2)}", "",
-                     "", _met(None if best is None else ps["p99_ms"] <= best)))
+        rows.append((m3, "cronsul: run claimed (record started_ms, ms resolution)",
+                     f"{_f(cl['p50_ms'], 2)} / {_f(cl['p99_ms'], 2)}", "", "", ""))
+        rows.append((m3, "cronsul: command process running (bash $EPOCHREALTIME)",
+                     f"{_f(ps['p50_ms'], 2)} / {_f(ps['p99_ms'], 2)}", "", "", ""))
     else:
-        rows.append((m3, "cronsul", _err(lc) or "n/a", "", "", ""))
+        rows.append((m3, "cronsul: command", _err(lc) or "n/a", "", "", ""))
     for p, v in sorted(peers.items()):
         lat = v.get("latency", {})
         L = lat.get("latency")

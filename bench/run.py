@@ -109,6 +109,8 @@ def main() -> int:
             guarded(results, "noop_cronsul", noop_drain, ctx, sizes["noop_n"])
             guarded(results, "shell_cronsul",
                     lambda: {str(c): shell_drain(ctx, sizes["shell_n"], c) for c in conc})
+            guarded(results, "latency_cronsul_callable", lambda: latency(
+                ctx, sizes["latency_n"], kind="callable"))
             guarded(results, "latency_cronsul", latency, ctx, sizes["latency_n"])
             guarded(results, "tick_lag", tick_lag, ctx, sizes["tick_jobs"], sizes["tick_s"])
             guarded(results, "failover", failover_and_footprint, ctx,

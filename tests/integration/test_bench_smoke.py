@@ -30,6 +30,7 @@ def test_bench_smoke_mode_runs_and_produces_numbers(tmp_path: Path) -> None:
     assert r["noop_cronsul"]["per_s"] > 0 and r["noop_cronsul"]["succeeded"] > 0
     assert all(v["per_s"] > 0 for v in r["shell_cronsul"].values())
     assert r["latency_cronsul"]["claimed"]["p50_ms"] is not None
+    assert r["latency_cronsul_callable"]["process_start"]["n"] == r["sizes"]["latency_n"]
     assert r["tick_lag"]["visible"]["p99_ms"] is not None
     assert r["failover"]["sigterm"]["n"] == 1 and r["failover"]["sigkill"]["n"] == 1
     assert len(r["failover"]["footprint"]["agents"]) == 3
