@@ -79,11 +79,12 @@ def _group(r: redis.Redis, queue: str) -> dict[str, Any]:
 
 # -- 1. no-op Python jobs ---------------------------------------------------------------------
 
-def noop_drain(ctx: Ctx, n: int, concurrency: int = 8, agents: int = 2) -> dict[str, Any]:
+def noop_drain(ctx: Ctx, n: int, concurrency: int = 8, agents: int = 2,
+               python_workers: int = 0) -> dict[str, Any]:
     """``n`` runs of a ``callable = "bench.bench_jobs:noop"`` job drained by 2 agents, each
     with its warm Python worker pool (one worker per run slot)."""
     job = {**IDLE, "callable": "bench.bench_jobs:noop", "timeout": "30s"}
-    return _drain(ctx, "noop", job, n, concurrency, agents)
+    return _drain(ctx, "noop", job, n, concurrency, agents, python_workers)
 
 
 # -- 2. /bin/true shell jobs -------------------------------------------------------------------
@@ -103,14 +104,15 @@ def shell_drain(ctx: Ctx, n: int, concurrency: int, agents: int = 2) -> dict[str
 
 
 def _drain(ctx: Ctx, name: str, job: dict[str, Any], n: int, concurrency: int,
-           agents: int) -> dict[str, Any]:
+           agents: int, python_workers: int = 0) -> dict[str, Any]:
     d = ctx.fresh(f"cronsul-{name}")
     r = ctx.client()
     run_ids = _enqueue_runs(r, name, n)
     jobs = {name: job}
     with _Consul(d) as consul:
         cluster = Cluster(d, consul, ctx.redis.url, [f"s{i + 1}" for i in range(agents)], jobs,
-                          worker_extra={"concurrency": concurrency, "visibility_timeout": "60s"})
+                          worker_extra={"concurrency": concurrency, "visibility_timeout": "60s",
+                                        "python_workers": python_workers})
         cluster.start()
         try:
             def drained() -> bool:
@@ -128,6 +130,7 @@ def _drain(ctx: Ctx, name: str, job: dict[str, Any], n: int, concurrency: int,
     ends = [int(rec[2]) for rec in ok]
     span_s = (max(ends) - min(starts)) / 1000
     return {"n": n, "succeeded": len(ok), "agents": agents, "concurrency": concurrency,
+            "python_workers": python_workers or concurrency,
             "span_s": span_s, "per_s": round(len(ok) / span_s, 1)}
 
 

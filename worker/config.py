@@ -89,6 +89,7 @@ class WorkerSection:
     queues: tuple[str, ...]
     queue_concurrency: tuple[tuple[str, int], ...] = ()
     history_retention: timedelta = timedelta(days=7)
+    python_workers: int = 0  # warm processes for callable jobs; 0: one per run slot
 
 
 @dataclass(frozen=True)
@@ -298,6 +299,7 @@ def _worker(s: Section) -> WorkerSection:
         queues=tuple(queues),
         queue_concurrency=_queue_limits(s, queues),
         history_retention=s.duration("history_retention", "7d", low=timedelta(hours=1)),
+        python_workers=s.integer("python_workers", 0, low=0, high=1024),
     )
     for q in out.queues:
         try:

@@ -10,6 +10,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from queue import Empty, SimpleQueue
 
 import redis
 import structlog
@@ -95,7 +96,9 @@ class Consumer:
         self._active: dict[str, _Active] = {}
         self._lock = threading.Lock()
         self._ready: list[_Active] = []  # ended runs to record (reactor thread only)
-        self._flushed_at = 0.0  # monotonic time of the last recording (reactor thread only)
+        self._flushed_at = 0.0  # monotonic time of the last hand-over (reactor thread only)
+        self._to_finish: SimpleQueue[list[_Active] | None] = SimpleQueue()
+        self._finisher: threading.Thread | None = None
         self._reactor = Reactor("run-reactor").start()
         self.accepting = threading.Event()
         self.accepting.set()
@@ -119,6 +122,11 @@ class Consumer:
     def run(self, stop: threading.Event) -> None:
         queues = list(self._cfg.worker.queues)
         self._q.ensure_groups(queues)
+        with self._lock:
+            if self._finisher is None:
+                self._finisher = threading.Thread(target=self._finish_loop, name="run-finisher",
+                                                  daemon=True)
+                self._finisher.start()
         next_reclaim = next_promote = 0.0
         while not stop.is_set():
             if not self.accepting.is_set():
@@ -304,13 +312,34 @@ class Consumer:
     # -- recording results ------------------------------------------------------------------
 
     def _flush(self) -> None:
+        """Hand the results of the last millisecond to the finisher (one cross-thread step)."""
         self._flushed_at = time.monotonic()
         batch, self._ready = self._ready, []
-        for i in range(0, len(batch), FINISH_BATCH_MAX):
-            try:
-                self._finish_batch(batch[i:i + FINISH_BATCH_MAX])
-            except Exception:
-                self._log.exception("run_finisher_crashed", runs=len(batch))
+        self._to_finish.put(batch)
+
+    def _finish_loop(self) -> None:
+        """The finisher thread: records results in batches (one script call each), so the
+        reactor never waits on Redis."""
+        closing = False
+        while not closing:
+            item = self._to_finish.get()
+            if item is None:
+                return
+            batch = item
+            while len(batch) < FINISH_BATCH_MAX:
+                try:
+                    more = self._to_finish.get_nowait()
+                except Empty:
+                    break
+                if more is None:
+                    closing = True
+                    break
+                batch.extend(more)
+            for i in range(0, len(batch), FINISH_BATCH_MAX):
+                try:
+                    self._finish_batch(batch[i:i + FINISH_BATCH_MAX])
+                except Exception:
+                    self._log.exception("run_finisher_crashed", runs=len(batch))
 
     def _finish_batch(self, batch: list[_Active]) -> None:
         records: list[Finished] = []
@@ -325,17 +354,6 @@ class Consumer:
         # Still in _active: the heartbeat keeps the leases alive while the results are written.
         self.batches["finish_calls"] += 1
         self.batches["finish_runs"] += len(records)
-        try:
-            recorded = self._runs.finish_many(records)
-        except redis.RedisError:
-            # Redis is away (a restart, a failover): keep trying on a thread of its own, so the
-            # reactor goes on watching the runs still going.
-            threading.Thread(target=self._record_slowly, args=(batch, records),
-                             name="finish-retry", daemon=True).start()
-            return
-        self._settle_batch(batch, records, recorded)
-
-    def _record_slowly(self, batch: list[_Active], records: list[Finished]) -> None:
         recorded: list[bool] | None
         try:
             recorded = self._record(batch, records)
@@ -394,8 +412,9 @@ class Consumer:
         """The warm worker pool for callable jobs, one worker per run slot."""
         with self._lock:
             if self._py is None:
-                pool = PythonPool(self._cfg.worker.concurrency, watchdog=self._watchdog,
-                                  reactor=self._reactor)
+                w = self._cfg.worker
+                pool = PythonPool(min(w.python_workers or w.concurrency, w.concurrency),
+                                  watchdog=self._watchdog, reactor=self._reactor)
                 pool.start()
                 self._py = pool
             return self._py
@@ -503,6 +522,7 @@ class Consumer:
 
     def close(self) -> None:
         self._log.info("consumer_batches", **self.batches)
+        self._to_finish.put(None)
         if self._py is not None:
             self._py.stop()
 

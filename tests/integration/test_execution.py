@@ -71,8 +71,9 @@ def test_execution_guarantees(tmp_path: Path, devconsul: DevConsul,
         "after": {"schedule": NEVER, "timeout": "10s",
                   "command": ["/bin/sh", "-c", f"echo ok >> {after}"]},
     }
+    # One warm Python process per node for 4 run slots: callables wait for it in the agent.
     cluster = Cluster(tmp_path, devconsul, redis_proc.url, ["n1", "n2"], jobs,
-                      worker_extra={"visibility_timeout": "4s"})
+                      worker_extra={"visibility_timeout": "4s", "python_workers": 1})
     cfg = load_config(cluster.agents["n1"].config)
     cluster.start()
     try:
@@ -120,6 +121,12 @@ def test_execution_guarantees(tmp_path: Path, devconsul: DevConsul,
         again = enqueue_id(cfg, "py-add", ["a=1", "b=1"])
         wait_until(lambda: record(r, again).get("state") == "succeeded", 20, what="py after")
         assert all(a.alive() for a in cluster.agents.values())
+        # More callable runs at once than warm processes: they queue for them, none is lost.
+        burst = [enqueue_id(cfg, "py-add", ["a=1", f"b={i}"]) for i in range(12)]
+        wait_until(lambda: all(record(r, b).get("state") == "succeeded" for b in burst), 30,
+                   what="a burst of callables through one warm process per node")
+        assert sorted(int(record(r, b)["output"].split()[-1]) for b in burst) == \
+            [1 + i for i in range(12)]
 
         # 4. retries: attempts 1..3, then dead with a dead letter.
         flaky = enqueue_id(cfg, "flaky")

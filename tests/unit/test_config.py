@@ -44,6 +44,7 @@ def test_good_config_loads_with_defaults(tmp_path: Path) -> None:
     assert cfg.consul.leader_key == "cronsul/leader"
     assert (cfg.consul.host, cfg.consul.port, cfg.consul.scheme) == ("127.0.0.1", 8500, "http")
     assert cfg.worker.concurrency == 4
+    assert cfg.worker.python_workers == 0  # one warm Python process per run slot
 
 
 def test_consul_url_address_and_env_token(tmp_path: Path) -> None:
@@ -72,6 +73,8 @@ def test_consul_url_address_and_env_token(tmp_path: Path) -> None:
         ('url = "redis://127.0.0.1:6379/0"', 'url = "http://x"', ["[redis]", "url"]),
         ('node = "n1"', 'node = "n1"\nleader_eligible = "yes"', ["[agent]", "leader_eligible", "true or false"]),
         ('timeout = "10m"', 'timeout = "10m"\ncatchup = "some"', ["[jobs.report]", "catchup", "'some'"]),
+        ("[jobs.report]", '[worker]\npython_workers = -1\n[jobs.report]', ["[worker]", "python_workers"]),
+        ("[jobs.report]", '[worker]\npython_workers = "2"\n[jobs.report]', ["[worker]", "python_workers"]),
     ],
 )
 def test_bad_config_is_refused_naming_file_section_and_key(
