@@ -38,7 +38,9 @@ if e ~= he or i ~= hi then
   redis.call('HSET', KEYS[1], 'epoch', e, 'index', i)
 end
 local ttl, rpre, qpre = ARGV[3], ARGV[4], ARGV[5]
-local t = redis.call('TIME')  -- Redis's clock: one for all nodes
+-- Redis's clock, one for all nodes (writes after TIME are fine: scripts replicate their
+-- effects, the default since Redis 5 and the only mode since 7)
+local t = redis.call('TIME')
 local now = t[1] .. string.format('%03d', math.floor(tonumber(t[2]) / 1000))
 local last = 6 + 5 * tonumber(ARGV[6])
 local enq, dup = 0, 0
