@@ -100,6 +100,7 @@ class Consumer:
         self._to_finish: SimpleQueue[list[_Active] | None] = SimpleQueue()
         self._finisher: threading.Thread | None = None
         self._reactor = Reactor("run-reactor").start()
+        watchdog.defer_writes(self._reactor.call_soon)
         self.accepting = threading.Event()
         self.accepting.set()
         self._py: PythonPool | None = None  # started on first use by a callable job

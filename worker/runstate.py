@@ -92,8 +92,9 @@ local function begin(run, lease, lock, waiting, stream, delayed, a)
   end
   redis.call('SET', lease, token, 'PX', lease_ms)
   local attempt = redis.call('HINCRBY', run, 'attempt', 1)
-  meta()
-  redis.call('HSET', run, 'state', 'running', 'node', node, 'started_ms', now)
+  redis.call('HSET', run, 'job', job, 'scheduled_ms', sched, 'run_id', run_id, 'queue', queue,
+             'state', 'running', 'node', node, 'started_ms', now)
+  if redis.call('TTL', run) < 0 then redis.call('EXPIRE', run, ttl) end
   redis.call('HDEL', run, 'waiting_for')
   return 'start', tostring(attempt)
 end
@@ -137,7 +138,7 @@ return out
 FINISH = """
 local delayed, dlq = KEYS[1], KEYS[2]
 local group, node, dead_max, hist_keep = ARGV[1], ARGV[2], ARGV[3], -1 - tonumber(ARGV[4])
-local out = {}
+local out, trim = {}, {}
 local a = 5
 for i = 0, (#KEYS - 2) / 5 - 1 do
   local k = 2 + 5 * i
@@ -173,10 +174,11 @@ for i = 0, (#KEYS - 2) / 5 - 1 do
                  'payload', payload, 'run_id', run_id)
     end
     redis.call('ZADD', hist, now, run_id)
-    redis.call('ZREMRANGEBYRANK', hist, 0, hist_keep)
+    trim[hist] = true
     out[i+1] = 1
   end
 end
+for hist in pairs(trim) do redis.call('ZREMRANGEBYRANK', hist, 0, hist_keep) end
 return out
 """
 

@@ -23,6 +23,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 
 def _kill_groups(groups: set[int]) -> None:
@@ -67,6 +68,29 @@ class Watchdog:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._proc: subprocess.Popen[bytes] | None = None
+        self._pending: list[str] = []  # track/untrack lines not written yet
+        self._defer: Callable[[Callable[[], None]], None] | None = None
+
+    def defer_writes(self, schedule: Callable[[Callable[[], None]], None]) -> None:
+        """Gather track/untrack lines and write them with one write: ``schedule(flush)`` must
+        run ``flush`` soon (a reactor's call_soon: at the end of its current turn, so a busy
+        node pays one pipe write and one watchdog wake-up per turn, not two per run)."""
+        self._defer = schedule
+
+    def _queue(self, line: str) -> None:
+        with self._lock:
+            self._pending.append(line)
+            first = len(self._pending) == 1
+        if self._defer is None:
+            self.flush()
+        elif first:
+            self._defer(self.flush)
+
+    def flush(self) -> None:
+        with self._lock:
+            lines, self._pending = self._pending, []
+        if lines:
+            self._send("\n".join(lines))
 
     def start(self) -> None:
         with self._lock:
@@ -94,10 +118,10 @@ class Watchdog:
                     self._spawn()
 
     def track(self, pgid: int) -> None:
-        self._send(f"track {pgid}")
+        self._queue(f"track {pgid}")
 
     def untrack(self, pgid: int) -> None:
-        self._send(f"untrack {pgid}")
+        self._queue(f"untrack {pgid}")
 
     def deadline(self, monotonic_deadline: float | None) -> None:
         self._send("deadline none" if monotonic_deadline is None
@@ -105,6 +129,7 @@ class Watchdog:
 
     def stop(self) -> None:
         """Close stdin: the watchdog kills what is still tracked and exits."""
+        self.flush()
         with self._lock:
             proc, self._proc = self._proc, None
         if proc is not None and proc.stdin is not None:
