@@ -53,9 +53,16 @@ def render_table(r: dict[str, Any]) -> str:
     c = r.get("noop_cronsul", {})
     rel = (f"{c['per_s'] / fastest:.2f}x fastest peer"
            if fastest and isinstance(c.get("per_s"), int | float) else "")
-    rows.append((m1, "cronsul", c.get("status") or _f(c.get("per_s")), rel,
+    label = (f"cronsul (2 agents, concurrency {c['concurrency']}, python_workers "
+             f"{c.get('python_workers', c['concurrency'])})" if "concurrency" in c else "cronsul")
+    rows.append((m1, label, c.get("status") or _f(c.get("per_s")), rel,
                  "≥ 1.5x fastest peer", "n/a" if "status" in c else
                  _met(bool(fastest) and c.get("per_s", 0) >= 1.5 * (fastest or 0))))
+    for v in r.get("noop_cronsul_configs", {}).values():
+        if isinstance(v, dict) and "per_s" in v and v is not c and v != c:
+            rows.append((m1, f"cronsul (concurrency {v['concurrency']}, python_workers "
+                             f"{v.get('python_workers', v['concurrency'])})", _f(v["per_s"]),
+                         f"{v['per_s'] / fastest:.2f}x fastest peer" if fastest else "", "", ""))
     for p, v in sorted(noop.items(), key=lambda kv: -(kv[1].get("per_s") or 0)):
         ratio = f"{v['per_s'] / fastest:.2f}x fastest" if fastest and v.get("per_s") else ""
         rows.append((m1, p, _err(v) or _f(v.get("per_s")), ratio, "", ""))

@@ -5,8 +5,9 @@
 
 Sizes (env): BENCH_NOOP_N 10000, BENCH_SHELL_N 2000, BENCH_LATENCY_N 1000, BENCH_TICK_JOBS 1000,
 BENCH_TICK_S 30, BENCH_FANOUT_N 10000, BENCH_FAILOVER_TRIALS 20, BENCH_FOOTPRINT_S 30,
-BENCH_FORK_S 5, BENCH_CONCURRENCY "4,8,16" (cronsul [worker] concurrency values tried for shell
-jobs). BENCH_PEERS: comma list or "none" (default: all six; none in smoke mode).
+BENCH_FORK_S 5, BENCH_CONCURRENCY "8,16,32" (cronsul [worker] concurrency values tried for shell
+jobs), BENCH_NOOP_CONFIGS "8:0,64:4" (concurrency:python_workers for the no-op drain).
+BENCH_PEERS: comma list or "none" (default: all six; none in smoke mode).
 BENCH_OUT: results file (default bench/results/<date>.json; a temp file in smoke mode).
 """
 
@@ -86,8 +87,11 @@ def main() -> int:
         "footprint_s": env_float("BENCH_FOOTPRINT_S", 30, 3),
         "fork_s": env_float("BENCH_FORK_S", 5, 1),
     }
-    conc = [int(x) for x in os.environ.get("BENCH_CONCURRENCY", "8" if smoke else "4,8,16")
+    conc = [int(x) for x in os.environ.get("BENCH_CONCURRENCY", "8" if smoke else "8,16,32")
             .split(",") if x]
+    # cronsul no-op configurations tried, "concurrency:python_workers" (0: one per run slot).
+    noop_configs = [tuple(int(x) for x in pair.split(":")) for pair in os.environ.get(
+        "BENCH_NOOP_CONFIGS", "8:0" if smoke else "8:0,64:4").split(",") if pair]
     peers_env = os.environ.get("BENCH_PEERS", "none" if smoke else ",".join(PEERS))
     peers = [] if peers_env == "none" else [p for p in peers_env.split(",") if p]
     started = time.monotonic()
@@ -95,6 +99,7 @@ def main() -> int:
         "date": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"), "smoke": smoke,
         "command": "BENCH_SMOKE=1 python -m bench.run" if smoke else "make bench",
         "machine": machine_facts(), "sizes": sizes, "cronsul_concurrency_tried": conc,
+        "cronsul_noop_configs_tried": [f"{c}:{w}" for c, w in noop_configs],
         "peers": {},
     }
     with tempfile.TemporaryDirectory(prefix="cronsul-bench-") as tmp:
@@ -106,7 +111,13 @@ def main() -> int:
             guarded(results, "forkexec", lambda: {
                 m: forkexec.measure(m, sizes["fork_s"]) for m in ("subprocess", "posix_spawn")})
             guarded(results, "fanout", fanout, ctx, sizes["fanout_n"], sizes["fanout_trials"])
-            guarded(results, "noop_cronsul", noop_drain, ctx, sizes["noop_n"])
+            guarded(results, "noop_cronsul_configs", lambda: {
+                f"{c}:{w}": noop_drain(ctx, sizes["noop_n"], c, python_workers=w)
+                for c, w in noop_configs})
+            tried = [v for v in results["noop_cronsul_configs"].values()
+                     if isinstance(v, dict) and "per_s" in v]
+            results["noop_cronsul"] = max(tried, key=lambda v: v["per_s"], default={
+                "status": "failed: see noop_cronsul_configs"})
             guarded(results, "shell_cronsul",
                     lambda: {str(c): shell_drain(ctx, sizes["shell_n"], c) for c in conc})
             guarded(results, "latency_cronsul_callable", lambda: latency(

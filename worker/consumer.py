@@ -19,7 +19,7 @@ from scheduler.clock import Clock
 from scheduler.errors import MessageError
 from scheduler.runs import epoch_ms, from_epoch_ms, iso_utc
 from worker.config import Config, JobSpec
-from worker.executor import Execution, Outcome, job_environment, root_refusal
+from worker.executor import Execution, Outcome, job_environment, root_refusal, seal_inherited_fds
 from worker.messages import RunMessage, parse_message
 from worker.metrics import RunHooks
 from worker.params import render_argv
@@ -99,6 +99,7 @@ class Consumer:
         self._flushed_at = 0.0  # monotonic time of the last hand-over (reactor thread only)
         self._to_finish: SimpleQueue[list[_Active] | None] = SimpleQueue()
         self._finisher: threading.Thread | None = None
+        seal_inherited_fds()  # jobs are started with posix_spawn, which closes nothing itself
         self._reactor = Reactor("run-reactor").start()
         watchdog.defer_writes(self._reactor.call_soon)
         self.accepting = threading.Event()
@@ -248,9 +249,6 @@ class Consumer:
         with self._lock:
             for a in started:
                 self._active[a.ref.run_id] = a
-        self._update_watchdog()
-        for a in started:
-            self.hooks.run_started(a.msg.job)
         self._reactor.call_soon(self._launch, started)
 
     def _dead_letter(self, d: Delivery, exc: MessageError) -> None:
@@ -292,6 +290,11 @@ class Consumer:
                                     job.timeout.total_seconds(), job.user, done)
             except Exception as exc:
                 self._crashed(a, exc)
+        # After the starts, off the enqueue-to-start path: the watchdog's deadline (the
+        # leases were just written, so it is far off) and the metrics.
+        self._update_watchdog()
+        for a in batch:
+            self.hooks.run_started(a.msg.job)
 
     def _crashed(self, a: _Active, exc: Exception) -> None:
         self._log.exception("run_handler_crashed", run_id=a.ref.run_id)

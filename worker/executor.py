@@ -276,6 +276,22 @@ class Execution:
             self._reactor.call_soon(self._stop)
 
 
+def seal_inherited_fds() -> int:
+    """Mark every open descriptor above 2 close-on-exec; returns how many were not. Python
+    opens its own that way; this catches ones the agent inherited (from a shell, a supervisor),
+    which ``posix_spawn`` would otherwise pass on to every job (Popen closes them itself)."""
+    sealed = 0
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd <= 2:
+            continue
+        with contextlib.suppress(OSError):  # the listing's own descriptor is gone by now
+            if os.get_inheritable(fd):
+                os.set_inheritable(fd, False)
+                sealed += 1
+    return sealed
+
+
 def _executable(name: str, env: Mapping[str, str]) -> str:
     """Where ``name`` is, searched on the job's PATH (as subprocess does); OSError if nowhere."""
     if "/" in name:

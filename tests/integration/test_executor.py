@@ -103,3 +103,20 @@ def test_watchdog_kills_when_the_deadline_passes_unrenewed() -> None:
         assert p.wait(5) == -signal.SIGKILL
     finally:
         w.stop()
+
+
+def test_jobs_do_not_inherit_the_agents_stray_descriptors() -> None:
+    from worker.executor import seal_inherited_fds
+
+    read_fd, write_fd = os.pipe()
+    os.set_inheritable(write_fd, True)  # as if inherited from whoever started the agent
+    try:
+        assert seal_inherited_fds() >= 1
+        assert not os.get_inheritable(write_fd)
+        out = Execution(None, 1).run(["/bin/ls", "/proc/self/fd"], {"PATH": "/usr/bin:/bin"},
+                                     None, 5)
+        assert out.ok
+        assert str(write_fd) not in out.output.split(), out.output
+    finally:
+        os.close(read_fd)
+        os.close(write_fd)
