@@ -75,3 +75,8 @@ def spawn_and_hang(pidfile: str) -> None:
 def set_environ() -> None:
     os.environ["CRONSUL_JOB"] = "changed-by-job"
     os.environ["CRONSUL_EXTRA"] = "left-behind"
+
+
+def odd_name() -> None:
+    """Prints a file name decoded with surrogateescape: a lone surrogate, not valid UTF-8."""
+    print("wrote", b"report-\xff.csv".decode("utf-8", "surrogateescape"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import random
@@ -44,6 +45,8 @@ REFILL_DIVISOR = 2
 # Results are recorded at most this often: an idle node records a result at once, a busy one
 # gathers the results of this long into one script call.
 FINISH_EVERY_S = 0.001
+# At shutdown, how long closing waits for the reactor and for the last results to be recorded.
+CLOSE_WAIT_S = 5.0
 # Most results one ``finish`` script call records: bounds the script's run time (Redis serves
 # nobody else meanwhile) while a busy node still records many results per round trip.
 FINISH_BATCH_MAX = 256
@@ -157,6 +160,9 @@ class Consumer:
             except redis.RedisError as exc:
                 self._log.warning("redis_error", error=str(exc)[:200])
                 stop.wait(0.5)
+            except Exception:  # a bug must not stop this node from consuming
+                self._log.exception("fetch_loop_error")
+                stop.wait(0.5)
 
     def _free_slots(self) -> int:
         with self._lock:
@@ -222,6 +228,9 @@ class Consumer:
             # The entries stay pending; another node (or we) reclaims them once idle.
             self._free([d for d, *_ in claims])
             raise
+        if len(results) != len(claims):  # never expected: the script answers every run
+            self._free([d for d, *_ in claims])
+            raise redis.ResponseError(f"begin answered {len(results)} of {len(claims)} runs")
         started: list[_Active] = []
         not_started: list[Delivery] = []
         euid = os.geteuid()
@@ -234,10 +243,13 @@ class Consumer:
                 continue
             job = jobs[msg.job]
             refusal = root_refusal(job.user, job.allow_root, job.callable is not None, euid)
-            execution: Execution | PyExecution
+            execution: Execution | PyExecution | None = None
             if job.callable is not None and refusal is None:
-                execution = self._python_pool().execution()
-            else:
+                try:
+                    execution = self._python_pool().execution()
+                except Exception as exc:  # recorded as a failed attempt (retried if it may)
+                    refusal = f"cannot start the python pool: {exc}"
+            if execution is None:
                 execution = Execution(self._watchdog, self._cfg.worker.kill_grace.total_seconds(),
                                       job.output_limit, log=self._log.bind(run_id=msg.run_id),
                                       reactor=self._reactor)
@@ -290,8 +302,9 @@ class Consumer:
                                     job.timeout.total_seconds(), job.user, done)
             except Exception as exc:
                 self._crashed(a, exc)
-        # After the starts, off the enqueue-to-start path: the watchdog's deadline (the
-        # leases were just written, so it is far off) and the metrics.
+        # After the starts, off the enqueue-to-start path: the new jobs' track lines, the
+        # watchdog's deadline (the leases were just written, so it is far off), the metrics.
+        self._watchdog.flush()
         self._update_watchdog()
         for a in batch:
             self.hooks.run_started(a.msg.job)
@@ -319,7 +332,8 @@ class Consumer:
         """Hand the results of the last millisecond to the finisher (one cross-thread step)."""
         self._flushed_at = time.monotonic()
         batch, self._ready = self._ready, []
-        self._to_finish.put(batch)
+        if batch:
+            self._to_finish.put(batch)
 
     def _finish_loop(self) -> None:
         """The finisher thread: records results in batches (one script call each), so the
@@ -346,6 +360,30 @@ class Consumer:
                     self._log.exception("run_finisher_crashed", runs=len(batch))
 
     def _finish_batch(self, batch: list[_Active]) -> None:
+        try:
+            records = self._records(batch)
+        except Exception:
+            self._log.exception("run_finisher_crashed", runs=len(batch))
+            records = [Finished(a.ref, a.token, "failed", epoch_ms(self._clock.now()),
+                                _record_fields(Outcome(None, None, False, 0.0, "", 0,
+                                                       "cronsul could not record the result")))
+                       for a in batch]
+        # Still in _active: the heartbeat keeps the leases alive while the results are written.
+        self.batches["finish_calls"] += 1
+        self.batches["finish_runs"] += len(records)
+        recorded: list[bool] | None
+        try:
+            recorded = self._record(batch, records)
+        except Exception as exc:
+            # The entries stay pending; another node (or we) reclaims them once their leases
+            # lapse, and ``begin`` tells a finished run from one to run again.
+            for a in batch:
+                self._log.warning("run_redis_error", run_id=a.ref.run_id,
+                                  error=f"{type(exc).__name__}: {exc}"[:200])
+            recorded = None
+        self._settle_batch(batch, records, recorded)
+
+    def _records(self, batch: list[_Active]) -> list[Finished]:
         records: list[Finished] = []
         for a in batch:
             outcome = a.outcome or Outcome(None, None, False, 0.0, "", 0, "no outcome")
@@ -355,22 +393,17 @@ class Consumer:
                 fields["error"] = "stopped: replaced by a newer run (overlap = replace)"
             records.append(Finished(a.ref, a.token, state, epoch_ms(self._clock.now()), fields,
                                     retry_at))
-        # Still in _active: the heartbeat keeps the leases alive while the results are written.
-        self.batches["finish_calls"] += 1
-        self.batches["finish_runs"] += len(records)
-        recorded: list[bool] | None
-        try:
-            recorded = self._record(batch, records)
-        except redis.RedisError as exc:
-            # The entries stay pending; another node (or we) reclaims them once their leases
-            # lapse, and ``begin`` tells a finished run from one to run again.
-            for a in batch:
-                self._log.warning("run_redis_error", run_id=a.ref.run_id, error=str(exc)[:200])
-            recorded = None
-        self._settle_batch(batch, records, recorded)
+        return records
 
     def _settle_batch(self, batch: list[_Active], records: list[Finished],
                       recorded: list[bool] | None) -> None:
+        try:
+            self._report(batch, records, recorded)
+        finally:
+            self._free([a.delivery for a in batch])
+
+    def _report(self, batch: list[_Active], records: list[Finished],
+                recorded: list[bool] | None) -> None:
         with self._lock:
             for a in batch:
                 self._active.pop(a.ref.run_id, None)
@@ -392,7 +425,6 @@ class Consumer:
                 output_bytes=outcome.output_bytes, error=rec.fields["error"] or None,
                 retry_at=iso_utc(from_epoch_ms(rec.retry_at_ms)) if rec.retry_at_ms else None,
             )
-        self._free([a.delivery for a in batch])
 
     def _record(self, batch: list[_Active], records: list[Finished]) -> list[bool]:
         """Record the results, retrying through a Redis blip (a restart, a failover) for as
@@ -413,15 +445,15 @@ class Consumer:
                 delay = min(delay * 2, FINISH_RETRY_MAX_S)
 
     def _python_pool(self) -> PythonPool:
-        """The warm worker pool for callable jobs, one worker per run slot."""
-        with self._lock:
-            if self._py is None:
-                w = self._cfg.worker
-                pool = PythonPool(min(w.python_workers or w.concurrency, w.concurrency),
-                                  watchdog=self._watchdog, reactor=self._reactor)
-                pool.start()
-                self._py = pool
-            return self._py
+        """The warm worker pool for callable jobs (fetch thread), started on first use.
+        Not under ``_lock``: starting waits for the reactor, whose callbacks take ``_lock``."""
+        if self._py is None:
+            w = self._cfg.worker
+            pool = PythonPool(min(w.python_workers or w.concurrency, w.concurrency),
+                              watchdog=self._watchdog, reactor=self._reactor)
+            pool.start()  # CronsulError: the caller records the run as a failed attempt
+            self._py = pool
+        return self._py
 
     def _not_started(self, ref: RunRef, verdict: str, detail: str) -> None:
         events = {
@@ -525,10 +557,36 @@ class Consumer:
             return self._inflight > 0
 
     def close(self) -> None:
-        self._log.info("consumer_batches", **self.batches)
+        """Record what has ended (a run that finished but was never recorded would run again
+        elsewhere), then stop the Python pool and the reactor."""
+        # If the reactor is stuck or gone, those runs' leases lapse and they are reclaimed.
+        with contextlib.suppress(TimeoutError, RuntimeError):
+            self._reactor.call(self._flush_ended, CLOSE_WAIT_S)
         self._to_finish.put(None)
+        finisher = self._finisher
+        if finisher is not None:
+            finisher.join(CLOSE_WAIT_S)
+        self._log.info("consumer_batches", **self.batches)
         if self._py is not None:
             self._py.stop()
+        self._reactor.stop()
+
+    def _flush_ended(self) -> None:
+        if self._ready:
+            self._flush()
+
+
+def _text(value: str) -> str:
+    """``value`` as valid UTF-8 (a job's output may carry lone surrogates, which Redis's
+    encoder refuses): each offending character becomes U+FFFD."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        try:  # bytes decoded with surrogateescape (file names): the byte becomes U+FFFD
+            return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+        except UnicodeEncodeError:
+            return value.encode("utf-8", "replace").decode("utf-8")
+    return value
 
 
 def _record_fields(o: Outcome) -> dict[str, str]:
@@ -537,7 +595,7 @@ def _record_fields(o: Outcome) -> dict[str, str]:
         "signal": "" if o.signal is None else str(o.signal),
         "timed_out": "1" if o.timed_out else "0",
         "duration_ms": str(round(o.duration_s * 1000, 1)),
-        "output": o.output,
+        "output": _text(o.output),
         "output_bytes": str(o.output_bytes),
-        "error": o.error or "",
+        "error": _text(o.error or ""),
     }

@@ -131,10 +131,13 @@ class Execution:
         except (KeyError, PermissionError) as exc:
             self._report(Outcome(None, None, False, 0.0, "", 0, str(exc).strip("'\"")))
             return
+        if self._stopping:  # stop() came before the process existed: never start it
+            self._report(Outcome(None, None, False, 0.0, "", 0, "stopped before it started"))
+            return
         read_fd, write_fd = os.pipe()
         try:
             self._pid = self._spawn(argv, env, cwd, identity, write_fd)
-        except OSError as exc:
+        except (OSError, ValueError, TypeError) as exc:  # ValueError: a NUL in an argument
             os.close(read_fd)
             self._report(Outcome(None, None, False, 0.0, "", 0,
                                  f"cannot start {argv[0]!r}: {exc}"))
@@ -153,9 +156,6 @@ class Execution:
         else:
             loop.add_reader(self._pidfd, self._on_exit)
         self._timers.append(loop.call_later(timeout, self._on_timeout))
-        if self._stopping:  # stop() came before the process existed
-            self._stopping = False
-            self._stop()
 
     def _spawn(self, argv: Sequence[str], env: Mapping[str, str], cwd: str | None,
                identity: dict[str, Any], out_fd: int) -> int:
@@ -196,6 +196,8 @@ class Execution:
     def _poll_exit(self) -> None:
         assert self._pid is not None and self._reactor is not None
         if os.waitid(os.P_PID, self._pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+            self._timers = [t for t in self._timers if not t.cancelled() and t.when() >
+                            self._reactor.loop.time()]
             self._timers.append(self._reactor.loop.call_later(EXIT_POLL_S, self._poll_exit))
             return
         self._on_exit()
@@ -261,14 +263,12 @@ class Execution:
             done(outcome)
 
     def _stop(self) -> None:
-        if self._exited or self._done is None:
+        if self._exited or self._stopping:
             return
-        if self._pid is None:
-            self._stopping = True  # start() is still to come
-            return
-        if not self._stopping:
-            self._stopping = True
+        self._stopping = True
+        if self._pid is not None:
             self._terminate()
+        # else start() is still to come (or failed): it sees _stopping and starts nothing
 
     def stop(self) -> None:
         """Stop the run now (its lease was lost): TERM, grace, KILL, from any thread."""

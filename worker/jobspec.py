@@ -107,6 +107,9 @@ def parse_job(s: Section, name: str, default_timezone: str, default_timeout: tim
             raise s.fail("env", f"value of {key!r} must be a string")
         if not key or "=" in key or "\0" in key:
             raise s.fail("env", f"{key!r} is not a valid environment variable name")
+        if "\0" in value:
+            raise s.fail("env", f"value of {key!r} contains a NUL character, which no process "
+                         "environment can hold")
     queue = s.string("queue", "default") or "default"
     try:
         check_job_name(queue)

@@ -66,6 +66,13 @@ STOP_GRACE_S = 2.0
 # After SIGKILL a process is gone in microseconds unless stuck in the kernel (D state); after
 # this long we stop waiting and leave it tracked by the watchdog.
 REAP_TIMEOUT_S = 5.0
+# A worker that dies younger than this before it was given any run (a broken interpreter, a
+# package upgraded under it) is replaced after a pause that doubles from RESPAWN_FIRST_S up to
+# RESPAWN_MAX_S, so a pool whose workers cannot live does not spin the reactor; runs wait for a
+# worker meanwhile. A worker killed by its job (a crash, a timeout) is replaced at once.
+EARLY_DEATH_S = 1.0
+RESPAWN_FIRST_S = 0.1
+RESPAWN_MAX_S = 10.0
 # Without pidfds (not Linux >= 5.3), a waiting run checks this often whether its worker died:
 # a job's forked child may still hold the socket open, so EOF alone is not proof of life.
 LIVENESS_SLICE_S = 0.5
@@ -98,6 +105,18 @@ class _Worker:
     inbox: Inbox
     current: PyExecution | None = None  # the run it is busy with (reactor thread)
     watched: bool = False  # its pidfd is registered with the reactor
+    spawned_at: float = 0.0  # monotonic
+    runs: int = 0  # requests sent to it
+
+    def alive(self) -> bool:
+        """Whether the process still runs, without reaping it (its pid, the process group id,
+        must stay ours until the group has been killed)."""
+        if self.proc.returncode is not None:
+            return False
+        try:
+            return os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None
+        except ChildProcessError:
+            return False
 
     @property
     def pid(self) -> int:
@@ -164,6 +183,8 @@ class PythonPool:
         # Runs wait on the reactor thread for a worker here (only after a worker was lost and
         # its replacement could not start yet: the pool has one worker per run slot).
         self._waiting: deque[PyExecution] = deque()
+        self._early_deaths = 0  # workers in a row that died young (reactor thread)
+        self._respawn_timer: asyncio.TimerHandle | None = None
         self._own_reactor = reactor is None
         self.reactor = reactor or Reactor("python-pool")
 
@@ -236,7 +257,15 @@ class PythonPool:
             idle = list(self._idle)
             self._idle.clear()
             busy = [w for w in self._live if w not in idle]
+            waiting = list(self._waiting)
+            self._waiting.clear()
             self._cond.notify_all()
+        if self._respawn_timer is not None:
+            self._respawn_timer.cancel()
+            self._respawn_timer = None
+        for run in waiting:
+            run._report(Outcome(None, None, False, time.monotonic() - run._began, "", 0,
+                                "the python pool is stopped"))
         for w in busy:
             w.kill()
             if w.current is not None:
@@ -265,8 +294,16 @@ class PythonPool:
             raise
 
     def _spawn(self) -> _Worker:
-        ours, theirs = socket.socketpair()
-        out_fd, path = tempfile.mkstemp(prefix="cronsul-pyworker-", suffix=".out")
+        try:
+            ours, theirs = socket.socketpair()
+        except OSError as exc:
+            raise CronsulError(f"cannot start a python worker: {exc}") from exc
+        try:
+            out_fd, path = tempfile.mkstemp(prefix="cronsul-pyworker-", suffix=".out")
+        except OSError as exc:
+            ours.close()
+            theirs.close()
+            raise CronsulError(f"cannot start a python worker: {exc}") from exc
         try:
             os.unlink(path)
             fcntl.fcntl(out_fd, fcntl.F_SETFL, fcntl.fcntl(out_fd, fcntl.F_GETFL) | os.O_APPEND)
@@ -291,7 +328,7 @@ class PythonPool:
         poller.register(ours.fileno(), select.POLLIN)
         if pidfd is not None:
             poller.register(pidfd, select.POLLIN)
-        w = _Worker(proc, ours, out_fd, pidfd, poller, Inbox(ours))
+        w = _Worker(proc, ours, out_fd, pidfd, poller, Inbox(ours), spawned_at=time.monotonic())
         with self._cond:
             self._live.add(w)
         with contextlib.suppress(OSError):  # if it died already, its first run will tell
@@ -309,15 +346,15 @@ class PythonPool:
                 # The most recently used worker: warm caches, and the others stay asleep.
                 w = self._idle.pop() if self._idle else None
                 if w is None:
-                    if self._count >= self._size:
-                        return None
+                    if self._count >= self._size or self._respawn_timer is not None:
+                        return None  # all busy, or a replacement is due: wait for it
                     self._count += 1  # one was lost and its replacement failed: start it now
             if w is None:
                 w = self._spawn_counted()
                 w.sock.setblocking(False)
                 self._watch(w)
                 return w
-            if w.proc.poll() is None:
+            if w.alive():
                 return w
             self._replace(w)  # died while idle (the watchdog's deadline, the OOM killer)
 
@@ -383,16 +420,41 @@ class PythonPool:
     def _replace(self, w: _Worker) -> tuple[bytes, int]:
         """Discard a worker and start another in its place; the discarded one's last output."""
         output = self._discard(w)
-        with self._cond:
-            if self._closed or self._count >= self._size:
-                return output
-            self._count += 1
-        with contextlib.suppress(CronsulError):  # if it fails, _acquire tries again
-            fresh = self._spawn_counted()
+        self._refill(w)
+        return output
+
+    def _refill(self, w: _Worker) -> None:
+        """After ``w`` was discarded: start its replacement now, or after a growing pause when
+        workers keep dying young without having run anything (reactor thread)."""
+        if w.runs == 0 and time.monotonic() - w.spawned_at < EARLY_DEATH_S:
+            self._early_deaths += 1
+        else:
+            self._early_deaths = 0
+        if self._early_deaths == 0:
+            self._respawn()
+        elif self._respawn_timer is None:
+            delay = min(RESPAWN_MAX_S, RESPAWN_FIRST_S * 2 ** (self._early_deaths - 1))
+            self._respawn_timer = self.reactor.loop.call_later(delay, self._respawn)
+
+    def _respawn(self) -> None:
+        """Start the missing workers, each handed to a waiting run or made idle (reactor
+        thread); on failure try again after a pause, so waiting runs are never forgotten."""
+        self._respawn_timer = None
+        while True:
+            with self._cond:
+                if self._closed or self._count >= self._size:
+                    return
+                self._count += 1
+            try:
+                fresh = self._spawn_counted()
+            except CronsulError:
+                self._early_deaths += 1
+                delay = min(RESPAWN_MAX_S, RESPAWN_FIRST_S * 2 ** (self._early_deaths - 1))
+                self._respawn_timer = self.reactor.loop.call_later(delay, self._respawn)
+                return
             fresh.sock.setblocking(False)
             self._watch(fresh)
             self._release(fresh)
-        return output
 
 
 class PyExecution:
@@ -478,6 +540,7 @@ class PyExecution:
                        self._timeout, self._done or (lambda _o: None))
             return
         self._worker = w
+        w.runs += 1
         loop = self._pool.reactor.loop
         w.current = self
         loop.add_reader(w.sock.fileno(), self._on_readable)
@@ -507,17 +570,20 @@ class PyExecution:
             return
         self._detach()
         data, size = w.take_output()
-        if message.get("recycle"):
-            self._pool._replace(w)
-        else:
-            self._pool._release(w)
-        self._report(_outcome(message, data, size, time.monotonic() - self._began))
+        outcome = _outcome(message, data, size, time.monotonic() - self._began)
+        try:
+            self._report(outcome)
+        finally:
+            if message.get("recycle"):
+                self._pool._replace(w)
+            else:
+                self._pool._release(w)
 
     def _check_alive(self) -> None:
         w = self._worker
         if w is None:
             return
-        if w.proc.poll() is not None:
+        if not w.alive():
             self._on_died()
         else:
             self._poll = self._pool.reactor.loop.call_later(LIVENESS_SLICE_S, self._check_alive)
@@ -538,8 +604,11 @@ class PyExecution:
                 message = None
             if message is not None and "ready" not in message:
                 self._detach()
-                data, size = self._pool._replace(w)
-                self._report(_outcome(message, data, size, time.monotonic() - self._began))
+                data, size = self._pool._discard(w)
+                try:
+                    self._report(_outcome(message, data, size, time.monotonic() - self._began))
+                finally:
+                    self._pool._refill(w)
                 return
         self._failed(_Died())
 
@@ -564,7 +633,7 @@ class PyExecution:
         self._detach()
         target, timeout = self._target, self._timeout
         timed_out = isinstance(exc, _Timeout)
-        data, size = self._pool._replace(w)  # kills it first if a timeout left it running
+        data, size = self._pool._discard(w)  # kills it first if a timeout left it running
         code = w.proc.returncode
         status = ("still running" if code is None
                   else f"signal {-code} ({_signal_name(-code)})" if code < 0
@@ -577,15 +646,18 @@ class PyExecution:
             error = f"python worker running {target!r} broke the protocol ({exc}): killed"
         else:
             error = f"python worker running {target!r} died: {status}"
-        self._report(Outcome(
-            exit_code=code if code is not None and code >= 0 else None,
-            signal=-code if code is not None and code < 0 else None,
-            timed_out=timed_out,
-            duration_s=time.monotonic() - self._began,
-            output=data.decode("utf-8", "replace")[-OUTPUT_LIMIT:],
-            output_bytes=size,
-            error=error,
-        ))
+        try:
+            self._report(Outcome(
+                exit_code=code if code is not None and code >= 0 else None,
+                signal=-code if code is not None and code < 0 else None,
+                timed_out=timed_out,
+                duration_s=time.monotonic() - self._began,
+                output=data.decode("utf-8", "replace")[-OUTPUT_LIMIT:],
+                output_bytes=size,
+                error=error,
+            ))
+        finally:
+            self._pool._refill(w)
 
     def _report(self, outcome: Outcome) -> None:
         done, self._done = self._done, None

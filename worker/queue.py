@@ -109,7 +109,8 @@ class RedisQueue:
         pipe.execute()
 
     def reclaim(self, queues: Sequence[str], min_idle_ms: int, count: int) -> list[Delivery]:
-        """Take over entries whose consumer stopped acking and whose run lease has lapsed."""
+        """Take over entries whose consumer stopped acking and whose run lease has lapsed:
+        at most ``count`` in all (the run slots free), the rest stay for the next round."""
         out: list[Delivery] = []
         for q in queues:
             stream = self._keys.stream(q)
@@ -119,6 +120,8 @@ class RedisQueue:
             except redis.ResponseError:
                 continue
             for item in pending:
+                if len(out) >= count:
+                    return out
                 out.extend(self._reclaim_one(q, stream, item, min_idle_ms))
         return out
 

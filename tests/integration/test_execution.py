@@ -68,6 +68,7 @@ def test_execution_guarantees(tmp_path: Path, devconsul: DevConsul,
         "py-add": {"schedule": NEVER, "timeout": "10s", "callable": "pyjobs_fixture:add",
                    "params": [{"a": "2", "b": "40"}]},
         "py-crash": {"schedule": NEVER, "timeout": "10s", "callable": "pyjobs_fixture:segfault"},
+        "py-odd": {"schedule": NEVER, "timeout": "10s", "callable": "pyjobs_fixture:odd_name"},
         "after": {"schedule": NEVER, "timeout": "10s",
                   "command": ["/bin/sh", "-c", f"echo ok >> {after}"]},
     }
@@ -121,6 +122,10 @@ def test_execution_guarantees(tmp_path: Path, devconsul: DevConsul,
         again = enqueue_id(cfg, "py-add", ["a=1", "b=1"])
         wait_until(lambda: record(r, again).get("state") == "succeeded", 20, what="py after")
         assert all(a.alive() for a in cluster.agents.values())
+        # Output that is not valid UTF-8 (a lone surrogate) is recorded with U+FFFD.
+        odd = enqueue_id(cfg, "py-odd")
+        wait_until(lambda: record(r, odd).get("state") == "succeeded", 20, what="py-odd")
+        assert "report-\ufffd.csv" in record(r, odd)["output"]
         # More callable runs at once than warm processes: they queue for them, none is lost.
         burst = [enqueue_id(cfg, "py-add", ["a=1", f"b={i}"]) for i in range(12)]
         wait_until(lambda: all(record(r, b).get("state") == "succeeded" for b in burst), 30,

@@ -120,3 +120,26 @@ def test_jobs_do_not_inherit_the_agents_stray_descriptors() -> None:
     finally:
         os.close(read_fd)
         os.close(write_fd)
+
+
+def test_a_stop_that_comes_before_the_start_starts_nothing(tmp_path: Path) -> None:
+    from worker.reactor import Reactor
+
+    marker = tmp_path / "ran"
+    reactor = Reactor().start()
+    try:
+        ex = Execution(None, 1, reactor=reactor)
+        ex.stop()  # the lease was lost (or a replace came) before the reactor launched it
+        out = ex.run(["/bin/sh", "-c", f"touch {marker}"], {"PATH": "/usr/bin:/bin"}, None, 5)
+    finally:
+        reactor.stop()
+    assert not out.ok and out.error == "stopped before it started"
+    assert not marker.exists()
+
+
+def test_an_argument_no_process_can_take_fails_the_run_and_leaks_nothing() -> None:
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(3):
+        out = Execution(None, 1).run(["/bin/echo", "a\0b"], {"PATH": "/usr/bin:/bin"}, None, 5)
+        assert not out.ok and out.error is not None and "cannot start" in out.error
+    assert len(os.listdir("/proc/self/fd")) <= before

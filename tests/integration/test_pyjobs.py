@@ -302,3 +302,65 @@ def test_sigkilled_owner_leaves_no_pool_worker_behind(tmp_path: Path) -> None:
         owner.kill()
         owner.wait()
     wait_until(lambda: not any(pid_alive(x) for x in pids), 5, what="pool workers to die")
+
+
+def test_workers_that_die_young_are_replaced_after_a_growing_pause(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import worker.pyjobs as pyjobs
+
+    p = PythonPool(2, watchdog=None)
+    p.start()
+    spawns = [0]
+    real_spawn = PythonPool._spawn
+
+    def counting(self: PythonPool) -> object:
+        spawns[0] += 1
+        return real_spawn(self)
+
+    try:
+        monkeypatch.setattr(PythonPool, "_spawn", counting)
+        monkeypatch.setattr(pyjobs, "BOOTSTRAP", "import sys; sys.exit(3)")  # a broken start
+        os.killpg(p.pids()[0], signal.SIGKILL)  # the OOM killer takes an idle worker
+        time.sleep(3)
+        assert 1 <= spawns[0] <= 8, spawns[0]  # not a respawn loop spinning the reactor
+        monkeypatch.undo()  # workers can start again: the pool heals, runs go through
+        outs = [run(p, "noop") for _ in range(4)]
+        assert all(o.ok for o in outs), outs
+    finally:
+        p.stop()
+
+
+def test_a_run_waiting_for_a_worker_gets_one_after_a_failed_replacement(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    import worker.pyjobs as pyjobs
+
+    p = PythonPool(1, watchdog=None)
+    p.start()
+    real_popen = pyjobs.subprocess.Popen
+    fails = [1]
+
+    def flaky(*args: object, **kwargs: object) -> object:
+        if fails[0]:
+            fails[0] -= 1
+            raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
+        return real_popen(*args, **kwargs)  # type: ignore[call-overload]
+
+    held, waiting = threading.Event(), threading.Event()
+    outcomes: list[Outcome] = []
+
+    def go() -> None:
+        p.execution().start(f"{FIX}:sleep", {"seconds": "5"}, {}, 0.5,
+                            lambda o: held.set())  # times out: its worker is killed
+        p.execution().start(f"{FIX}:noop", {}, {}, 5.0,
+                            lambda o: (outcomes.append(o), waiting.set()))
+        monkeypatch.setattr(pyjobs.subprocess, "Popen", flaky)  # the replacement fails once
+
+    try:
+        p.reactor.call_soon(go)
+        assert held.wait(5)
+        assert waiting.wait(10), "the waiting run never got a worker"
+        assert outcomes[0].ok, outcomes
+    finally:
+        p.stop()

@@ -74,6 +74,7 @@ def test_consul_url_address_and_env_token(tmp_path: Path) -> None:
         ('node = "n1"', 'node = "n1"\nleader_eligible = "yes"', ["[agent]", "leader_eligible", "true or false"]),
         ('timeout = "10m"', 'timeout = "10m"\ncatchup = "some"', ["[jobs.report]", "catchup", "'some'"]),
         ("[jobs.report]", '[worker]\npython_workers = -1\n[jobs.report]', ["[worker]", "python_workers"]),
+        ('timeout = "10m"', 'timeout = "10m"\nenv = { X = "a\\u0000b" }', ["[jobs.report]", "env", "NUL"]),
         ("[jobs.report]", '[worker]\npython_workers = "2"\n[jobs.report]', ["[worker]", "python_workers"]),
     ],
 )
