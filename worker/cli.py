@@ -212,7 +212,7 @@ def _status(cfg: Config, as_json: bool) -> int:
 
 def _run(cfg: Config, job: str, local: bool, params: list[str]) -> int:
     """`cronsul run JOB --local`: the job in the foreground, same environment and timeout."""
-    from worker.executor import Execution, job_environment, root_refusal
+    from worker.executor import Execution, job_environment, root_refusal, seal_inherited_fds
     from worker.opcmds import parse_params
     from worker.params import render_argv
 
@@ -229,6 +229,7 @@ def _run(cfg: Config, job: str, local: bool, params: list[str]) -> int:
            "CRONSUL_SCHEDULED_AT": iso_utc(datetime.now(UTC)), "CRONSUL_ATTEMPT": "1",
            "CRONSUL_NODE": cfg.agent.node}
     env.update({f"CRONSUL_PARAM_{k.upper()}": v for k, v in values.items()})
+    seal_inherited_fds()  # as the agent does: the job gets no descriptor of the shell's
     outcome = Execution(None, cfg.worker.kill_grace.total_seconds()).run(
         render_argv(spec.command, values), job_environment(os.environ, spec.env, env),
         spec.working_dir, spec.timeout.total_seconds(), user=spec.user)
