@@ -6,7 +6,7 @@
 Sizes (env): BENCH_NOOP_N 10000, BENCH_SHELL_N 2000, BENCH_LATENCY_N 1000, BENCH_TICK_JOBS 1000,
 BENCH_TICK_S 30, BENCH_FANOUT_N 10000, BENCH_FAILOVER_TRIALS 20, BENCH_FOOTPRINT_S 30,
 BENCH_FORK_S 5, BENCH_CONCURRENCY "8,16,32" (cronsul [worker] concurrency values tried for shell
-jobs), BENCH_NOOP_CONFIGS "8:0,64:4" (concurrency:python_workers for the no-op drain).
+jobs), BENCH_NOOP_CONFIGS "8:0,64:4,128:4" (concurrency:python_workers for the no-op drain).
 BENCH_PEERS: comma list or "none" (default: all six; none in smoke mode).
 BENCH_OUT: results file (default bench/results/<date>.json; a temp file in smoke mode).
 """
@@ -91,7 +91,7 @@ def main() -> int:
             .split(",") if x]
     # cronsul no-op configurations tried, "concurrency:python_workers" (0: one per run slot).
     noop_configs = [tuple(int(x) for x in pair.split(":")) for pair in os.environ.get(
-        "BENCH_NOOP_CONFIGS", "8:0" if smoke else "8:0,64:4").split(",") if pair]
+        "BENCH_NOOP_CONFIGS", "8:0" if smoke else "8:0,64:4,128:4").split(",") if pair]
     peers_env = os.environ.get("BENCH_PEERS", "none" if smoke else ",".join(PEERS))
     peers = [] if peers_env == "none" else [p for p in peers_env.split(",") if p]
     started = time.monotonic()
