@@ -40,8 +40,10 @@ FINISH_RETRY_FIRST_S = 0.1
 FINISH_RETRY_MAX_S = 1.0
 # Delayed runs (retries, runs waiting for an overlap lock) are promoted this often.
 PROMOTE_EVERY_S = 0.5
-# While runs are in flight, the fetch loop waits until 1/REFILL_DIVISOR of the slots are free.
+# While runs are in flight and fewer than 1/REFILL_DIVISOR of the slots are free, the fetch
+# loop waits up to REFILL_WAIT_S for more to free up before it fetches.
 REFILL_DIVISOR = 2
+REFILL_WAIT_S = 0.1
 # Results are recorded at most this often: an idle node records a result at once, a busy one
 # gathers the results of this long into one script call.
 FINISH_EVERY_S = 0.001
@@ -133,6 +135,7 @@ class Consumer:
                                                   daemon=True)
                 self._finisher.start()
         next_reclaim = next_promote = 0.0
+        refill_waited = False
         while not stop.is_set():
             if not self.accepting.is_set():
                 stop.wait(0.2)
@@ -149,13 +152,21 @@ class Consumer:
                 if self._clock.monotonic() >= next_promote:
                     next_promote = self._clock.monotonic() + PROMOTE_EVERY_S
                     self._runs.promote(epoch_ms(self._clock.now()))
-                if free <= 0 or (free < self._refill_at and free < self._cfg.worker.concurrency):
-                    # Woken the moment a run finishes; the timeout only bounds a missed wake-up.
-                    # While runs are in flight, wait until a batch's worth of slots is free:
-                    # one fetch and one claim for several runs instead of one each.
+                if free <= 0:
+                    # Woken the moment a slot frees; the timeout only bounds a missed wake-up.
                     self._slot_freed.wait(1.0)
                     self._slot_freed.clear()
                     continue
+                if free < self._refill_at and not refill_waited:
+                    # Runs are in flight and few slots are free: give the running ones up to
+                    # REFILL_WAIT_S to free more (woken as soon as half are free), so that one
+                    # fetch and one claim serve several runs; never longer, so a free slot does
+                    # not idle while long runs hold the others.
+                    refill_waited = True
+                    self._slot_freed.wait(REFILL_WAIT_S)
+                    self._slot_freed.clear()
+                    continue
+                refill_waited = False
                 self._start(self._q.fetch(queues, free, FETCH_BLOCK_MS, self._queue_room()))
             except redis.RedisError as exc:
                 self._log.warning("redis_error", error=str(exc)[:200])
@@ -185,11 +196,13 @@ class Consumer:
         if not deliveries:
             return
         with self._lock:
+            full = self._inflight >= self._cfg.worker.concurrency
             self._inflight -= len(deliveries)
             for d in deliveries:
                 self._per_queue[d.queue] -= 1
-            # Wake the fetch loop only when it will fetch (see run): a wake-up per run costs.
-            wake = (self._inflight == 0
+            # Wake the fetch loop when it waits for a first free slot or for a batch's worth
+            # (see run), not on every run: a wake-up per run costs.
+            wake = (full or self._inflight == 0
                     or self._cfg.worker.concurrency - self._inflight >= self._refill_at)
         if wake:
             self._slot_freed.set()

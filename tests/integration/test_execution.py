@@ -177,3 +177,38 @@ def enqueue_id(cfg: object, job: str, params: list[str] | None = None) -> str:
 
 def test_pid_helper_sees_own_process() -> None:
     assert pid_alive(os.getpid())
+
+
+@pytest.mark.slow
+def test_a_free_slot_is_used_while_long_runs_hold_the_others(
+        tmp_path: Path, devconsul: DevConsul, redis_proc: RedisServer) -> None:
+    """Concurrency 4 with 3 long runs in flight: a new run starts at once on the fourth slot
+    (the fetch loop's wait for a batch's worth of free slots is only a moment)."""
+    r = redis_proc.client()
+    r.flushdb()
+    long_log, quick_log = tmp_path / "long.log", tmp_path / "quick.log"
+    long_log.touch()
+    quick_log.touch()
+    jobs = {
+        "long": beat_job(long_log, 8),
+        "quick": {"schedule": NEVER, "timeout": "10s",
+                  "command": ["/bin/sh", "-c", f"date +%s.%N >> {quick_log}"]},
+    }
+    cluster = Cluster(tmp_path, devconsul, redis_proc.url, ["n1"], jobs,
+                      worker_extra={"concurrency": 4})
+    cfg = load_config(cluster.agents["n1"].config)
+    cluster.start()
+    try:
+        wait_until(lambda: "agent_started" in cluster.agents["n1"].log.read_text(), 30,
+                   what="agent")
+        for _ in range(3):
+            enqueue(cfg, "long", [], wait=False)
+        wait_until(lambda: len(lines(long_log, "start")) == 3, 15, what="three long runs")
+        time.sleep(1.5)  # the fetch loop has settled with 1 slot free of 4
+        sent = time.time()
+        enqueue(cfg, "quick", [], wait=False)
+        wait_until(lambda: quick_log.read_text().strip() != "", 5, what="the quick run")
+        assert float(quick_log.read_text().split()[0]) - sent < 1.0
+        assert not lines(long_log, "end")  # the long runs still hold their slots
+    finally:
+        cluster.stop()
