@@ -33,7 +33,7 @@ def pid_alive(pid: int) -> bool:
     try:  # a zombie only waits for its parent to reap it
         with open(f"/proc/{pid}/stat") as f:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):  # reaped meanwhile (the pool reaps at once)
         return False
 
 
