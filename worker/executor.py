@@ -10,7 +10,6 @@ import pwd
 import shutil
 import signal
 import subprocess
-import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -102,20 +101,12 @@ class Execution:
         own = self._reactor is None
         reactor = self._reactor or Reactor("execution").start()
         self._reactor = reactor
-        finished = threading.Event()
-        box: list[Outcome] = []
-
-        def done(outcome: Outcome) -> None:
-            box.append(outcome)
-            finished.set()
-
         try:
-            reactor.call_soon(self.start, argv, env, cwd, timeout, user, done)
-            finished.wait()
+            outcome: Outcome = reactor.wait_for(self.start, argv, env, cwd, timeout, user)
         finally:
             if own:
                 reactor.stop()
-        return box[0]
+        return outcome
 
     # -- on the reactor thread --------------------------------------------------------------
 

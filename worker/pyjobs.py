@@ -433,8 +433,11 @@ class PythonPool:
         if self._early_deaths == 0:
             self._respawn()
         elif self._respawn_timer is None:
-            delay = min(RESPAWN_MAX_S, RESPAWN_FIRST_S * 2 ** (self._early_deaths - 1))
-            self._respawn_timer = self.reactor.loop.call_later(delay, self._respawn)
+            self._respawn_later()
+
+    def _respawn_later(self) -> None:
+        delay = min(RESPAWN_MAX_S, RESPAWN_FIRST_S * 2 ** (self._early_deaths - 1))
+        self._respawn_timer = self.reactor.loop.call_later(delay, self._respawn)
 
     def _respawn(self) -> None:
         """Start the missing workers, each handed to a waiting run or made idle (reactor
@@ -449,8 +452,7 @@ class PythonPool:
                 fresh = self._spawn_counted()
             except CronsulError:
                 self._early_deaths += 1
-                delay = min(RESPAWN_MAX_S, RESPAWN_FIRST_S * 2 ** (self._early_deaths - 1))
-                self._respawn_timer = self.reactor.loop.call_later(delay, self._respawn)
+                self._respawn_later()
                 return
             fresh.sock.setblocking(False)
             self._watch(fresh)
@@ -479,16 +481,8 @@ class PyExecution:
     def run(self, target: str, kwargs: Mapping[str, str], env: Mapping[str, str],
             timeout: float) -> Outcome:
         """Run the callable and wait for its outcome."""
-        finished = threading.Event()
-        box: list[Outcome] = []
-
-        def done(outcome: Outcome) -> None:
-            box.append(outcome)
-            finished.set()
-
-        self._pool.reactor.call_soon(self.start, target, kwargs, env, timeout, done)
-        finished.wait()
-        return box[0]
+        outcome: Outcome = self._pool.reactor.wait_for(self.start, target, kwargs, env, timeout)
+        return outcome
 
     def stop(self) -> None:
         """Kill the run now (its lease was lost): SIGKILL to its worker's process group."""

@@ -74,6 +74,20 @@ class Reactor:
             raise value
         return value  # type: ignore[no-any-return]
 
+    def wait_for(self, start: Callable[..., None], *args: Any) -> Any:
+        """Call ``start(*args, done)`` on the loop thread and return what it passes to
+        ``done`` (from another thread): the blocking form of a callback-style operation."""
+        finished = threading.Event()
+        box: list[Any] = []
+
+        def done(result: Any) -> None:
+            box.append(result)
+            finished.set()
+
+        self.call_soon(start, *args, done)
+        finished.wait()
+        return box[0]
+
     def stop(self) -> None:
         with self._lock:
             thread, self._thread = self._thread, None
