@@ -38,7 +38,8 @@ def segfault() -> None:
     ctypes.string_at(0)
 
 
-def hog_memory(mb: str) -> int:
+def hog_memory(mb: str, delay: str = "0") -> int:
+    time.sleep(float(delay))
     chunks = [bytearray(1024 * 1024) for _ in range(int(mb))]
     return len(chunks)
 
@@ -80,3 +81,16 @@ def set_environ() -> None:
 def odd_name() -> None:
     """Prints a file name decoded with surrogateescape: a lone surrogate, not valid UTF-8."""
     print("wrote", b"report-\xff.csv".decode("utf-8", "surrogateescape"))
+
+
+def say(text: str) -> None:
+    """Writes ``text`` through Python and straight to fd 1 (as a C extension would)."""
+    print(f"py:{text}")
+    os.write(1, f"fd:{text}\n".encode())
+
+
+def maybe_exit(code: str, delay: str = "0") -> str:
+    time.sleep(float(delay))
+    if code != "0":
+        os._exit(int(code))
+    return "lived"

@@ -90,6 +90,7 @@ class WorkerSection:
     queue_concurrency: tuple[tuple[str, int], ...] = ()
     history_retention: timedelta = timedelta(days=7)
     python_workers: int = 0  # warm processes for callable jobs; 0: one per run slot
+    python_prefetch: int = 4  # runs one busy warm process may hold queued (short callables)
 
 
 @dataclass(frozen=True)
@@ -300,6 +301,7 @@ def _worker(s: Section) -> WorkerSection:
         queue_concurrency=_queue_limits(s, queues),
         history_retention=s.duration("history_retention", "7d", low=timedelta(hours=1)),
         python_workers=s.integer("python_workers", 0, low=0, high=1024),
+        python_prefetch=s.integer("python_prefetch", 4, low=1, high=64),
     )
     for q in out.queues:
         try:

@@ -463,7 +463,8 @@ class Consumer:
         if self._py is None:
             w = self._cfg.worker
             pool = PythonPool(min(w.python_workers or w.concurrency, w.concurrency),
-                              watchdog=self._watchdog, reactor=self._reactor)
+                              watchdog=self._watchdog, reactor=self._reactor,
+                              prefetch=w.python_prefetch)
             pool.start()  # CronsulError: the caller records the run as a failed attempt
             self._py = pool
         return self._py

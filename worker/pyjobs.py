@@ -41,7 +41,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +73,17 @@ REAP_TIMEOUT_S = 5.0
 EARLY_DEATH_S = 1.0
 RESPAWN_FIRST_S = 0.1
 RESPAWN_MAX_S = 10.0
+# With ``prefetch`` above 1, a run may be sent to a busy worker, to start there when the runs
+# before it end, instead of waiting for an idle one: the worker then goes from run to run
+# without sleeping, and one wake-up of the agent reads several replies. A run that waits inside
+# a worker cannot move to another that frees up, so only short callables are queued that way:
+# the callable's recent runs took less than PREFETCH_SHORT_S, and the worker's current run
+# started less than PREFETCH_HEAD_AGE_S ago. PREFETCH_FRAME_MAX bounds a queued request: the
+# requests a worker has not read yet sit in its socket buffer (about 200 KiB on Linux), which
+# must never fill up, since the reactor's sends do not wait.
+PREFETCH_SHORT_S = 0.05
+PREFETCH_HEAD_AGE_S = 0.05
+PREFETCH_FRAME_MAX = 16 * 1024
 # Without pidfds (not Linux >= 5.3), a waiting run checks this often whether its worker died:
 # a job's forked child may still hold the socket open, so EOF alone is not proof of life.
 LIVENESS_SLICE_S = 0.5
@@ -103,10 +114,15 @@ class _Worker:
     pidfd: int | None
     poller: select.poll
     inbox: Inbox
-    current: PyExecution | None = None  # the run it is busy with (reactor thread)
-    watched: bool = False  # its pidfd is registered with the reactor
+    watched: bool = False  # its pidfd and socket are registered with the reactor
     spawned_at: float = 0.0  # monotonic
     runs: int = 0  # requests sent to it
+    # The runs sent to it and not answered yet, in order (reactor thread): the first is
+    # running, the others wait inside the worker (python_prefetch).
+    queue: deque[PyExecution] = field(default_factory=deque)
+    head_since: float = 0.0  # monotonic time queue[0] started
+    timer: asyncio.TimerHandle | None = None  # fires at or before queue[0]'s deadline
+    poll: asyncio.TimerHandle | None = None  # liveness check where there are no pidfds
 
     def alive(self) -> bool:
         """Whether the process still runs, without reaping it (its pid, the process group id,
@@ -126,8 +142,8 @@ class _Worker:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.proc.pid, signal.SIGKILL)
 
-    def send(self, message: Mapping[str, Any]) -> None:
-        self.sock.sendall(encode(message))
+    def send(self, frame: bytes) -> None:
+        self.sock.sendall(frame)
 
     def receive_frame(self, deadline: float) -> dict[str, Any]:
         while True:
@@ -167,10 +183,17 @@ class PythonPool:
     """``size`` warm worker processes; :meth:`run` is safe to call from ``size`` threads."""
 
     def __init__(self, size: int, *, watchdog: Watchdog | None, max_rss_mb: int | None = 1024,
-                 env: Mapping[str, str] | None = None, reactor: Reactor | None = None) -> None:
+                 env: Mapping[str, str] | None = None, reactor: Reactor | None = None,
+                 prefetch: int = 1) -> None:
         if size < 1:
             raise ConfigError(f"python pool size must be at least 1, not {size}")
+        if prefetch < 1:
+            raise ConfigError(f"python prefetch must be at least 1, not {prefetch}")
         self._size = size
+        self._prefetch = prefetch
+        # Recent run time per callable (reactor thread): only short ones are queued behind
+        # another run. One long run counts at once; short ones bring it down slowly.
+        self._recent: dict[str, float] = {}
         self._watchdog = watchdog
         self._max_rss_mb = max_rss_mb
         self._env = dict(env) if env is not None else {
@@ -180,8 +203,8 @@ class PythonPool:
         self._live: set[_Worker] = set()  # idle and busy; a worker leaves it before it is reaped
         self._count = 0  # live workers plus spawns in progress
         self._closed = False
-        # Runs wait on the reactor thread for a worker here (only after a worker was lost and
-        # its replacement could not start yet: the pool has one worker per run slot).
+        # Runs wait here (reactor thread) while every worker is busy (python_workers below
+        # concurrency, or a lost worker not replaced yet), first come first served.
         self._waiting: deque[PyExecution] = deque()
         self._early_deaths = 0  # workers in a row that died young (reactor thread)
         self._respawn_timer: asyncio.TimerHandle | None = None
@@ -263,13 +286,15 @@ class PythonPool:
         if self._respawn_timer is not None:
             self._respawn_timer.cancel()
             self._respawn_timer = None
+        for w in busy:  # their runs fail; the runs queued behind them never started
+            w.kill()
+            self._lost(w, _Died())
+        with self._cond:
+            waiting += self._waiting
+            self._waiting.clear()
         for run in waiting:
             run._report(Outcome(None, None, False, time.monotonic() - run._began, "", 0,
                                 "the python pool is stopped"))
-        for w in busy:
-            w.kill()
-            if w.current is not None:
-                w.current._failed(_Died())
         for w in idle:
             with contextlib.suppress(OSError):
                 w.sock.shutdown(socket.SHUT_RDWR)
@@ -332,13 +357,14 @@ class PythonPool:
         with self._cond:
             self._live.add(w)
         with contextlib.suppress(OSError):  # if it died already, its first run will tell
-            w.send({"path": [p for p in sys.path if p], "max_rss_mb": self._max_rss_mb,
-                    "output_limit": OUTPUT_LIMIT})
+            w.send(encode({"path": [p for p in sys.path if p], "max_rss_mb": self._max_rss_mb,
+                           "output_limit": OUTPUT_LIMIT}))
         return w
 
-    def _acquire(self) -> _Worker | None:
-        """An idle, live worker, or None when all are busy (reactor thread). CronsulError when
-        the pool is stopped or a missing worker cannot be started."""
+    def _acquire(self, run: PyExecution) -> _Worker | None:
+        """A worker for ``run`` (reactor thread): an idle, live one; else, if ``run`` may be
+        queued behind another, the busy worker with the fewest queued; else None (it waits).
+        CronsulError when the pool is stopped or a missing worker cannot be started."""
         while True:
             with self._cond:
                 if self._closed:
@@ -347,7 +373,8 @@ class PythonPool:
                 w = self._idle.pop() if self._idle else None
                 if w is None:
                     if self._count >= self._size or self._respawn_timer is not None:
-                        return None  # all busy, or a replacement is due: wait for it
+                        # All busy, or a replacement is due. Runs already waiting go first.
+                        return None if self._waiting else self._queue_behind(run)
                     self._count += 1  # one was lost and its replacement failed: start it now
             if w is None:
                 w = self._spawn_counted()
@@ -358,41 +385,249 @@ class PythonPool:
                 return w
             self._replace(w)  # died while idle (the watchdog's deadline, the OOM killer)
 
-    def _release(self, w: _Worker) -> None:
-        with self._cond:
-            if self._closed:
-                waiting = None
-            elif self._waiting:
-                waiting = self._waiting.popleft()
-            else:
-                self._idle.append(w)
+    def _queue_behind(self, run: PyExecution) -> _Worker | None:
+        """The busy worker ``run`` may wait inside (fewest queued), or None."""
+        best: _Worker | None = None
+        for w in self._live:
+            if w.queue and self._may_queue(w, run) and (best is None
+                                                        or len(w.queue) < len(best.queue)):
+                best = w
+        return best
+
+    def _may_queue(self, w: _Worker, run: PyExecution) -> bool:
+        """Whether ``run`` may be sent to busy ``w`` to start when its runs end: only a short
+        callable, behind a few runs that are short too, with a small request."""
+        return (len(w.queue) < self._prefetch
+                and len(run._frame) <= PREFETCH_FRAME_MAX
+                and self._recent.get(run._target, math.inf) < PREFETCH_SHORT_S
+                and time.monotonic() - w.head_since < PREFETCH_HEAD_AGE_S
+                and not w.queue[0]._stopped)
+
+    def _submit(self, run: PyExecution) -> None:
+        try:
+            w = self._acquire(run)
+        except CronsulError as exc:
+            run._report(Outcome(None, None, False, time.monotonic() - run._began, "", 0,
+                                str(exc)))
+            return
+        if w is None:
+            with self._cond:
+                self._waiting.append(run)
+            return
+        self._dispatch(w, run)
+
+    def _dispatch(self, w: _Worker, run: PyExecution) -> None:
+        """Send ``run`` to ``w`` (reactor thread). A worker that died before taking it has not
+        started the job, so the run is tried once more on another."""
+        if run._stopped:
+            run._report(Outcome(None, None, False, time.monotonic() - run._began, "", 0,
+                                f"callable {run._target!r} was stopped before it started"))
+            return
+        try:
+            w.send(run._frame)
+        except OSError:
+            self._lost(w, _Died())
+            run._tries += 1
+            if run._tries >= 2:
+                run._report(Outcome(None, None, False, time.monotonic() - run._began, "", 0,
+                                    f"callable {run._target!r}: python workers die before "
+                                    "taking the run"))
                 return
-        if waiting is None:
-            self._discard(w)
-        else:
-            waiting._dispatch(w)
+            self._submit(run)
+            return
+        run._worker = w
+        w.runs += 1
+        w.queue.append(run)
+        if len(w.queue) == 1:
+            w.head_since = time.monotonic()  # waiting for a worker is not the job's time
+            self._arm(w)
 
-    def _watch(self, w: _Worker) -> None:
-        """Watch a worker's pidfd for its whole life (reactor thread): an idle worker that
-        dies (the watchdog's deadline, the OOM killer) is replaced at once, a busy one fails
-        its run."""
-        if w.pidfd is not None and not w.watched:
-            self.reactor.loop.add_reader(w.pidfd, self._on_exit, w)
-            w.watched = True
-
-    def _on_exit(self, w: _Worker) -> None:
-        if w.current is not None:
-            w.current._on_died()
+    def _release(self, w: _Worker) -> None:
+        """``w`` has nothing queued (reactor thread): give it waiting runs, or make it idle."""
+        self._top_up(w)
+        if w.queue or w not in self._live:
             return
         with self._cond:
-            idle = w in self._idle
-            if idle:
-                self._idle.remove(w)
-        if idle:
-            self._replace(w)
-        elif w.watched and w.pidfd is not None:  # being discarded elsewhere: stop watching
-            self.reactor.loop.remove_reader(w.pidfd)
+            if not self._closed:
+                self._idle.append(w)
+                return
+        self._discard(w)
+
+    def _top_up(self, w: _Worker) -> None:
+        """Send ``w`` the waiting runs it may take now, in order."""
+        while w in self._live:
+            with self._cond:
+                if self._closed or not self._waiting:
+                    return
+                run = self._waiting[0]
+                if w.queue and not self._may_queue(w, run):
+                    return
+                self._waiting.popleft()
+            self._dispatch(w, run)
+
+    def _kick(self) -> None:
+        """Hand waiting runs to idle workers (after runs were put back in the line)."""
+        while True:
+            with self._cond:
+                if self._closed or not self._waiting or not self._idle:
+                    return
+                w = self._idle.pop()
+            if w.alive():
+                self._release(w)
+            else:
+                self._replace(w)
+
+    def _arm(self, w: _Worker) -> None:
+        """Make ``w``'s timer fire no later than its running run's deadline. A timer that
+        fires early (the run it was set for ended) finds the new deadline and waits again."""
+        loop = self.reactor.loop
+        deadline = w.head_since + w.queue[0]._timeout
+        if w.timer is not None:
+            if w.timer.when() <= deadline:
+                return
+            w.timer.cancel()
+        w.timer = loop.call_at(deadline, self._on_timer, w)
+        if w.pidfd is None and w.poll is None:  # no pidfds: check now and then that it lives
+            w.poll = loop.call_later(LIVENESS_SLICE_S, self._check_alive, w)
+
+    def _disarm(self, w: _Worker) -> None:
+        for handle in (w.timer, w.poll):
+            if handle is not None:
+                handle.cancel()
+        w.timer = w.poll = None
+
+    def _watch(self, w: _Worker) -> None:
+        """Watch a worker's pidfd and socket for its whole life (reactor thread): an idle
+        worker that dies (the watchdog's deadline, the OOM killer) is replaced at once, a busy
+        one fails its run; replies are read the moment they arrive."""
+        if not w.watched:
+            if w.pidfd is not None:
+                self.reactor.loop.add_reader(w.pidfd, self._on_exit, w)
+            self.reactor.loop.add_reader(w.sock.fileno(), self._on_readable, w)
+            w.watched = True
+
+    def _unwatch(self, w: _Worker) -> None:
+        """Stop watching ``w`` (before its fd numbers can be reused)."""
+        if w.watched:
+            if w.pidfd is not None:
+                self.reactor.loop.remove_reader(w.pidfd)
+            self.reactor.loop.remove_reader(w.sock.fileno())
             w.watched = False
+
+    # -- replies and deaths (reactor thread) ---------------------------------------------
+
+    def _on_readable(self, w: _Worker) -> None:
+        answered = self._read_replies(w)
+        if answered <= 0 or w not in self._live:
+            return
+        if not w.queue:
+            self._release(w)
+            return
+        if w.queue[0]._stopped:  # it may have started already: kill it (its pidfd reports)
+            w.kill()
+            return
+        self._arm(w)
+        self._top_up(w)
+
+    def _read_replies(self, w: _Worker) -> int:
+        """Read what ``w`` sent and report the runs it answered: their number, or -1 when the
+        worker was lost meanwhile (EOF, a broken frame, a recycle)."""
+        try:
+            if not w.inbox.fill():  # EOF: it exited or closed its end
+                self._lost(w, _Died())
+                return -1
+        except BlockingIOError:
+            pass
+        except OSError as exc:
+            self._lost(w, exc)
+            return -1
+        answered = 0
+        while True:
+            try:
+                message = w.inbox.frame()
+            except FrameError as exc:
+                self._lost(w, exc)
+                return -1
+            if message is None:
+                return answered
+            if "ready" in message:  # a replacement saying hello
+                continue
+            if not w.queue:
+                self._lost(w, FrameError("a reply to no request"))
+                return -1
+            run = w.queue.popleft()
+            answered += 1
+            self._answered(w, run, message)
+            if message.get("recycle"):  # it exits now: what it had queued never started
+                self._lost(w, None)
+                return -1
+
+    def _answered(self, w: _Worker, run: PyExecution, reply: Mapping[str, Any]) -> None:
+        now = time.monotonic()
+        took, ended = reply.get("took"), reply.get("ended")
+        duration = (float(took) if isinstance(took, int | float) and 0 <= took <= now - run._began
+                    else now - w.head_since)
+        if w.queue:  # the next run started when this one ended, not when we read the reply
+            start = float(ended) if isinstance(ended, int | float) else now
+            w.head_since = min(now, max(w.head_since, start))
+        old = self._recent.get(run._target)
+        self._recent[run._target] = (duration if old is None or duration > old
+                                     else old * 0.9 + duration * 0.1)
+        run._worker = None
+        run._report(_outcome(reply, duration))
+
+    def _on_exit(self, w: _Worker) -> None:
+        """``w``'s pidfd fired: the process is gone."""
+        if w not in self._live:  # being discarded elsewhere: stop watching
+            self._unwatch(w)
+            return
+        # Replies it sent just before exiting (a recycle, its last run's) are still in the
+        # socket: take them first.
+        while w.queue and w in self._live:
+            if self._read_replies(w) <= 0:
+                break
+        if w in self._live:
+            self._lost(w, _Died())
+
+    def _on_timer(self, w: _Worker) -> None:
+        w.timer = None
+        if not w.queue or w not in self._live:
+            return
+        self._on_readable(w)  # its run may have ended just now: that reply is not late
+        if not w.queue or w not in self._live or w.timer is not None:
+            return
+        if time.monotonic() < w.head_since + w.queue[0]._timeout:
+            self._arm(w)
+        else:
+            self._lost(w, _Timeout())
+
+    def _check_alive(self, w: _Worker) -> None:
+        w.poll = None
+        if not w.queue or w not in self._live:
+            return
+        if w.alive():
+            w.poll = self.reactor.loop.call_later(LIVENESS_SLICE_S, self._check_alive, w)
+        else:
+            self._on_exit(w)
+
+    def _lost(self, w: _Worker, exc: Exception | None) -> None:
+        """``w`` is dead or must die: the run it is running fails with ``exc`` (None: it is
+        running none), the runs queued behind never started and go back to the head of the
+        line; a replacement is started."""
+        runs = list(w.queue)
+        w.queue.clear()
+        self._disarm(w)
+        started = w.head_since
+        data, size = self._discard(w)  # kills it first if it still runs
+        if runs and exc is not None:
+            runs.pop(0)._failed(exc, w.proc.returncode, data, size, time.monotonic() - started)
+        for run in runs:
+            run._worker = None
+        if runs:
+            with self._cond:
+                self._waiting.extendleft(reversed(runs))
+        self._refill(w)
+        self._kick()
 
     def _discard(self, w: _Worker) -> tuple[bytes, int]:
         """Kill what is left of a worker's process group, reap it, forget it; its last output."""
@@ -400,12 +635,13 @@ class PythonPool:
             if w not in self._live:
                 return b"", 0
             self._live.discard(w)
+            if w in self._idle:
+                self._idle.remove(w)
             self._count -= 1
             w.kill()  # while its pid cannot have been reused: it is not reaped yet
             self._cond.notify()
-        if w.watched and w.pidfd is not None:
-            self.reactor.loop.remove_reader(w.pidfd)  # before its fd number can be reused
-            w.watched = False
+        self._unwatch(w)  # before its fd numbers can be reused
+        self._disarm(w)
         try:
             w.proc.wait(REAP_TIMEOUT_S)
         except subprocess.TimeoutExpired:
@@ -467,14 +703,12 @@ class PyExecution:
 
     def __init__(self, pool: PythonPool) -> None:
         self._pool = pool
-        self._worker: _Worker | None = None
+        self._worker: _Worker | None = None  # the worker it was sent to, until answered
         self._stopped = False
         self._done: Callable[[Outcome], None] | None = None
-        self._request: dict[str, Any] = {}
+        self._frame = b""  # the encoded request
         self._target = ""
         self._timeout = 0.0
-        self._timer: asyncio.TimerHandle | None = None
-        self._poll: asyncio.TimerHandle | None = None
         self._began = 0.0
         self._tries = 0
 
@@ -490,145 +724,26 @@ class PyExecution:
 
     def _stop(self) -> None:
         self._stopped = True
-        if self._worker is not None:
-            self._worker.kill()  # its pidfd fires: _on_died reports the run as stopped
+        w = self._worker
+        if w is not None and w.queue and w.queue[0] is self:
+            w.kill()  # its pidfd fires: the run is reported as stopped
+        # Queued behind another run: its worker is killed when it gets to it (see
+        # PythonPool._on_readable); still waiting for a worker: it is never sent.
 
     def start(self, target: str, kwargs: Mapping[str, str], env: Mapping[str, str],
               timeout: float, done: Callable[[Outcome], None]) -> None:
-        """On the reactor thread: hand the run to an idle worker (or wait for one)."""
+        """On the reactor thread: hand the run to a worker (or wait for one)."""
         self._done = done
         self._began = time.monotonic()
         self._target, self._timeout = target, timeout
-        self._request = {"target": target, "kwargs": dict(kwargs), "env": dict(env)}
-        try:
-            w = self._pool._acquire()
-        except CronsulError as exc:
-            self._report(Outcome(None, None, False, time.monotonic() - self._began, "", 0,
-                                 str(exc)))
-            return
-        if w is None:
-            with self._pool._cond:
-                self._pool._waiting.append(self)
-            return
-        self._dispatch(w)
+        self._frame = encode({"target": target, "kwargs": dict(kwargs), "env": dict(env)})
+        self._pool._submit(self)
 
-    def _dispatch(self, w: _Worker) -> None:
-        """Send the request to ``w``; a worker that died while idle has not started the job,
-        so the run is tried once more on another."""
-        if self._stopped:
-            self._pool._release(w)
-            self._report(Outcome(None, None, False, time.monotonic() - self._began, "", 0,
-                                 f"callable {self._target!r} was stopped before it started"))
-            return
-        try:
-            w.send(self._request)
-        except OSError:
-            self._pool._replace(w)
-            self._tries += 1
-            if self._tries >= 2:
-                self._report(Outcome(None, None, False, time.monotonic() - self._began, "", 0,
-                                     f"callable {self._target!r}: python workers die before "
-                                     "taking the run"))
-                return
-            self.start(self._target, self._request["kwargs"], self._request["env"],
-                       self._timeout, self._done or (lambda _o: None))
-            return
-        self._worker = w
-        w.runs += 1
-        loop = self._pool.reactor.loop
-        w.current = self
-        loop.add_reader(w.sock.fileno(), self._on_readable)
-        if w.pidfd is None:  # no pidfds: check now and then that the worker is alive
-            self._poll = loop.call_later(LIVENESS_SLICE_S, self._check_alive)
-        # Waiting for a worker is not the job's time: the clock starts now.
-        self._timer = loop.call_later(self._timeout, self._on_timeout)
-
-    def _on_readable(self) -> None:
-        w = self._worker
-        if w is None:
-            return
-        try:
-            if not w.inbox.fill():
-                self._on_died()
-                return
-            while True:
-                message = w.inbox.frame()
-                if message is None:
-                    return
-                if "ready" not in message:
-                    break
-        except BlockingIOError:
-            return
-        except (FrameError, OSError) as exc:
-            self._failed(exc)
-            return
-        self._detach()
-        data, size = w.take_output()
-        outcome = _outcome(message, data, size, time.monotonic() - self._began)
-        try:
-            self._report(outcome)
-        finally:
-            if message.get("recycle"):
-                self._pool._replace(w)
-            else:
-                self._pool._release(w)
-
-    def _check_alive(self) -> None:
-        w = self._worker
-        if w is None:
-            return
-        if not w.alive():
-            self._on_died()
-        else:
-            self._poll = self._pool.reactor.loop.call_later(LIVENESS_SLICE_S, self._check_alive)
-
-    def _on_died(self) -> None:
-        w = self._worker
-        if w is None:
-            return
-        # A reply it sent just before exiting (a recycle) is still in the socket: take it.
-        try:
-            filled = w.inbox.fill()
-        except (BlockingIOError, OSError):
-            filled = False
-        if filled:
-            try:
-                message = w.inbox.frame()
-            except FrameError:
-                message = None
-            if message is not None and "ready" not in message:
-                self._detach()
-                data, size = self._pool._discard(w)
-                try:
-                    self._report(_outcome(message, data, size, time.monotonic() - self._began))
-                finally:
-                    self._pool._refill(w)
-                return
-        self._failed(_Died())
-
-    def _on_timeout(self) -> None:
-        self._failed(_Timeout())
-
-    def _detach(self) -> None:
-        w = self._worker
-        if w is None:
-            return
-        self._pool.reactor.loop.remove_reader(w.sock.fileno())
-        w.current = None
-        for handle in (self._timer, self._poll):
-            if handle is not None:
-                handle.cancel()
-        self._worker = None
-
-    def _failed(self, exc: Exception) -> None:
-        w = self._worker
-        if w is None:
-            return
-        self._detach()
+    def _failed(self, exc: Exception, code: int | None, data: bytes, size: int,
+                duration: float) -> None:
+        """Its worker died or was killed while running it (exit status ``code``)."""
         target, timeout = self._target, self._timeout
         timed_out = isinstance(exc, _Timeout)
-        data, size = self._pool._discard(w)  # kills it first if a timeout left it running
-        code = w.proc.returncode
         status = ("still running" if code is None
                   else f"signal {-code} ({_signal_name(-code)})" if code < 0
                   else f"exit code {code}")
@@ -640,23 +755,26 @@ class PyExecution:
             error = f"python worker running {target!r} broke the protocol ({exc}): killed"
         else:
             error = f"python worker running {target!r} died: {status}"
-        try:
-            self._report(Outcome(
-                exit_code=code if code is not None and code >= 0 else None,
-                signal=-code if code is not None and code < 0 else None,
-                timed_out=timed_out,
-                duration_s=time.monotonic() - self._began,
-                output=data.decode("utf-8", "replace")[-OUTPUT_LIMIT:],
-                output_bytes=size,
-                error=error,
-            ))
-        finally:
-            self._pool._refill(w)
+        self._report(Outcome(
+            exit_code=code if code is not None and code >= 0 else None,
+            signal=-code if code is not None and code < 0 else None,
+            timed_out=timed_out,
+            duration_s=duration,
+            output=data.decode("utf-8", "replace")[-OUTPUT_LIMIT:],
+            output_bytes=size,
+            error=error,
+        ))
 
     def _report(self, outcome: Outcome) -> None:
+        self._worker = None
         done, self._done = self._done, None
-        if done is not None:
+        if done is None:
+            return
+        try:
             done(outcome)
+        except Exception as exc:  # the pool's bookkeeping must go on
+            self._pool.reactor.loop.call_exception_handler(
+                {"message": f"python run callback failed: {exc!r}", "exception": exc})
 
 
 def _signal_name(number: int) -> str:
@@ -666,17 +784,16 @@ def _signal_name(number: int) -> str:
         return "unknown signal"
 
 
-def _outcome(reply: Mapping[str, Any], data: bytes, size: int, duration: float) -> Outcome:
+def _outcome(reply: Mapping[str, Any], duration: float) -> Outcome:
+    """A run's outcome from its worker's reply (output already includes what reached fds 1/2)."""
     code, output, count, error = (reply.get(k) for k in ("code", "output", "bytes", "error"))
     text = output if isinstance(output, str) else ""
-    if data:
-        text += data.decode("utf-8", "replace")
     return Outcome(
         exit_code=code if isinstance(code, int) else None,
         signal=None,
         timed_out=False,
         duration_s=duration,
         output=text[-OUTPUT_LIMIT:],
-        output_bytes=(count if isinstance(count, int) else 0) + size,
+        output_bytes=count if isinstance(count, int) else 0,
         error=error if isinstance(error, str) else None,
     )

@@ -7,7 +7,12 @@ end of a socketpair (the fd number is its last argv element) with length-prefixe
 * worker -> agent, once ready: ``{"ready": pid}``;
 * agent -> worker, per run: ``{"target": "pkg.mod:fn", "kwargs": {...}, "env": {...}}``;
 * worker -> agent, per run: ``{"code": int | null, "output": str, "bytes": int,
-  "error": str | null, "recycle": bool}``.
+  "error": str | null, "recycle": bool, "ended": float, "took": float}`` (``ended`` is
+  ``time.monotonic()`` when the run ended: CLOCK_MONOTONIC, the same clock in every process, so
+  the agent knows when the next request queued here started; ``took`` is the run's duration).
+
+The agent may send the next requests before a run ends (see ``python_prefetch``); they are
+served in order, one at a time, and each gets its reply the moment it ends.
 
 JSON, not pickle, in both directions: the agent must never unpickle what a job process wrote,
 or any job could run code inside the agent (which holds secrets jobs are not given).
@@ -19,12 +24,14 @@ changes ``os.environ`` itself is detected (one dict comparison) and the environm
 before the next run, so nothing leaks from one run to the next.
 
 The worker exits when the socket reaches EOF (the agent closed it or died). Anything written to
-file descriptors 1 and 2 (C extensions, child processes, the faulthandler traceback of a crash)
-lands in a file the agent reads after each run.
+file descriptors 1 and 2 (C extensions, child processes) lands in a file this process reads (and
+empties) after each run, into that run's reply; what a crash leaves there (the faulthandler
+traceback) the agent reads when it finds the worker dead.
 """
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import importlib
 import io
@@ -35,6 +42,7 @@ import signal
 import socket
 import struct
 import sys
+import time
 import traceback
 from collections.abc import Callable, Mapping
 from typing import Any, NoReturn
@@ -166,8 +174,9 @@ def _traceback_tail(exc: BaseException, skip: int = 0) -> str:
 class Runner:
     """The state of one worker process: resolved callables and the environment it has set."""
 
-    def __init__(self, output_limit: int) -> None:
+    def __init__(self, output_limit: int, out_fd: int | None = None) -> None:
         self._output_limit = output_limit
+        self._out_fd = out_fd  # a private copy of fd 1 (the output file), or None
         self._callables: dict[str, Callable[..., Any]] = {}
         self._base = dict(os.environ)
         self._applied: dict[str, str] = {}  # keys a run set, with the value they now hold
@@ -196,6 +205,35 @@ class Runner:
             self._snapshot = dict(self._data)
 
     def run(self, target: str, kwargs: dict[str, str], env: dict[str, str]) -> dict[str, Any]:
+        began = time.monotonic()
+        reply = self._run(target, kwargs, env)
+        if sys.__stdout__ is not None:  # what the job printed to fd 1 through Python's own file
+            with contextlib.suppress(OSError, ValueError):
+                sys.__stdout__.flush()
+        self._add_fd_output(reply)
+        ended = time.monotonic()
+        reply["ended"] = ended
+        reply["took"] = ended - began
+        return reply
+
+    def _add_fd_output(self, reply: dict[str, Any]) -> None:
+        """Append what reached fds 1/2 during the run (its tail) to the reply; empty the file."""
+        fd = self._out_fd
+        if fd is None:
+            return
+        try:
+            size = os.fstat(fd).st_size
+            if size == 0:
+                return
+            data = os.pread(fd, self._output_limit, max(0, size - self._output_limit))
+            os.ftruncate(fd, 0)
+        except OSError:
+            return
+        text = reply["output"] + data.decode("utf-8", "replace")
+        reply["output"] = text[-self._output_limit:]
+        reply["bytes"] += size
+
+    def _run(self, target: str, kwargs: dict[str, str], env: dict[str, str]) -> dict[str, Any]:
         self._apply_env(env)
         func = self._callables.get(target)
         if func is None:
@@ -270,8 +308,12 @@ def _init(message: Mapping[str, Any]) -> Runner:
     except OSError:
         pass
     output_limit = message.get("output_limit")
+    try:  # our own copy of the output file: a job that closes or redirects fd 1 cannot hide it
+        out_fd: int | None = os.dup(1)  # dup() makes it non-inheritable
+    except OSError:
+        out_fd = None
     return Runner(output_limit if isinstance(output_limit, int) and output_limit > 0
-                  else OUTPUT_LIMIT)
+                  else OUTPUT_LIMIT, out_fd)
 
 
 def serve(fd: int) -> int:
@@ -294,8 +336,6 @@ def serve(fd: int) -> int:
             print(f"cronsul pyworker: malformed request {request!r:.200}", file=sys.__stderr__)
             return 2
         reply = runner.run(target, kwargs, env)
-        if sys.__stdout__ is not None:  # what the job printed to fd 1 through Python's own file
-            sys.__stdout__.flush()
         channel.send(reply)
         if reply["recycle"]:
             return 0

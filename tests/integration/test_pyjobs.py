@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import queue
 import re
 import signal
 import subprocess
@@ -18,7 +19,7 @@ from cronsul_testing import wait_until
 
 from scheduler.errors import ConfigError, CronsulError
 from worker.executor import OUTPUT_LIMIT, Outcome
-from worker.pyjobs import PythonPool, validate_target
+from worker.pyjobs import PyExecution, PythonPool, validate_target
 from worker.pyworker import OUTPUT_LIMIT as WORKER_DEFAULT_LIMIT
 from worker.watchdog import Watchdog
 
@@ -364,3 +365,117 @@ def test_a_run_waiting_for_a_worker_gets_one_after_a_failed_replacement(
         assert outcomes[0].ok, outcomes
     finally:
         p.stop()
+
+
+# -- prefetch: runs queued inside a busy worker ------------------------------------------------
+
+def _submit(p: PythonPool, calls: list[tuple[str, dict[str, str], float]],
+            ) -> tuple[list[PyExecution], list[queue.Queue[Outcome]]]:
+    """Start every call in one turn of the reactor (so they queue) and return their handles
+    and the boxes their outcomes land in."""
+    runs = [p.execution() for _ in calls]
+    boxes: list[queue.Queue[Outcome]] = [queue.Queue() for _ in calls]
+
+    def go() -> None:
+        for r, (func, kwargs, timeout), box in zip(runs, calls, boxes, strict=True):
+            r.start(f"{FIX}:{func}", kwargs, {}, timeout, box.put)
+
+    p.reactor.call(go, 5)
+    return runs, boxes
+
+
+def _depths(p: PythonPool) -> tuple[list[int], int]:
+    """(runs sent to each busy worker and not answered yet, runs waiting for a worker)."""
+    return p.reactor.call(lambda: (sorted(len(w.queue) for w in p._live if w.queue),
+                                   len(p._waiting)), 5)
+
+
+@pytest.fixture
+def one() -> Iterator[PythonPool]:
+    """One warm process that may hold four runs."""
+    p = PythonPool(1, watchdog=None, prefetch=4)
+    p.start()
+    yield p
+    p.stop()
+
+
+def test_short_runs_queue_inside_a_busy_worker_each_with_its_own_output(
+        one: PythonPool) -> None:
+    assert run(one, "say", text="warm").ok  # the callable is now known to be short
+    _, boxes = _submit(one, [("sleep", {"seconds": "0.3"}, 10)]
+                       + [("say", {"text": f"t{i}"}, 10) for i in range(5)])
+    assert _depths(one) == ([4], 2)  # three sent behind the first, two waiting
+    assert boxes[0].get(timeout=10).ok
+    outs = [b.get(timeout=10) for b in boxes[1:]]
+    for i, out in enumerate(outs):
+        assert out.ok and out.output == f"py:t{i}\nfd:t{i}\n", out
+        assert out.output_bytes == len(out.output)
+
+
+def test_a_run_stays_out_of_a_busy_worker_whose_run_is_long(one: PythonPool) -> None:
+    assert run(one, "sleep", seconds="0").ok
+    _, boxes = _submit(one, [("sleep", {"seconds": "1"}, 10)])
+    time.sleep(0.2)  # the running one is no longer young: a new run waits for a free worker
+    _, later = _submit(one, [("sleep", {"seconds": "0"}, 10)])
+    assert _depths(one) == ([1], 1)
+    assert boxes[0].get(timeout=10).ok and later[0].get(timeout=10).ok
+
+
+def test_a_callable_that_ran_long_is_not_queued_behind_another(one: PythonPool) -> None:
+    assert run(one, "sleep", seconds="0.2").ok  # known to take 0.2 s: never queued inside
+    _, boxes = _submit(one, [("sleep", {"seconds": "0"}, 10)] * 3)
+    assert _depths(one) == ([1], 2)
+    assert all(b.get(timeout=10).ok for b in boxes)
+
+
+def test_runs_queued_behind_a_timed_out_run_run_on_its_replacement(one: PythonPool) -> None:
+    assert run(one, "sleep", seconds="0").ok
+    before = one.pids()
+    started = time.monotonic()
+    _, boxes = _submit(one, [("sleep", {"seconds": "30"}, 0.5)]
+                       + [("sleep", {"seconds": "0"}, 10)] * 3)
+    assert _depths(one) == ([4], 0)
+    head = boxes[0].get(timeout=10)
+    assert head.timed_out and head.signal == signal.SIGKILL
+    assert all(b.get(timeout=10).ok for b in boxes[1:])  # re-sent, not failed
+    assert time.monotonic() - started < 5 and one.pids() != before
+
+
+def test_runs_queued_behind_a_crash_run_on_its_replacement(one: PythonPool) -> None:
+    assert run(one, "maybe_exit", code="0").ok
+    _, boxes = _submit(one, [("maybe_exit", {"code": "7", "delay": "0.3"}, 10)]
+                       + [("maybe_exit", {"code": "0"}, 10)] * 3)
+    assert _depths(one) == ([4], 0)
+    head = boxes[0].get(timeout=10)
+    assert head.exit_code == 7 and not head.ok
+    rest = [b.get(timeout=10) for b in boxes[1:]]
+    assert all(o.ok and "lived" in o.output for o in rest), rest
+
+
+def test_runs_queued_behind_a_memory_blow_up_run_on_its_replacement() -> None:
+    p = PythonPool(1, watchdog=None, max_rss_mb=256, prefetch=4)
+    p.start()
+    try:
+        assert run(p, "hog_memory", mb="1").ok
+        _, boxes = _submit(p, [("hog_memory", {"mb": "100000", "delay": "0.3"}, 30)]
+                           + [("hog_memory", {"mb": "1"}, 30)] * 3)
+        assert _depths(p) == ([4], 0)
+        head = boxes[0].get(timeout=30)
+        assert not head.ok and head.error is not None and "MemoryError" in head.error
+        assert all(b.get(timeout=30).ok for b in boxes[1:])
+    finally:
+        p.stop()
+
+
+def test_a_queued_run_that_is_stopped_is_killed_when_its_turn_comes(one: PythonPool) -> None:
+    assert run(one, "sleep", seconds="0").ok
+    runs, boxes = _submit(one, [("sleep", {"seconds": "0.3"}, 10),
+                                ("sleep", {"seconds": "20"}, 30),
+                                ("sleep", {"seconds": "0"}, 10)])
+    assert _depths(one) == ([3], 0)
+    runs[1].stop()
+    assert boxes[0].get(timeout=10).ok
+    stopped = boxes[1].get(timeout=10)
+    assert not stopped.ok and stopped.error is not None and "stopped" in stopped.error
+    assert stopped.duration_s < 5
+    assert boxes[2].get(timeout=10).ok
