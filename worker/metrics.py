@@ -98,6 +98,8 @@ class AgentMetrics(RunHooks):
                                     ["kind"], registry=r)
         for outcome in ("enqueued", "deduplicated", "missed", "skipped_paused"):
             self.ticks.labels(outcome)
+        self._counters: dict[tuple[str, str], Counter] = {}  # cronsul_runs children
+        self._durations: dict[str, Histogram] = {}  # cronsul_run_duration_seconds children
         self._live = _LiveCollector()
         r.register(self._live)
 
@@ -121,11 +123,22 @@ class AgentMetrics(RunHooks):
             self.tick_lag.observe(max(0.0, lag))
 
     def run_started(self, job: str) -> None:
-        self.runs.labels(job, "started").inc()
+        self._run_counter(job, "started").inc()
 
     def run_finished(self, job: str, state: str, duration_s: float) -> None:
-        self.runs.labels(job, state).inc()
-        self.run_duration.labels(job).observe(duration_s)
+        self._run_counter(job, state).inc()
+        timer = self._durations.get(job)
+        if timer is None:
+            timer = self._durations[job] = self.run_duration.labels(job)
+        timer.observe(duration_s)
+
+    def _run_counter(self, job: str, state: str) -> Counter:
+        """The labelled child, looked up once (labels() costs a lock and a tuple per call,
+        which showed in a busy node's profile; children are never removed)."""
+        child = self._counters.get((job, state))
+        if child is None:
+            child = self._counters[(job, state)] = self.runs.labels(job, state)
+        return child
 
     def run_dead_lettered(self, reason: str) -> None:
         self.dead_lettered.labels(reason).inc()
