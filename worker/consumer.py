@@ -8,7 +8,6 @@ import os
 import random
 import threading
 import time
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from queue import Empty, SimpleQueue
@@ -227,7 +226,8 @@ class Consumer:
             ref = RunRef(msg.run_id, msg.job, epoch_ms(msg.scheduled_at), d.queue,
                          d.payload or b"", entry, job.overlap, job.lock_name(msg.params),
                          job.on_lost)
-            claims.append((d, msg, ref, uuid.uuid4().hex))
+            # The lease's owner token: 128 random bits (uuid4 without the UUID object).
+            claims.append((d, msg, ref, os.urandom(16).hex()))
         if not claims:
             return
         sent = self._clock.monotonic()

@@ -1,11 +1,27 @@
-"""structlog set-up: JSON lines when not a TTY (journald, files), coloured console otherwise."""
+"""structlog set-up: JSON lines when not a TTY (journald, files), coloured console otherwise.
+
+JSON lines are serialised with orjson and written as bytes, as structlog's performance notes
+advise: a busy node writes one canonical line per run, and the standard library's encoder made
+that line a tenth of the agent's CPU per run."""
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
+from typing import Any
 
+import orjson
 import structlog
+
+
+def _dumps(event: Any, **kw: Any) -> bytes:
+    """orjson, with the standard encoder as the fallback for what orjson refuses (integers
+    beyond 64 bits): a log call must never fail."""
+    try:
+        return orjson.dumps(event, **kw)
+    except TypeError:
+        return json.dumps(event, default=kw.get("default"), separators=(",", ":")).encode()
 
 
 def configure(level: str = "info", *, json_output: bool | None = None) -> None:
@@ -17,14 +33,22 @@ def configure(level: str = "info", *, json_output: bool | None = None) -> None:
         structlog.processors.StackInfoRenderer(),
         structlog.processors.format_exc_info,
     ]
-    renderer: structlog.typing.Processor = (
-        structlog.processors.JSONRenderer() if as_json else structlog.dev.ConsoleRenderer()
-    )
+    binary = getattr(sys.stderr, "buffer", None)
+    logger_factory: Any
+    if as_json and binary is not None:
+        renderer: structlog.typing.Processor = structlog.processors.JSONRenderer(_dumps)
+        logger_factory = structlog.BytesLoggerFactory(binary)
+    elif as_json:
+        renderer = structlog.processors.JSONRenderer()
+        logger_factory = structlog.PrintLoggerFactory(sys.stderr)
+    else:
+        renderer = structlog.dev.ConsoleRenderer()
+        logger_factory = structlog.PrintLoggerFactory(sys.stderr)
     structlog.configure(
         processors=[*processors, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
         ),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        logger_factory=logger_factory,
         cache_logger_on_first_use=True,
     )

@@ -47,6 +47,8 @@ import traceback
 from collections.abc import Callable, Mapping
 from typing import Any, NoReturn
 
+import orjson
+
 HEADER = struct.Struct(">I")
 # Largest frame either side accepts: a reply holds at most OUTPUT_LIMIT characters of output
 # (up to 4 bytes each in UTF-8) plus an error text; anything bigger is a broken or hostile peer.
@@ -68,8 +70,18 @@ class FrameError(Exception):
 
 
 def encode(message: Mapping[str, Any]) -> bytes:
-    body = json.dumps(message, separators=(",", ":")).encode()
+    try:  # orjson: several times faster than json on a run's request and reply
+        body = orjson.dumps(message)
+    except TypeError:  # what orjson refuses, e.g. a lone surrogate in a job's output
+        body = json.dumps(message, separators=(",", ":")).encode()
     return HEADER.pack(len(body)) + body
+
+
+def _loads(body: bytes) -> Any:
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:  # e.g. an escaped lone surrogate, which json accepts
+        return json.loads(body)
 
 
 def take_frame(buffer: bytearray) -> dict[str, Any] | None:
@@ -85,7 +97,7 @@ def take_frame(buffer: bytearray) -> dict[str, Any] | None:
     body = bytes(buffer[HEADER.size:end])
     del buffer[:end]
     try:
-        message = json.loads(body)
+        message = _loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise FrameError(f"undecodable frame: {exc}") from exc
     if not isinstance(message, dict):

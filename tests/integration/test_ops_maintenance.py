@@ -91,7 +91,7 @@ def test_maintenance_drains_and_undrains(
         drained_runs = {line.split()[3] for line in out.read_text().splitlines()
                         if line.split()[1] == leader}
         assert not (drained_runs & unfinished(out)), "a run on the drained node never finished"
-        assert '"event": "draining"' in cluster.agents[leader].log.read_text()
+        assert '"event":"draining"' in cluster.agents[leader].log.read_text()
 
         # 2. Maintenance off: the node takes runs again.
         back_at = time.time()
