@@ -30,6 +30,14 @@ def _err(d: dict[str, Any]) -> str | None:
     return None
 
 
+def _rounds(v: dict[str, Any]) -> str:
+    """", median of 3 rounds: a / b / c" when the result is a median of interleaved rounds."""
+    rates = v.get("rounds_per_s")
+    if not isinstance(rates, list) or len(rates) < 2:
+        return ""
+    return f", median of {len(rates)} rounds: " + " / ".join(_f(x) for x in rates)
+
+
 def fork_limit(results: dict[str, Any]) -> tuple[float | None, float | None]:
     fe = results.get("forkexec", {})
     return (fe.get("posix_spawn", {}).get("per_s"), fe.get("subprocess", {}).get("per_s"))
@@ -55,17 +63,19 @@ def render_table(r: dict[str, Any]) -> str:
            if fastest and isinstance(c.get("per_s"), int | float) else "")
     label = (f"cronsul (2 agents, concurrency {c['concurrency']}, python_workers "
              f"{c.get('python_workers', c['concurrency'])})" if "concurrency" in c else "cronsul")
+    label += _rounds(c)
     rows.append((m1, label, c.get("status") or _f(c.get("per_s")), rel,
                  "≥ 1.5x fastest peer", "n/a" if "status" in c else
                  _met(bool(fastest) and c.get("per_s", 0) >= 1.5 * (fastest or 0))))
     for v in r.get("noop_cronsul_configs", {}).values():
         if isinstance(v, dict) and "per_s" in v and v is not c and v != c:
-            rows.append((m1, f"cronsul (concurrency {v['concurrency']}, python_workers "
-                             f"{v.get('python_workers', v['concurrency'])})", _f(v["per_s"]),
+            rows.append((m1, f"cronsul configuration sweep (concurrency {v['concurrency']}, "
+                             f"python_workers {v.get('python_workers', v['concurrency'])})",
+                         _f(v["per_s"]),
                          f"{v['per_s'] / fastest:.2f}x fastest peer" if fastest else "", "", ""))
     for p, v in sorted(noop.items(), key=lambda kv: -(kv[1].get("per_s") or 0)):
         ratio = f"{v['per_s'] / fastest:.2f}x fastest" if fastest and v.get("per_s") else ""
-        rows.append((m1, p, _err(v) or _f(v.get("per_s")), ratio, "", ""))
+        rows.append((m1, p + _rounds(v), _err(v) or _f(v.get("per_s")), ratio, "", ""))
 
     # 2. /bin/true
     spawn, sub = fork_limit(r)

@@ -5,8 +5,10 @@
 
 Sizes (env): BENCH_NOOP_N 10000, BENCH_SHELL_N 2000, BENCH_LATENCY_N 1000, BENCH_TICK_JOBS 1000,
 BENCH_TICK_S 30, BENCH_FANOUT_N 10000, BENCH_FAILOVER_TRIALS 20, BENCH_FOOTPRINT_S 30,
-BENCH_FORK_S 5, BENCH_CONCURRENCY "8,16,32" (cronsul [worker] concurrency values tried for shell
-jobs), BENCH_NOOP_CONFIGS "8:0,64:4,128:4" (concurrency:python_workers for the no-op drain).
+BENCH_FORK_S 5, BENCH_NOOP_ROUNDS 3 (no-op drain rounds, cronsul and every peer back to back
+in each; medians reported; 0 in smoke mode), BENCH_CONCURRENCY "8,16,32" (cronsul [worker]
+concurrency values tried for shell jobs), BENCH_NOOP_CONFIGS "8:0,64:4,128:4"
+(concurrency:python_workers for the no-op drain).
 BENCH_PEERS: comma list or "none" (default: all six; none in smoke mode).
 BENCH_OUT: results file (default bench/results/<date>.json; a temp file in smoke mode).
 """
@@ -62,6 +64,31 @@ def run_peer(peer: str, measure: str, n: int, ctx: Ctx) -> dict[str, Any]:
     return out
 
 
+def noop_rounds(ctx: Ctx, config: str, peers: list[str],
+                sizes: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """The no-op drain again, ``noop_rounds`` times, cronsul (its best configuration) and each
+    peer back to back in every round: this machine's speed drifts by tens of percent over
+    minutes, so systems measured minutes apart are not comparable. Each system's median round
+    is its result."""
+    c, w = (int(x) for x in config.split(":"))
+    out: dict[str, list[dict[str, Any]]] = {"cronsul": [], **{p: [] for p in peers}}
+    for i in range(sizes["noop_rounds"]):
+        out["cronsul"].append(noop_drain(ctx, sizes["noop_n"], c, python_workers=w))
+        for peer in peers:
+            out[peer].append(run_peer(peer, "noop", sizes["noop_n"], ctx))
+        log(f"noop round {i + 1}: " + ", ".join(
+            f"{k} {v[-1].get('per_s')}" for k, v in out.items()))
+    return out
+
+
+def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run with the median rate (a failed run counts as 0), with every round's rate."""
+    ranked = sorted(runs, key=lambda v: v.get("per_s") or 0)
+    median = dict(ranked[(len(ranked) - 1) // 2])
+    median["rounds_per_s"] = [v.get("per_s") for v in runs]
+    return median
+
+
 def guarded(results: dict[str, Any], key: str, fn: Any, *args: Any) -> None:
     t0 = time.monotonic()
     try:
@@ -86,6 +113,7 @@ def main() -> int:
         "failover_trials": env_int("BENCH_FAILOVER_TRIALS", 20, 1),
         "footprint_s": env_float("BENCH_FOOTPRINT_S", 30, 3),
         "fork_s": env_float("BENCH_FORK_S", 5, 1),
+        "noop_rounds": env_int("BENCH_NOOP_ROUNDS", 3, 0),
     }
     conc = [int(x) for x in os.environ.get("BENCH_CONCURRENCY", "8" if smoke else "8,16,32")
             .split(",") if x]
@@ -114,10 +142,14 @@ def main() -> int:
             guarded(results, "noop_cronsul_configs", lambda: {
                 f"{c}:{w}": noop_drain(ctx, sizes["noop_n"], c, python_workers=w)
                 for c, w in noop_configs})
-            tried = [v for v in results["noop_cronsul_configs"].values()
+            tried = [(k, v) for k, v in results["noop_cronsul_configs"].items()
                      if isinstance(v, dict) and "per_s" in v]
-            results["noop_cronsul"] = max(tried, key=lambda v: v["per_s"], default={
-                "status": "failed: see noop_cronsul_configs"})
+            best = max(tried, key=lambda kv: kv[1]["per_s"], default=None)
+            results["noop_cronsul"] = {"status": "failed: see noop_cronsul_configs"}
+            if best is not None:
+                results["noop_cronsul"] = best[1]
+            if best is not None and sizes["noop_rounds"] > 0:
+                guarded(results, "noop_rounds", noop_rounds, ctx, best[0], peers, sizes)
             guarded(results, "shell_cronsul",
                     lambda: {str(c): shell_drain(ctx, sizes["shell_n"], c) for c in conc})
             guarded(results, "latency_cronsul_callable", lambda: latency(
@@ -126,10 +158,16 @@ def main() -> int:
             guarded(results, "tick_lag", tick_lag, ctx, sizes["tick_jobs"], sizes["tick_s"])
             guarded(results, "failover", failover_and_footprint, ctx,
                     sizes["failover_trials"], sizes["footprint_s"])
+            rounds = results.get("noop_rounds") or {}
+            if isinstance(rounds.get("cronsul"), list) and rounds["cronsul"]:
+                results["noop_cronsul"] = _median_run(rounds["cronsul"])
             for peer in peers:
                 p: dict[str, Any] = {}
-                for measure, n in (("noop", sizes["noop_n"]), ("shell", sizes["shell_n"]),
-                                   ("latency", sizes["latency_n"])):
+                if isinstance(rounds.get(peer), list) and rounds[peer]:
+                    p["noop"] = _median_run(rounds[peer])
+                else:
+                    guarded(p, "noop", run_peer, peer, "noop", sizes["noop_n"], ctx)
+                for measure, n in (("shell", sizes["shell_n"]), ("latency", sizes["latency_n"])):
                     guarded(p, measure, run_peer, peer, measure, n, ctx)
                 results["peers"][peer] = p
         finally:
