@@ -297,6 +297,15 @@ class Consumer:
         except Exception as exc:
             self._log.warning("run_settle_failed", entry_id=d.entry_id, error=str(exc)[:200])
 
+    def _settle_many(self, deliveries: list[Delivery]) -> None:
+        """:meth:`_settle` for a batch of recorded runs (SQS: DeleteMessageBatch)."""
+        if not deliveries:
+            return
+        try:
+            self._q.settle_many(deliveries)
+        except Exception as exc:
+            self._log.warning("run_settle_failed", runs=len(deliveries), error=str(exc)[:200])
+
     def _launch(self, batch: list[_Active]) -> None:
         """On the reactor thread: start the runs of one claim."""
         for a in batch:
@@ -421,12 +430,12 @@ class Consumer:
             for a in batch:
                 self._active.pop(a.ref.run_id, None)
         self._update_watchdog()
+        if recorded is not None and not self._q.acks_with_record:
+            self._settle_many([a.delivery for a, ok in zip(batch, recorded, strict=True) if ok])
         for i, (a, rec) in enumerate(zip(batch, records, strict=True)):
             ok = recorded is not None and recorded[i]
             if recorded is None:
                 continue
-            if ok and not self._q.acks_with_record:
-                self._settle(a.delivery)
             outcome = a.outcome or Outcome(None, None, False, 0.0, "", 0, "no outcome")
             self.hooks.run_finished(a.msg.job, rec.state if ok else "lost", outcome.duration_s)
             self._log.info(

@@ -91,6 +91,10 @@ class RedisQueue:
     def settle(self, delivery: Delivery) -> None:
         self.ack(delivery)
 
+    def settle_many(self, deliveries: Sequence[Delivery]) -> None:
+        for d in deliveries:
+            self.ack(d)
+
     def extend(self, deliveries: Sequence[Delivery], seconds: float) -> None:
         """Nothing to do: a stream entry stays pending until acked; the run lease (renewed by
         the heartbeat) is what keeps other nodes from reclaiming it."""

@@ -248,20 +248,38 @@ class SqsTransport:
                                       code=failed.get("Code"))
 
     def settle(self, delivery: Delivery) -> None:
-        """DeleteMessage. A failed delete is logged: the message comes back after its visibility
-        timeout and ``begin`` answers it "done" (the run is recorded), so it is deleted then."""
+        self.settle_many([delivery])
+
+    def settle_many(self, deliveries: Sequence[Delivery]) -> None:
+        """DeleteMessageBatch, up to 10 messages a call (one DeleteMessage per run made a busy
+        node's slots come back slowly). A failed delete is logged: the message comes back after
+        its visibility timeout and ``begin`` answers it "done" (the run is recorded), so it is
+        deleted then."""
+        by_queue: dict[str, list[tuple[str, str]]] = {}
         with self._lock:
-            known = self._handles.pop((delivery.queue, delivery.entry_id), None)
-        if known is None:
-            self._log.warning("sqs_settle_unknown", queue=delivery.queue,
-                              message_id=delivery.entry_id)
-            return
-        try:
-            self._client.delete_message(QueueUrl=self._dir.get(delivery.queue).url,
-                                        ReceiptHandle=known[0])
-        except QUEUE_FAILURES as exc:
-            self._log.warning("sqs_delete_failed", queue=delivery.queue,
-                              message_id=delivery.entry_id, error=str(exc)[:300])
+            for d in deliveries:
+                known = self._handles.pop((d.queue, d.entry_id), None)
+                if known is None:
+                    self._log.warning("sqs_settle_unknown", queue=d.queue, message_id=d.entry_id)
+                    continue
+                by_queue.setdefault(d.queue, []).append((d.entry_id, known[0]))
+        for queue, items in by_queue.items():
+            for start in range(0, len(items), MAX_BATCH):
+                chunk = items[start:start + MAX_BATCH]
+                try:
+                    reply = self._client.delete_message_batch(
+                        QueueUrl=self._dir.get(queue).url,
+                        Entries=[{"Id": str(i), "ReceiptHandle": handle}
+                                 for i, (_, handle) in enumerate(chunk)])
+                except QUEUE_FAILURES as exc:
+                    for message_id, _ in chunk:
+                        self._log.warning("sqs_delete_failed", queue=queue,
+                                          message_id=message_id, error=str(exc)[:300])
+                    continue
+                for failed in reply.get("Failed", []):
+                    self._log.warning("sqs_delete_refused", queue=queue,
+                                      message_id=chunk[int(failed["Id"])][0],
+                                      code=failed.get("Code"))
 
     def dead_letter(self, delivery: Delivery, reason: str, error: str) -> None:
         """Record the message in cronsul's dead-letter stream (in Redis, same fields as the

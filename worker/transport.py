@@ -28,6 +28,9 @@ class Transport(Protocol):
     def settle(self, delivery: Delivery) -> None:
         """The run behind this delivery is recorded: remove the message for good."""
 
+    def settle_many(self, deliveries: Sequence[Delivery]) -> None:
+        """:meth:`settle` for several deliveries, in as few calls as the backend allows."""
+
     def extend(self, deliveries: Sequence[Delivery], seconds: float) -> None:
         """Keep these in-flight messages invisible to other consumers for ``seconds`` more."""
 

@@ -196,6 +196,29 @@ def test_begin_finish_settle_records_and_deletes(sqs: Any, redis_client: redis.R
     assert in_queue(sqs, url) == 0
 
 
+def test_settle_many_deletes_in_batches_of_ten(sqs: Any, redis_client: redis.Redis) -> None:
+    url = make_queue(sqs)
+    t = transport(sqs, redis_client, {"default": url})
+    for i in range(23):
+        send(sqs, url, run_msg(seconds=i))
+    got = fetch_all(t, ["default"], want=23)
+    assert len(got) == 23
+    calls: list[int] = []
+    real = sqs.delete_message_batch
+
+    def counted(**kw: Any) -> Any:
+        calls.append(len(kw["Entries"]))
+        return real(**kw)
+
+    sqs.delete_message_batch = counted
+    try:
+        t.settle_many(got)
+    finally:
+        sqs.delete_message_batch = real
+    assert calls == [10, 10, 3]
+    assert in_queue(sqs, url) == 0
+
+
 def test_finished_run_delivered_again_is_settled_without_running(
         sqs: Any, redis_client: redis.Redis) -> None:
     url = make_queue(sqs)
