@@ -94,3 +94,18 @@ def maybe_exit(code: str, delay: str = "0") -> str:
     if code != "0":
         os._exit(int(code))
     return "lived"
+
+
+def big(n: str, ch: str = "x") -> None:
+    sys.stdout.write(ch * int(n))
+
+
+def mark_then(path: str, code: str = "0", delay: str = "0") -> str:
+    """Appends a line to ``path`` when it starts (so a test can count starts), then waits and
+    exits with ``code`` (0: returns)."""
+    with open(path, "a") as f:
+        f.write(f"{os.getpid()}\n")
+    time.sleep(float(delay))
+    if code != "0":
+        os._exit(int(code))
+    return "ok"

@@ -84,6 +84,13 @@ RESPAWN_MAX_S = 10.0
 PREFETCH_SHORT_S = 0.05
 PREFETCH_HEAD_AGE_S = 0.05
 PREFETCH_FRAME_MAX = 16 * 1024
+# A stopped run queued inside a worker is cancelled there (the worker skips it and says so);
+# if it is the worker's current run by the time the agent looks, and no "cancelled" reply came
+# within this long, it had started: the worker is killed.
+CANCEL_GRACE_S = 0.05
+# One read of a worker's replies takes at most this many receives (64 KiB each) before the
+# reactor moves on; level-triggered readiness brings it back for the rest.
+READ_CHUNKS_MAX = 64
 # Without pidfds (not Linux >= 5.3), a waiting run checks this often whether its worker died:
 # a job's forked child may still hold the socket open, so EOF alone is not proof of life.
 LIVENESS_SLICE_S = 0.5
@@ -123,6 +130,8 @@ class _Worker:
     head_since: float = 0.0  # monotonic time queue[0] started
     timer: asyncio.TimerHandle | None = None  # fires at or before queue[0]'s deadline
     poll: asyncio.TimerHandle | None = None  # liveness check where there are no pidfds
+    sent: int = 0  # requests sent so far: the next one's number (the worker counts alike)
+    outbuf: bytearray = field(default_factory=bytearray)  # not yet accepted by the socket
 
     def alive(self) -> bool:
         """Whether the process still runs, without reaping it (its pid, the process group id,
@@ -287,8 +296,11 @@ class PythonPool:
             self._respawn_timer.cancel()
             self._respawn_timer = None
         for w in busy:  # their runs fail; the runs queued behind them never started
-            w.kill()
-            self._lost(w, _Died())
+            if w in self._live:
+                self._read_replies(w)  # runs that ended meanwhile are reported as they ended
+            if w in self._live:
+                w.kill()
+                self._lost(w, _Died())
         with self._cond:
             waiting += self._waiting
             self._waiting.clear()
@@ -397,13 +409,18 @@ class PythonPool:
     def _may_queue(self, w: _Worker, run: PyExecution) -> bool:
         """Whether ``run`` may be sent to busy ``w`` to start when its runs end: only a short
         callable, behind a few runs that are short too, with a small request."""
+        short = self._recent
         return (len(w.queue) < self._prefetch
                 and len(run._frame) <= PREFETCH_FRAME_MAX
-                and self._recent.get(run._target, math.inf) < PREFETCH_SHORT_S
+                and short.get(run._target, math.inf) < PREFETCH_SHORT_S
                 and time.monotonic() - w.head_since < PREFETCH_HEAD_AGE_S
-                and not w.queue[0]._stopped)
+                and all(short.get(r._target, math.inf) < PREFETCH_SHORT_S and not r._stopped
+                        for r in w.queue))
 
     def _submit(self, run: PyExecution) -> None:
+        if run._stopped:
+            run._stopped_before_start()
+            return
         try:
             w = self._acquire(run)
         except CronsulError as exc:
@@ -419,13 +436,10 @@ class PythonPool:
     def _dispatch(self, w: _Worker, run: PyExecution) -> None:
         """Send ``run`` to ``w`` (reactor thread). A worker that died before taking it has not
         started the job, so the run is tried once more on another."""
-        if run._stopped:
-            run._report(Outcome(None, None, False, time.monotonic() - run._began, "", 0,
-                                f"callable {run._target!r} was stopped before it started"))
+        if run._stopped:  # only from _top_up, which keeps the worker
+            run._stopped_before_start()
             return
-        try:
-            w.send(run._frame)
-        except OSError:
+        if not self._write(w, run._frame):
             self._lost(w, _Died())
             run._tries += 1
             if run._tries >= 2:
@@ -436,11 +450,50 @@ class PythonPool:
             self._submit(run)
             return
         run._worker = w
+        run._seq = w.sent
+        run._sent_at = time.monotonic()
+        w.sent += 1
         w.runs += 1
         w.queue.append(run)
         if len(w.queue) == 1:
-            w.head_since = time.monotonic()  # waiting for a worker is not the job's time
+            w.head_since = run._sent_at  # waiting for a worker is not the job's time
             self._arm(w)
+
+    def _write(self, w: _Worker, frame: bytes) -> bool:
+        """Send ``frame`` to ``w`` without blocking the reactor: what the socket does not take
+        now waits in ``w.outbuf`` for it to become writable. False when the worker is gone."""
+        if w.outbuf:
+            w.outbuf += frame
+            return True
+        try:
+            n = w.sock.send(frame)
+        except BlockingIOError:
+            n = 0
+        except OSError:
+            return False
+        if n < len(frame):
+            w.outbuf += frame[n:]
+            self.reactor.loop.add_writer(w.sock.fileno(), self._on_writable, w)
+        return True
+
+    def _on_writable(self, w: _Worker) -> None:
+        try:
+            n = w.sock.send(w.outbuf)
+        except BlockingIOError:
+            return
+        except OSError:
+            self.reactor.loop.remove_writer(w.sock.fileno())
+            w.outbuf.clear()
+            return  # the worker is gone: its pidfd (or EOF) reports it
+        del w.outbuf[:n]
+        if not w.outbuf:
+            self.reactor.loop.remove_writer(w.sock.fileno())
+
+    def _cancel(self, w: _Worker, run: PyExecution) -> None:
+        """Ask ``w`` to skip ``run``, queued behind its current run (its lease was lost)."""
+        if not run._cancel_sent:
+            run._cancel_sent = True
+            self._write(w, encode({"cancel": run._seq}))
 
     def _release(self, w: _Worker) -> None:
         """``w`` has nothing queued (reactor thread): give it waiting runs, or make it idle."""
@@ -512,6 +565,7 @@ class PythonPool:
             if w.pidfd is not None:
                 self.reactor.loop.remove_reader(w.pidfd)
             self.reactor.loop.remove_reader(w.sock.fileno())
+            self.reactor.loop.remove_writer(w.sock.fileno())
             w.watched = False
 
     # -- replies and deaths (reactor thread) ---------------------------------------------
@@ -523,21 +577,37 @@ class PythonPool:
         if not w.queue:
             self._release(w)
             return
-        if w.queue[0]._stopped:  # it may have started already: kill it (its pidfd reports)
-            w.kill()
+        head = w.queue[0]
+        if head._stopped:
+            if not head._cancel_sent:  # it may have started already: kill it
+                w.kill()  # its pidfd reports it
+            elif head._grace is None:  # its "cancelled" reply is due now, or it started
+                head._grace = self.reactor.loop.call_later(CANCEL_GRACE_S, self._cancel_overdue,
+                                                           w, head)
             return
         self._arm(w)
         self._top_up(w)
 
+    def _cancel_overdue(self, w: _Worker, run: PyExecution) -> None:
+        run._grace = None
+        if w in self._live and w.queue and w.queue[0] is run and not run._reported:
+            self._read_replies(w)
+            if w in self._live and w.queue and w.queue[0] is run:
+                w.kill()  # it started before the cancel reached the worker
+
     def _read_replies(self, w: _Worker) -> int:
         """Read what ``w`` sent and report the runs it answered: their number, or -1 when the
         worker was lost meanwhile (EOF, a broken frame, a recycle)."""
+        eof = False
         try:
-            if not w.inbox.fill():  # EOF: it exited or closed its end
-                self._lost(w, _Died())
-                return -1
+            for _ in range(READ_CHUNKS_MAX):  # all that is there: a reply may span receives
+                if not w.inbox.fill():
+                    eof = True  # it exited or closed its end
+                    break
         except BlockingIOError:
             pass
+        except ConnectionResetError:  # it died with requests unread: a death, not a breach
+            eof = True
         except OSError as exc:
             self._lost(w, exc)
             return -1
@@ -549,6 +619,9 @@ class PythonPool:
                 self._lost(w, exc)
                 return -1
             if message is None:
+                if eof:
+                    self._lost(w, _Died())
+                    return -1
                 return answered
             if "ready" in message:  # a replacement saying hello
                 continue
@@ -565,16 +638,28 @@ class PythonPool:
     def _answered(self, w: _Worker, run: PyExecution, reply: Mapping[str, Any]) -> None:
         now = time.monotonic()
         took, ended = reply.get("took"), reply.get("ended")
-        duration = (float(took) if isinstance(took, int | float) and 0 <= took <= now - run._began
-                    else now - w.head_since)
-        if w.queue:  # the next run started when this one ended, not when we read the reply
+        if w.queue:  # the next run started when this one ended (or when it was sent, if
+            # later), not when we read the reply
             start = float(ended) if isinstance(ended, int | float) else now
-            w.head_since = min(now, max(w.head_since, start))
-        old = self._recent.get(run._target)
-        self._recent[run._target] = (duration if old is None or duration > old
-                                     else old * 0.9 + duration * 0.1)
+            w.head_since = min(now, max(w.head_since, w.queue[0]._sent_at, start))
         run._worker = None
+        if run._grace is not None:
+            run._grace.cancel()
+            run._grace = None
+        if reply.get("cancelled"):
+            run._stopped_before_start()
+            return
+        duration = (float(took) if isinstance(took, int | float) and 0 <= took <= now - run._began
+                    else now - run._sent_at)
+        self._note_duration(run._target, duration)
         run._report(_outcome(reply, duration))
+
+    def _note_duration(self, target: str, duration: float) -> None:
+        """Remember how long ``target`` takes: a long run counts at once, short ones bring the
+        estimate down slowly."""
+        old = self._recent.get(target)
+        self._recent[target] = (duration if old is None or duration > old
+                                else old * 0.9 + duration * 0.1)
 
     def _on_exit(self, w: _Worker) -> None:
         """``w``'s pidfd fired: the process is gone."""
@@ -582,10 +667,9 @@ class PythonPool:
             self._unwatch(w)
             return
         # Replies it sent just before exiting (a recycle, its last run's) are still in the
-        # socket: take them first.
-        while w.queue and w in self._live:
-            if self._read_replies(w) <= 0:
-                break
+        # socket: take them all first (the process is gone, so EOF ends the read).
+        while w in self._live and self._read_replies(w) >= 0:
+            pass
         if w in self._live:
             self._lost(w, _Died())
 
@@ -594,7 +678,7 @@ class PythonPool:
         if not w.queue or w not in self._live:
             return
         self._on_readable(w)  # its run may have ended just now: that reply is not late
-        if not w.queue or w not in self._live or w.timer is not None:
+        if not w.queue or w not in self._live or w.timer is not None or w.queue[0]._stopped:
             return
         if time.monotonic() < w.head_since + w.queue[0]._timeout:
             self._arm(w)
@@ -619,10 +703,17 @@ class PythonPool:
         self._disarm(w)
         started = w.head_since
         data, size = self._discard(w)  # kills it first if it still runs
-        if runs and exc is not None:
-            runs.pop(0)._failed(exc, w.proc.returncode, data, size, time.monotonic() - started)
         for run in runs:
             run._worker = None
+            run._cancel_sent = False
+            if run._grace is not None:
+                run._grace.cancel()
+                run._grace = None
+        if runs and exc is not None:
+            head = runs.pop(0)
+            took = time.monotonic() - started
+            self._note_duration(head._target, math.inf if isinstance(exc, _Timeout) else took)
+            head._failed(exc, w.proc.returncode, data, size, took)
         if runs:
             with self._cond:
                 self._waiting.extendleft(reversed(runs))
@@ -711,6 +802,11 @@ class PyExecution:
         self._timeout = 0.0
         self._began = 0.0
         self._tries = 0
+        self._seq = 0  # its number among the requests its worker got
+        self._sent_at = 0.0  # monotonic time it was sent to its worker
+        self._cancel_sent = False
+        self._grace: asyncio.TimerHandle | None = None  # see CANCEL_GRACE_S
+        self._reported = False
 
     def run(self, target: str, kwargs: Mapping[str, str], env: Mapping[str, str],
             timeout: float) -> Outcome:
@@ -725,10 +821,16 @@ class PyExecution:
     def _stop(self) -> None:
         self._stopped = True
         w = self._worker
-        if w is not None and w.queue and w.queue[0] is self:
+        if w is None or self._reported:
+            return  # still waiting for a worker: it is never sent
+        if w.queue and w.queue[0] is self:
             w.kill()  # its pidfd fires: the run is reported as stopped
-        # Queued behind another run: its worker is killed when it gets to it (see
-        # PythonPool._on_readable); still waiting for a worker: it is never sent.
+        else:  # queued behind another run: the worker skips it (or is killed if it started)
+            self._pool._cancel(w, self)
+
+    def _stopped_before_start(self) -> None:
+        self._report(Outcome(None, None, False, time.monotonic() - self._began, "", 0,
+                             f"callable {self._target!r} was stopped before it started"))
 
     def start(self, target: str, kwargs: Mapping[str, str], env: Mapping[str, str],
               timeout: float, done: Callable[[Outcome], None]) -> None:
@@ -766,6 +868,7 @@ class PyExecution:
         ))
 
     def _report(self, outcome: Outcome) -> None:
+        self._reported = True
         self._worker = None
         done, self._done = self._done, None
         if done is None:

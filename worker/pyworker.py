@@ -12,7 +12,11 @@ end of a socketpair (the fd number is its last argv element) with length-prefixe
   the agent knows when the next request queued here started; ``took`` is the run's duration).
 
 The agent may send the next requests before a run ends (see ``python_prefetch``); they are
-served in order, one at a time, and each gets its reply the moment it ends.
+served in order, one at a time, and each gets its reply the moment it ends. Requests are
+numbered by arrival, from 0, on both sides; ``{"cancel": n}`` (agent -> worker) asks to skip
+request ``n`` if it has not started (its lease was lost while it waited here): its reply is then
+``{"cancelled": true, "ended": float}``. Before starting a request the worker reads, without
+waiting, whatever has arrived, so a cancel sent while the run before was running is honoured.
 
 JSON, not pickle, in both directions: the agent must never unpickle what a job process wrote,
 or any job could run code inside the agent (which holds secrets jobs are not given).
@@ -44,6 +48,7 @@ import struct
 import sys
 import time
 import traceback
+from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any, NoReturn
 
@@ -117,9 +122,10 @@ class Inbox:
         """The first complete frame received, or None. Raises FrameError."""
         return take_frame(self._buffer)
 
-    def fill(self) -> bool:
-        """Receive what is there (blocking until something is). False at EOF."""
-        n = self._sock.recv_into(self._view)
+    def fill(self, flags: int = 0) -> bool:
+        """Receive what is there (blocking until something is, unless ``flags`` has
+        MSG_DONTWAIT: then BlockingIOError if nothing is). False at EOF."""
+        n = self._sock.recv_into(self._view, 0, flags)
         self._buffer += self._view[:n]
         return n > 0
 
@@ -292,6 +298,9 @@ class _Channel:
     def __init__(self, sock: socket.socket) -> None:
         self._sock = sock
         self._inbox = Inbox(sock)
+        self._requests: deque[tuple[int, dict[str, Any]]] = deque()  # received, not yet run
+        self._received = 0  # requests received so far (the agent numbers them alike)
+        self._cancelled: set[int] = set()
 
     def receive(self) -> dict[str, Any] | None:
         """The next frame, or None at EOF."""
@@ -301,6 +310,39 @@ class _Channel:
                 return message
             if not self._inbox.fill():
                 return None
+
+    def next_request(self) -> tuple[dict[str, Any], bool] | None:
+        """The next request and whether the agent cancelled it, or None at EOF. What has
+        arrived meanwhile is read first (without waiting), so a cancel sent while the run
+        before was running is seen before this one starts."""
+        if self._requests:
+            with contextlib.suppress(BlockingIOError):
+                if not self._inbox.fill(socket.MSG_DONTWAIT):
+                    return None
+        while True:
+            self._sort()
+            if self._requests:
+                number, request = self._requests.popleft()
+                if number in self._cancelled:
+                    self._cancelled.discard(number)
+                    return request, True
+                return request, False
+            if not self._inbox.fill():
+                return None
+
+    def _sort(self) -> None:
+        """Move the frames received into requests (numbered) and cancellations."""
+        while True:
+            message = self._inbox.frame()
+            if message is None:
+                return
+            if "cancel" in message:
+                number = message["cancel"]
+                if isinstance(number, int) and number >= self._received - len(self._requests):
+                    self._cancelled.add(number)
+                continue
+            self._requests.append((self._received, message))
+            self._received += 1
 
     def send(self, message: Mapping[str, Any]) -> None:
         self._sock.sendall(encode(message))
@@ -340,9 +382,13 @@ def serve(fd: int) -> int:
     runner = _init(first)
     channel.send({"ready": os.getpid()})
     while True:
-        request = channel.receive()
-        if request is None:
+        taken = channel.next_request()
+        if taken is None:
             return 0
+        request, cancelled = taken
+        if cancelled:  # stopped while it waited here: never started
+            channel.send({"cancelled": True, "ended": time.monotonic()})
+            continue
         target, kwargs, env = request.get("target"), request.get("kwargs"), request.get("env")
         if not (isinstance(target, str) and isinstance(kwargs, dict) and isinstance(env, dict)):
             print(f"cronsul pyworker: malformed request {request!r:.200}", file=sys.__stderr__)

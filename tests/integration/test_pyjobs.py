@@ -401,7 +401,8 @@ def one() -> Iterator[PythonPool]:
 
 def test_short_runs_queue_inside_a_busy_worker_each_with_its_own_output(
         one: PythonPool) -> None:
-    assert run(one, "say", text="warm").ok  # the callable is now known to be short
+    assert run(one, "say", text="warm").ok  # both callables are now known to be short
+    assert run(one, "sleep", seconds="0").ok
     _, boxes = _submit(one, [("sleep", {"seconds": "0.3"}, 10)]
                        + [("say", {"text": f"t{i}"}, 10) for i in range(5)])
     assert _depths(one) == ([4], 2)  # three sent behind the first, two waiting
@@ -423,7 +424,8 @@ def test_a_run_stays_out_of_a_busy_worker_whose_run_is_long(one: PythonPool) -> 
 
 def test_a_callable_that_ran_long_is_not_queued_behind_another(one: PythonPool) -> None:
     assert run(one, "sleep", seconds="0.2").ok  # known to take 0.2 s: never queued inside
-    _, boxes = _submit(one, [("sleep", {"seconds": "0"}, 10)] * 3)
+    _, boxes = _submit(one, [("sleep", {"seconds": "0.3"}, 10)]
+                       + [("sleep", {"seconds": "0"}, 10)] * 2)
     assert _depths(one) == ([1], 2)
     assert all(b.get(timeout=10).ok for b in boxes)
 
@@ -479,3 +481,129 @@ def test_a_queued_run_that_is_stopped_is_killed_when_its_turn_comes(one: PythonP
     assert not stopped.ok and stopped.error is not None and "stopped" in stopped.error
     assert stopped.duration_s < 5
     assert boxes[2].get(timeout=10).ok
+
+
+def _submit_busy(p: PythonPool, calls: list[tuple[str, dict[str, str], float]],
+                 busy_s: float) -> list[queue.Queue[Outcome]]:
+    """Like _submit, then keep the reactor busy for ``busy_s`` (replies pile up unread)."""
+    boxes: list[queue.Queue[Outcome]] = [queue.Queue() for _ in calls]
+
+    def go() -> None:
+        for (func, kwargs, timeout), box in zip(calls, boxes, strict=True):
+            p.execution().start(f"{FIX}:{func}", kwargs, {}, timeout, box.put)
+        time.sleep(busy_s)
+
+    p.reactor.call(go, 30)
+    return boxes
+
+
+def test_a_big_reply_read_late_is_not_taken_for_a_death(one: PythonPool, tmp_path: Path,
+                                                        ) -> None:
+    marks = tmp_path / "starts"
+    assert run(one, "mark_then", path=str(tmp_path / "warm")).ok
+    # 65,536 two-byte characters: the head's reply spans several receives; the run queued
+    # behind it dies at once, so by the time the reactor looks the worker is gone.
+    boxes = _submit_busy(one, [("big", {"n": "65536", "ch": "é"}, 0.2),
+                               ("mark_then", {"path": str(marks), "code": "3"}, 10)], 0.5)
+    head, second = boxes[0].get(timeout=20), boxes[1].get(timeout=20)
+    assert head.ok and not head.timed_out and len(head.output) == 65536
+    assert second.exit_code == 3
+    time.sleep(0.3)
+    assert len(marks.read_text().splitlines()) == 1  # started once, not again elsewhere
+
+
+def test_a_run_stopped_before_it_starts_leaves_the_worker_usable(one: PythonPool) -> None:
+    e, box = one.execution(), queue.Queue[Outcome]()
+    e.stop()  # the lease was lost between the claim and the start
+    one.reactor.call_soon(e.start, f"{FIX}:noop", {}, {}, 10, box.put)
+    out = box.get(timeout=5)
+    assert out.error is not None and "stopped before it started" in out.error
+    assert run(one, "noop").ok  # the worker went back to the pool
+
+
+def test_requests_bigger_than_the_socket_buffer_reach_the_worker(one: PythonPool) -> None:
+    before = one.pids()
+    out = run(one, "getenv", env={"BIG": "x" * 300_000}, name="BIG")
+    assert out.ok and out.output == "return value: '" + "x" * 2047 + "...\n"
+    assert one.pids() == before  # no worker was taken for dead
+
+
+def test_many_queued_requests_never_overflow_the_socket() -> None:
+    p = PythonPool(1, watchdog=None, prefetch=30)
+    p.start()
+    try:
+        assert run(p, "noop").ok and run(p, "sleep", seconds="0").ok
+        calls = [("sleep", {"seconds": "0.3"}, 10.0)] + [("noop", {}, 10.0)] * 24
+        boxes: list[queue.Queue[Outcome]] = [queue.Queue() for _ in calls]
+
+        def go() -> None:  # 24 requests of 15 KiB each: more than the socket buffer holds
+            for (func, kwargs, timeout), box in zip(calls, boxes, strict=True):
+                p.execution().start(f"{FIX}:{func}", kwargs, {"PAD": "x" * 15_000}, timeout,
+                                    box.put)
+
+        p.reactor.call(go, 10)
+        assert _depths(p)[0][0] > 10
+        outs = [b.get(timeout=20) for b in boxes]
+        assert all(o.ok for o in outs), {o.error for o in outs if not o.ok}
+    finally:
+        p.stop()
+
+
+def test_a_run_sent_after_the_one_before_ended_gets_its_whole_timeout(one: PythonPool) -> None:
+    assert run(one, "sleep", seconds="0").ok and run(one, "noop").ok
+    first, second = queue.Queue[Outcome](), queue.Queue[Outcome]()
+
+    def go() -> None:
+        one.execution().start(f"{FIX}:noop", {}, {}, 10, first.put)
+        time.sleep(0.045)  # the first ends meanwhile; its reply is not read yet
+        one.execution().start(f"{FIX}:sleep", {"seconds": "0.46"}, {}, 0.5, second.put)
+        assert len(next(iter(one._live)).queue) == 2  # sent behind the unanswered first
+
+    one.reactor.call(go, 5)
+    assert first.get(timeout=5).ok
+    out = second.get(timeout=5)
+    assert out.ok and not out.timed_out
+
+
+def test_a_stopped_queued_run_is_skipped_by_its_worker(one: PythonPool, tmp_path: Path) -> None:
+    marks = tmp_path / "starts"
+    assert run(one, "mark_then", path=str(tmp_path / "warm")).ok and run(one, "sleep",
+                                                                         seconds="0").ok
+    runs, boxes = _submit(one, [("sleep", {"seconds": "0.3"}, 10),
+                                ("mark_then", {"path": str(marks), "delay": "5"}, 10),
+                                ("sleep", {"seconds": "0"}, 10)])
+    assert _depths(one) == ([3], 0)
+    runs[1].stop()
+    assert boxes[0].get(timeout=10).ok
+    skipped = boxes[1].get(timeout=10)
+    assert skipped.error is not None and "stopped before it started" in skipped.error
+    assert boxes[2].get(timeout=10).ok
+    assert not marks.exists()  # its code never ran
+    assert len(one.pids()) == 1 and run(one, "noop").ok
+
+
+def test_short_runs_are_not_queued_behind_a_known_long_run() -> None:
+    p = PythonPool(2, watchdog=None, prefetch=4)
+    p.start()
+    try:
+        assert run(p, "noop").ok and run(p, "sleep", seconds="0.3").ok  # sleep: known long
+        started = time.monotonic()
+        _, first = _submit(p, [("sleep", {"seconds": "0.3"}, 10)])
+        time.sleep(0.1)
+        _, boxes = _submit(p, [("sleep", {"seconds": "2"}, 10), ("noop", {}, 10)])
+        assert _depths(p) == ([1, 1], 1)  # the noop waits: both current runs are long ones
+        assert boxes[1].get(timeout=10).ok
+        assert time.monotonic() - started < 1.5  # the first free worker took it, at 0.3 s
+        assert first[0].get(timeout=5).ok and boxes[0].get(timeout=10).ok
+    finally:
+        p.stop()
+
+
+def test_a_worker_dying_with_requests_unread_is_a_death_not_a_protocol_error(
+        one: PythonPool) -> None:
+    assert run(one, "maybe_exit", code="0").ok
+    _, boxes = _submit(one, [("maybe_exit", {"code": "7", "delay": "0.3"}, 10),
+                             ("maybe_exit", {"code": "0"}, 10)])
+    head = boxes[0].get(timeout=10)
+    assert head.exit_code == 7 and head.error is not None and "died" in head.error
+    assert boxes[1].get(timeout=10).ok
