@@ -105,12 +105,19 @@ class SchedulerDriver:
         if fence is not None:
             return fence
         seen = self._sink.highest_fence()
-        self._log.warning("consul_index_regressed", consul_index=term.index,
-                          highest=f"{seen.epoch}/{seen.index}", settle_s=self._settle_s)
         # Consul's state was lost or restored. Earlier leaders' fences are higher than ours,
-        # but their leases end at most settle_s after they lost the key: wait that out while
-        # still leading, then raise the epoch (CAS) so any of them still writing is refused.
-        if stop.wait(self._settle_s) or self._elector.term is not term:
+        # but their leases ended at most settle_s after the loss, which came no later than the
+        # first leader saw the index go back: wait out what remains of that while still
+        # leading, then raise the epoch (CAS) so any of them still writing is refused. (The
+        # leaders elected after the loss never wrote: their fences were below the highest.)
+        # Timed from the first sighting, so a leader that loses the key during the wait does
+        # not make its successor start the wait all over again.
+        waited = self._sink.regression_seen(seen)
+        wait = max(0.0, self._settle_s - waited)
+        self._log.warning("consul_index_regressed", consul_index=term.index,
+                          highest=f"{seen.epoch}/{seen.index}", settle_s=round(wait, 1),
+                          first_seen_s_ago=round(waited, 1))
+        if stop.wait(wait) or self._elector.term is not term:
             return None
         return self._sink.rebase_fence(seen, term.index)
 

@@ -88,6 +88,21 @@ redis.call('HSET', KEYS[1], 'epoch', he + 1, 'index', ARGV[2])
 return he + 1
 """
 
+# When a leader first found Consul's index below the highest fence (Redis' clock, ms): set once
+# per highest fence, so every later leader waits out the same settle period, not a fresh one.
+REGRESSION_SEEN = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local first = redis.call('GET', KEYS[1])
+if not first then
+  redis.call('SET', KEYS[1], now, 'PX', ARGV[1])
+  first = now
+end
+return now - tonumber(first)
+"""
+# How long that first sighting is kept: far longer than any settle period.
+REGRESSION_KEEP = timedelta(hours=1)
+
 # Run records are the dedup claims too, so they must outlive any catch-up window by far.
 RECORD_TTL = timedelta(days=7)
 
@@ -142,6 +157,7 @@ class RedisSink:
         self._keys = keys
         self._apply = client.register_script(self.SCRIPT)
         self._rebase = client.register_script(REBASE)
+        self._regression_seen = client.register_script(REGRESSION_SEEN)
         self._script_keys = [keys.fence]
         self._owner = (type(self), keys.prefix)
         if keys.run("x") != keys.run("") + "x" or keys.stream("x") != keys.stream("") + "x":
@@ -156,6 +172,16 @@ class RedisSink:
         highest = self.highest_fence()
         mine = Fence(highest.epoch, index)
         return mine if mine >= highest else None
+
+    def regression_seen(self, highest: Fence) -> float:
+        """Seconds since a leader first found Consul's index below ``highest`` (0.0 for the
+        first one, which records the moment). Consul lost or restored its state at or before
+        that moment, so every leader from before it lost its lease at most the settle period
+        after it: later leaders wait out only what remains of it."""
+        ms = self._regression_seen(
+            keys=[f"{self._keys.fence}:regressed:{highest.epoch}:{highest.index}"],
+            args=[int(REGRESSION_KEEP.total_seconds() * 1000)])
+        return max(0.0, int(ms) / 1000)
 
     def rebase_fence(self, seen: Fence, index: int) -> Fence | None:
         result = int(self._rebase(keys=[self._keys.fence], args=[seen.epoch, index]))

@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
 import redis
 
+from scheduler.clock import SystemClock
 from scheduler.errors import FencedOff
 from scheduler.ports import Fence, TickBatch
 from scheduler.runs import Run
 from worker.keys import GROUP, Keys
+from worker.leadership import Term
 from worker.queue import Delivery, RedisQueue
 from worker.runstate import RunRef, RunState
+from worker.scheduling import SchedulerDriver
 from worker.sink import RedisSink
 
 T0 = datetime(2026, 11, 22, 18, 0, 5, tzinfo=UTC)
@@ -54,6 +59,38 @@ def test_epoch_rebase_outranks_a_higher_index(redis_client: redis.Redis) -> None
     with pytest.raises(FencedOff):
         sink.apply(batch(2), Fence(0, 5001))  # the zombie from before the loss
     assert sink.rebase_fence(Fence(0, 5000), 13) is None  # a stale rebase loses the CAS
+
+
+def test_a_regression_is_timed_from_its_first_sighting(redis_client: redis.Redis) -> None:
+    sink = RedisSink(redis_client, KEYS)
+    assert sink.regression_seen(Fence(2, 88)) == 0.0  # the first leader to see it
+    time.sleep(0.4)
+    assert 0.35 <= sink.regression_seen(Fence(2, 88)) < 2  # a later leader: the same clock
+    assert sink.regression_seen(Fence(3, 12)) == 0.0  # a new loss, after a rebase
+
+
+class _Elector:
+    def __init__(self, term: Term) -> None:
+        self.term = term
+
+
+def test_a_successor_waits_only_what_remains_of_the_settle_period(
+        redis_client: redis.Redis) -> None:
+    sink = RedisSink(redis_client, KEYS)
+    sink.apply(batch(0), Fence(2, 88))  # the highest fence before Consul lost its state
+    term = Term("s1", 24, datetime.now(UTC))
+    first = SchedulerDriver(None, sink, _Elector(term), SystemClock(), 1.5, None)  # type: ignore[arg-type]
+    stop = threading.Event()
+    started = time.monotonic()
+    threading.Timer(0.8, lambda: setattr(first._elector, "term", None)).start()
+    assert first._open_fence(term, stop) is None  # it lost the key while it waited
+    assert time.monotonic() - started >= 1.4  # (it waited its full period regardless)
+    # Its successor, elected 1.5 s after the first sighting, has nothing left to wait for.
+    later = Term("s2", 31, datetime.now(UTC))
+    second = SchedulerDriver(None, sink, _Elector(later), SystemClock(), 1.5, None)  # type: ignore[arg-type]
+    started = time.monotonic()
+    assert second._open_fence(later, stop) == Fence(3, 31)
+    assert time.monotonic() - started < 0.5
 
 
 def test_cursor_only_moves_forward(redis_client: redis.Redis) -> None:
