@@ -591,7 +591,7 @@ class PythonPool:
     def _cancel_overdue(self, w: _Worker, run: PyExecution) -> None:
         run._grace = None
         if w in self._live and w.queue and w.queue[0] is run and not run._reported:
-            self._read_replies(w)
+            self._on_readable(w)  # its "cancelled" reply may be waiting unread
             if w in self._live and w.queue and w.queue[0] is run:
                 w.kill()  # it started before the cancel reached the worker
 

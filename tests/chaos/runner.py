@@ -32,13 +32,13 @@ from cronsul_testing import REPO, AgentProcess, Cluster, RedisServer, wait_until
 from chaos import checks
 from chaos.faults import DEV_ONLY, ESTIMATE, Fault, Injector, plan, select_kinds
 from chaos.procwatch import ProcWatch
-from chaos.workload import jobs_config, workload
+from chaos.workload import PYJOB, PYJOB_MODULE, jobs_config, workload
 
 NODES = ["n1", "n2", "n3", "n4", "n5"]
 # The agents' timing (as in the integration tests): failover ~ check_ttl + lock_delay.
 CONSUL_CFG = {"session_ttl": "10s", "check_ttl": "2s", "lock_delay": "2s"}
 SESSION_TTL_S, VISIBILITY_S, SHUTDOWN_GRACE_S = 10.0, 4.0, 5.0
-WORKER_CFG = {"concurrency": 4, "visibility_timeout": f"{VISIBILITY_S:g}s",
+WORKER_CFG = {"concurrency": 4, "python_workers": 2, "visibility_timeout": f"{VISIBILITY_S:g}s",
               "shutdown_grace": f"{SHUTDOWN_GRACE_S:g}s", "kill_grace": "1s"}
 KEY_PREFIX = "cronsul"
 # Quiet time after the last fault, before the window of checked ticks closes.
@@ -86,6 +86,7 @@ def snapshot_code(workdir: Path) -> Path:
     for pkg in ("scheduler", "worker"):
         shutil.copytree(REPO / pkg, dest / pkg, dirs_exist_ok=True,
                         ignore=shutil.ignore_patterns("__pycache__"))
+    (dest / f"{PYJOB_MODULE}.py").write_text(PYJOB)  # the callable jobs' code
     return dest
 
 

@@ -7,8 +7,9 @@ them through to the agents' config and ``checks.py`` already reads them: an over
 must never have two runs alive at once (any run ids), and a job with retries may complete
 1 + retries attempts per tick instead of one.
 
-Every job is ``bash -c SCRIPT <marker> [param]`` and appends, to a file of its own, one line at
-start and one at end (a short O_APPEND write is atomic, so nodes never interleave lines):
+Every job is ``bash -c SCRIPT <marker> [param]`` (or, for the callable jobs, PYJOB's ``mark``
+run in the agents' warm Python processes) and appends, to a file of its own, one line at start
+and one at end (a short O_APPEND write is atomic, so nodes never interleave lines):
 
     <run id> <scheduled at> <node> start|end <epoch ns> <attempt> <shell pid> <argv app>:<env app>
 
@@ -40,6 +41,33 @@ w end "$1"
 exit "$CHAOS_EXIT"
 """
 
+# The callable jobs' code, written next to the agents' code snapshot (importable as PYJOB_MODULE
+# by their warm Python processes). Same lines as SCRIPT; the pid is the warm process's.
+PYJOB_MODULE = "chaos_pyjob"
+PYJOB = r"""
+import os
+import time
+
+
+def mark(app: str = "-") -> None:
+    def w(what: str) -> None:
+        e = os.environ
+        line = (f"{e['CRONSUL_RUN_ID']} {e['CRONSUL_SCHEDULED_AT']} {e['CRONSUL_NODE']} {what} "
+                f"{time.time_ns()} {e['CRONSUL_ATTEMPT']} {os.getpid()} "
+                f"{app}:{e.get('CRONSUL_PARAM_APP', '-')}\n")
+        fd = os.open(e["CHAOS_OUT"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line.encode())
+        finally:
+            os.close(fd)
+
+    w("start")
+    time.sleep(float(os.environ["CHAOS_SLEEP"]))
+    w("end")
+    if os.environ["CHAOS_EXIT"] != "0":
+        raise SystemExit(int(os.environ["CHAOS_EXIT"]))
+"""
+
 
 @dataclass(frozen=True)
 class WorkloadJob:
@@ -53,6 +81,7 @@ class WorkloadJob:
     overlap: str | None = None
     retries: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    callable: bool = False  # PYJOB's mark in the warm Python pool instead of bash
 
     @property
     def schedule(self) -> str:
@@ -62,9 +91,11 @@ class WorkloadJob:
         argv = ["/bin/bash", "-c", SCRIPT, marker]
         if self.params:
             argv.append("{param.app}")  # a whole argv element, never spliced into the script
+        run: dict[str, Any] = ({"callable": f"{PYJOB_MODULE}:mark"} if self.callable
+                               else {"command": argv})
         body: dict[str, Any] = {
             "schedule": self.schedule,
-            "command": argv,
+            **run,
             "timeout": f"{self.timeout_s:g}s",
             "env": {"CHAOS_MARKER": marker, "CHAOS_OUT": str(self.out_file(outdir)),
                     "CHAOS_SLEEP": f"{self.sleep_s:g}", "CHAOS_EXIT": str(self.exit_code)},
@@ -117,6 +148,12 @@ def workload() -> list[WorkloadJob]:
         # Fails and retries: attempts 1..3 (backoff 1 s, 2 s), then dead with a dead letter.
         WorkloadJob("retrying", period_s=5, sleep_s=0.1, timeout_s=10, exit_code=1, retries=2,
                     extra={"retry_backoff": "1s", "retry_backoff_max": "2s"}),
+        # Callables in the warm Python pool: one a second, and a burst of 20 short ones every
+        # 5 s, more than a node's 2 warm processes (python_workers), so runs queue inside them
+        # (python_prefetch) while nodes die, freeze and restart around them.
+        WorkloadJob("pyjob", period_s=1, sleep_s=0.05, timeout_s=10, callable=True),
+        WorkloadJob("pyfan", period_s=5, sleep_s=0.01, timeout_s=10, callable=True,
+                    params=tuple({"app": f"p{i}"} for i in range(20))),
     ]
 
 
