@@ -230,22 +230,11 @@ class SqsTransport:
                 if known is not None:
                     self._handles[(d.queue, d.entry_id)] = (known[0], now)
                     by_queue.setdefault(d.queue, []).append((d.entry_id, known[0]))
-        for queue, items in by_queue.items():
-            for start in range(0, len(items), MAX_BATCH):
-                chunk = items[start:start + MAX_BATCH]
-                try:
-                    reply = self._client.change_message_visibility_batch(
-                        QueueUrl=self._dir.get(queue).url,
-                        Entries=[{"Id": str(i), "ReceiptHandle": handle,
-                                  "VisibilityTimeout": timeout}
-                                 for i, (_, handle) in enumerate(chunk)])
-                except QUEUE_FAILURES as exc:
-                    self._log.warning("sqs_extend_failed", queue=queue, error=str(exc)[:300])
-                    continue
-                for failed in reply.get("Failed", []):
-                    self._log.warning("sqs_extend_refused", queue=queue,
-                                      message_id=chunk[int(failed["Id"])][0],
-                                      code=failed.get("Code"))
+        self._in_batches(by_queue, "extend", lambda url, chunk: (
+            self._client.change_message_visibility_batch(
+                QueueUrl=url, Entries=[{"Id": str(i), "ReceiptHandle": handle,
+                                        "VisibilityTimeout": timeout}
+                                       for i, (_, handle) in enumerate(chunk)])))
 
     def settle(self, delivery: Delivery) -> None:
         self.settle_many([delivery])
@@ -263,21 +252,27 @@ class SqsTransport:
                     self._log.warning("sqs_settle_unknown", queue=d.queue, message_id=d.entry_id)
                     continue
                 by_queue.setdefault(d.queue, []).append((d.entry_id, known[0]))
+        self._in_batches(by_queue, "delete", lambda url, chunk: self._client.delete_message_batch(
+            QueueUrl=url, Entries=[{"Id": str(i), "ReceiptHandle": handle}
+                                   for i, (_, handle) in enumerate(chunk)]))
+
+    def _in_batches(self, by_queue: dict[str, list[tuple[str, str]]], action: str,
+                    call: Callable[[str, list[tuple[str, str]]], Any]) -> None:
+        """``call(queue url, chunk)`` for each queue's (message id, receipt handle) pairs,
+        MAX_BATCH at a time. A failed call (``sqs_<action>_failed``) and each entry SQS refused
+        (``sqs_<action>_refused``) are logged, not raised: see :meth:`extend` and
+        :meth:`settle_many` for why that is safe."""
         for queue, items in by_queue.items():
             for start in range(0, len(items), MAX_BATCH):
                 chunk = items[start:start + MAX_BATCH]
                 try:
-                    reply = self._client.delete_message_batch(
-                        QueueUrl=self._dir.get(queue).url,
-                        Entries=[{"Id": str(i), "ReceiptHandle": handle}
-                                 for i, (_, handle) in enumerate(chunk)])
+                    reply = call(self._dir.get(queue).url, chunk)
                 except QUEUE_FAILURES as exc:
-                    for message_id, _ in chunk:
-                        self._log.warning("sqs_delete_failed", queue=queue,
-                                          message_id=message_id, error=str(exc)[:300])
+                    self._log.warning(f"sqs_{action}_failed", queue=queue,
+                                      message_ids=[m for m, _ in chunk], error=str(exc)[:300])
                     continue
                 for failed in reply.get("Failed", []):
-                    self._log.warning("sqs_delete_refused", queue=queue,
+                    self._log.warning(f"sqs_{action}_refused", queue=queue,
                                       message_id=chunk[int(failed["Id"])][0],
                                       code=failed.get("Code"))
 
