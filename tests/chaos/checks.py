@@ -254,16 +254,19 @@ def _duplicates(run_id: str, job: WorkloadJob, execs: list[Exec],
     bad = False
     for first in done:
         end_s = (first.end_ns or 0) / 1e9
-        later = [e for e in execs if e is not first and (e.start_ns or 0) > (first.end_ns or 0)
-                 and not _retry_of(job, first, e)]
-        if not later:
-            continue
-        excused = _crashed_around(marks.get(first.node, []), end_s)
+        after = [e for e in execs if e is not first and (e.start_ns or 0) > (first.end_ns or 0)]
+        later = [e for e in after if not _retry_of(job, first, e)]
+        # A node that died before recording a finished run: the run is delivered again, as a
+        # new attempt (on_lost = retry), so for a job with retries the re-run looks like the
+        # retry policy at work; it is excused all the same, once.
+        excused = bool(after) and _crashed_around(marks.get(first.node, []), end_s)
         if excused and len(done) <= job.max_completions() + 1:
             report.reexecuted_after_crash += 1
             report.add("reexecuted_after_crash", f"{run_id}: finished on {first.node} at "
                        f"{_ts(end_s)}, node crashed/froze before recording; ran again on "
-                       f"{[e.node for e in later]}")
+                       f"{[e.node for e in after]}")
+            continue
+        if not later:
             continue
         bad = True
         report.add("duplicates", f"{run_id}: finished on {first.node} (attempt "
