@@ -45,6 +45,7 @@ def test_good_config_loads_with_defaults(tmp_path: Path) -> None:
     assert (cfg.consul.host, cfg.consul.port, cfg.consul.scheme) == ("127.0.0.1", 8500, "http")
     assert cfg.worker.concurrency == 4
     assert cfg.worker.python_workers == 0  # one warm Python process per run slot
+    assert cfg.worker.python_prefetch == 4  # runs a busy warm process may hold (short ones)
 
 
 def test_consul_url_address_and_env_token(tmp_path: Path) -> None:
@@ -76,6 +77,8 @@ def test_consul_url_address_and_env_token(tmp_path: Path) -> None:
         ("[jobs.report]", '[worker]\npython_workers = -1\n[jobs.report]', ["[worker]", "python_workers"]),
         ('timeout = "10m"', 'timeout = "10m"\nenv = { X = "a\\u0000b" }', ["[jobs.report]", "env", "NUL"]),
         ("[jobs.report]", '[worker]\npython_workers = "2"\n[jobs.report]', ["[worker]", "python_workers"]),
+        ("[jobs.report]", '[worker]\npython_prefetch = 0\n[jobs.report]', ["[worker]", "python_prefetch"]),
+        ("[jobs.report]", '[worker]\npython_prefetch = 65\n[jobs.report]', ["[worker]", "python_prefetch"]),
     ],
 )
 def test_bad_config_is_refused_naming_file_section_and_key(
