@@ -28,7 +28,7 @@ from worker.queue import Delivery
 from worker.reactor import Reactor
 from worker.runstate import Finished, RunRef, RunState
 from worker.transport import Transport
-from worker.watchdog import Watchdog
+from worker.watchdog import TOKEN_ENV, Watchdog
 
 # RunState.renew results.
 LOST, RENEWED, STOP_REQUESTED = 0, 1, 2
@@ -509,6 +509,7 @@ class Consumer:
             "CRONSUL_JOB": msg.job, "CRONSUL_RUN_ID": msg.run_id,
             "CRONSUL_SCHEDULED_AT": msg.scheduled_iso,
             "CRONSUL_ATTEMPT": str(attempt), "CRONSUL_NODE": self._node,
+            TOKEN_ENV: self._watchdog.token,
         }
         cronsul.update({f"CRONSUL_PARAM_{k.upper()}": v for k, v in msg.params.items()})
         return job_environment(self._agent_env, job.env, cronsul)

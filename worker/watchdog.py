@@ -11,6 +11,11 @@ reads commands on stdin and kills every tracked process group
 
 Commands, one per line: ``track <pgid>``, ``untrack <pgid>``, ``deadline <monotonic seconds>``
 (``deadline none`` clears it). CLOCK_MONOTONIC is shared by all processes on the host.
+
+A job the agent started but had not reported yet (``track`` lines are gathered per reactor turn,
+and the agent can die between a spawn and the write) is found another way: every job's
+environment carries ``CRONSUL_WATCHDOG=<token>``, this watchdog's random token (its argv), and
+when it kills, it also kills the process group of every process whose environment shows it.
 """
 
 from __future__ import annotations
@@ -25,15 +30,42 @@ import threading
 import time
 from collections.abc import Callable
 
+# The environment variable every job gets, holding its agent's watchdog token.
+TOKEN_ENV = "CRONSUL_WATCHDOG"
 
-def _kill_groups(groups: set[int]) -> None:
+
+def _kill_groups(groups: set[int], token: str | None = None) -> None:
+    if token:
+        groups |= _marked_groups(token)
     for pgid in groups:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pgid, signal.SIGKILL)
     groups.clear()
 
 
-def serve(fd: int = 0) -> int:
+def _marked_groups(token: str, proc: str = "/proc") -> set[int]:
+    """The process groups of the processes whose (initial) environment carries ``token``."""
+    marker = f"{TOKEN_ENV}={token}".encode()
+    found: set[int] = set()
+    try:
+        pids = [p for p in os.listdir(proc) if p.isdigit()]
+    except OSError:
+        return found
+    for pid in pids:
+        try:
+            with open(f"{proc}/{pid}/environ", "rb") as f:
+                if marker not in f.read().split(b"\0"):
+                    continue
+            with open(f"{proc}/{pid}/stat", "rb") as f:
+                pgid = int(f.read().rsplit(b")", 1)[1].split()[2])
+        except (OSError, ValueError, IndexError):  # gone, or not ours to read
+            continue
+        if pgid > 1 and pgid != os.getpgrp():
+            found.add(pgid)
+    return found
+
+
+def serve(fd: int = 0, token: str | None = None) -> int:
     """The watchdog loop. Returns the exit code."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's ^C is for the agent, not us
     groups: set[int] = set()
@@ -45,7 +77,7 @@ def serve(fd: int = 0) -> int:
         if ready:
             chunk = os.read(fd, 65536)
             if not chunk:
-                _kill_groups(groups)
+                _kill_groups(groups, token)
                 return 0
             buffer += chunk
             *lines, buffer = buffer.split(b"\n")
@@ -58,7 +90,7 @@ def serve(fd: int = 0) -> int:
                 elif verb == "deadline":
                     deadline = None if arg == "none" else float(arg)
         if deadline is not None and time.monotonic() >= deadline:
-            _kill_groups(groups)
+            _kill_groups(groups, token)
             deadline = None
 
 
@@ -70,6 +102,8 @@ class Watchdog:
         self._proc: subprocess.Popen[bytes] | None = None
         self._pending: list[str] = []  # track/untrack lines not written yet
         self._defer: Callable[[Callable[[], None]], None] | None = None
+        # Put in every job's environment (TOKEN_ENV): the watchdog kills what carries it too.
+        self.token = os.urandom(12).hex()
 
     def defer_writes(self, schedule: Callable[[Callable[[], None]], None]) -> None:
         """Gather track/untrack lines and write them with one write: ``schedule(flush)`` must
@@ -99,7 +133,7 @@ class Watchdog:
     def _spawn(self) -> None:
         # Own session: a ^C in the agent's terminal must not kill the watchdog before the agent.
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "worker.watchdog"], stdin=subprocess.PIPE,
+            [sys.executable, "-m", "worker.watchdog", self.token], stdin=subprocess.PIPE,
             start_new_session=True, close_fds=True,
         )
 
@@ -141,4 +175,4 @@ class Watchdog:
 
 
 if __name__ == "__main__":
-    sys.exit(serve())
+    sys.exit(serve(token=sys.argv[1] if len(sys.argv) > 1 else None))

@@ -105,6 +105,32 @@ def test_watchdog_kills_when_the_deadline_passes_unrenewed() -> None:
         w.stop()
 
 
+def test_watchdog_kills_jobs_it_was_never_told_about_by_their_token() -> None:
+    # The agent can die between spawning a job and writing its track line (chaos seed 7 saw
+    # two such jobs run to the end and then run again elsewhere): the token finds them.
+    from worker.watchdog import TOKEN_ENV
+
+    w = Watchdog()
+    w.start()
+    env = {**os.environ, TOKEN_ENV: w.token}
+    marked = subprocess.Popen(["sh", "-c", "sleep 300 & wait"], env=env,
+                              start_new_session=True)
+    unmarked = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    other = subprocess.Popen(["sleep", "300"], env={**os.environ, TOKEN_ENV: "someone-else"},
+                             start_new_session=True)
+    try:
+        time.sleep(0.2)
+        w.stop()  # stdin closes, as when the agent dies
+        assert marked.wait(5) == -signal.SIGKILL  # its whole group, the backgrounded sleep too
+        time.sleep(0.3)
+        assert unmarked.poll() is None and other.poll() is None
+    finally:
+        for p in (marked, unmarked, other):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
 def test_jobs_do_not_inherit_the_agents_stray_descriptors() -> None:
     from worker.executor import seal_inherited_fds
 
