@@ -290,21 +290,19 @@ class Consumer:
         self.hooks.run_dead_lettered(reason)
 
     def _settle(self, d: Delivery) -> None:
-        """Tell a transport that does not ack with the record (SQS) that the run is settled.
-        A failure leaves the message to come back; ``begin`` then finds the run done."""
-        try:
-            self._q.settle(d)
-        except Exception as exc:
-            self._log.warning("run_settle_failed", entry_id=d.entry_id, error=str(exc)[:200])
+        self._settle_many([d])
 
     def _settle_many(self, deliveries: list[Delivery]) -> None:
-        """:meth:`_settle` for a batch of recorded runs (SQS: DeleteMessageBatch)."""
+        """Tell a transport that does not ack with the record (SQS) that these runs are
+        settled (SQS: DeleteMessageBatch). A failure leaves the messages to come back;
+        ``begin`` then finds the runs done."""
         if not deliveries:
             return
         try:
             self._q.settle_many(deliveries)
         except Exception as exc:
-            self._log.warning("run_settle_failed", runs=len(deliveries), error=str(exc)[:200])
+            self._log.warning("run_settle_failed", entry_ids=[d.entry_id for d in deliveries],
+                              error=str(exc)[:200])
 
     def _launch(self, batch: list[_Active]) -> None:
         """On the reactor thread: start the runs of one claim."""

@@ -123,14 +123,13 @@ class _Worker:
     inbox: Inbox
     watched: bool = False  # its pidfd and socket are registered with the reactor
     spawned_at: float = 0.0  # monotonic
-    runs: int = 0  # requests sent to it
+    runs: int = 0  # requests sent to it: also the next one's number (the worker counts alike)
     # The runs sent to it and not answered yet, in order (reactor thread): the first is
     # running, the others wait inside the worker (python_prefetch).
     queue: deque[PyExecution] = field(default_factory=deque)
     head_since: float = 0.0  # monotonic time queue[0] started
     timer: asyncio.TimerHandle | None = None  # fires at or before queue[0]'s deadline
     poll: asyncio.TimerHandle | None = None  # liveness check where there are no pidfds
-    sent: int = 0  # requests sent so far: the next one's number (the worker counts alike)
     outbuf: bytearray = field(default_factory=bytearray)  # not yet accepted by the socket
 
     def alive(self) -> bool:
@@ -305,8 +304,7 @@ class PythonPool:
             waiting += self._waiting
             self._waiting.clear()
         for run in waiting:
-            run._report(Outcome(None, None, False, time.monotonic() - run._began, "", 0,
-                                "the python pool is stopped"))
+            run._unstarted("the python pool is stopped")
         for w in idle:
             with contextlib.suppress(OSError):
                 w.sock.shutdown(socket.SHUT_RDWR)
@@ -424,8 +422,7 @@ class PythonPool:
         try:
             w = self._acquire(run)
         except CronsulError as exc:
-            run._report(Outcome(None, None, False, time.monotonic() - run._began, "", 0,
-                                str(exc)))
+            run._unstarted(str(exc))
             return
         if w is None:
             with self._cond:
@@ -443,16 +440,14 @@ class PythonPool:
             self._lost(w, _Died())
             run._tries += 1
             if run._tries >= 2:
-                run._report(Outcome(None, None, False, time.monotonic() - run._began, "", 0,
-                                    f"callable {run._target!r}: python workers die before "
-                                    "taking the run"))
+                run._unstarted(f"callable {run._target!r}: python workers die before taking "
+                               "the run")
                 return
             self._submit(run)
             return
         run._worker = w
-        run._seq = w.sent
+        run._seq = w.runs
         run._sent_at = time.monotonic()
-        w.sent += 1
         w.runs += 1
         w.queue.append(run)
         if len(w.queue) == 1:
@@ -829,8 +824,11 @@ class PyExecution:
             self._pool._cancel(w, self)
 
     def _stopped_before_start(self) -> None:
-        self._report(Outcome(None, None, False, time.monotonic() - self._began, "", 0,
-                             f"callable {self._target!r} was stopped before it started"))
+        self._unstarted(f"callable {self._target!r} was stopped before it started")
+
+    def _unstarted(self, error: str) -> None:
+        """Report the run failed with ``error`` without its callable having been called."""
+        self._report(Outcome(None, None, False, time.monotonic() - self._began, "", 0, error))
 
     def start(self, target: str, kwargs: Mapping[str, str], env: Mapping[str, str],
               timeout: float, done: Callable[[Outcome], None]) -> None:
