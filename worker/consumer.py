@@ -26,7 +26,7 @@ from worker.params import render_argv
 from worker.pyjobs import PyExecution, PythonPool
 from worker.queue import Delivery
 from worker.reactor import Reactor
-from worker.runstate import Finished, RunRef, RunState
+from worker.runstate import Finished, FinishResult, RunRef, RunState
 from worker.transport import Transport
 from worker.watchdog import TOKEN_ENV, Watchdog
 
@@ -249,6 +249,12 @@ class Consumer:
         not_started: list[Delivery] = []
         euid = os.geteuid()
         for (d, msg, ref, token), begun in zip(claims, results, strict=True):
+            if begun.verdict == "error":
+                # Its own keys are broken (e.g. something else wrote its record): it cannot be
+                # run safely, so it goes where an operator sees why (`cronsul dlq retry` once
+                # fixed), and the rest of the batch runs.
+                self._dead_letter(d, MessageError(f"unrecordable: {begun.detail}"))
+                continue
             if begun.verdict != "start":
                 if begun.verdict != "busy" and not self._q.acks_with_record:
                     self._settle(d)
@@ -392,7 +398,7 @@ class Consumer:
         # Still in _active: the heartbeat keeps the leases alive while the results are written.
         self.batches["finish_calls"] += 1
         self.batches["finish_runs"] += len(records)
-        recorded: list[bool] | None
+        recorded: list[FinishResult] | None
         try:
             recorded = self._record(batch, records)
         except Exception as exc:
@@ -417,14 +423,14 @@ class Consumer:
         return records
 
     def _settle_batch(self, batch: list[_Active], records: list[Finished],
-                      recorded: list[bool] | None) -> None:
+                      recorded: list[FinishResult] | None) -> None:
         try:
             self._report(batch, records, recorded)
         finally:
             self._free([a.delivery for a in batch])
 
     def _report(self, batch: list[_Active], records: list[Finished],
-                recorded: list[bool] | None) -> None:
+                recorded: list[FinishResult] | None) -> None:
         with self._lock:
             for a in batch:
                 self._active.pop(a.ref.run_id, None)
@@ -432,10 +438,19 @@ class Consumer:
         if recorded is not None and not self._q.acks_with_record:
             self._settle_many([a.delivery for a, ok in zip(batch, recorded, strict=True) if ok])
         for i, (a, rec) in enumerate(zip(batch, records, strict=True)):
-            ok = recorded is not None and recorded[i]
             if recorded is None:
                 continue
+            ok, error = recorded[i].recorded, recorded[i].error
             outcome = a.outcome or Outcome(None, None, False, 0.0, "", 0, "no outcome")
+            if error:
+                # Its own keys are broken (e.g. something else wrote its record). What finish
+                # wrote before the error stays: the usual case, a record that cannot be
+                # written, leaves the run pending and leased; once the lease lapses, begin
+                # finds the same keys broken and dead-letters it: neither lost nor run again.
+                self.hooks.run_finished(a.msg.job, "error", outcome.duration_s)
+                self._log.error("run_unrecordable", job=a.msg.job, run_id=a.ref.run_id,
+                                attempt=a.attempt, state=rec.state, redis_error=error[:500])
+                continue
             self.hooks.run_finished(a.msg.job, rec.state if ok else "lost", outcome.duration_s)
             self._log.info(
                 "run_finished" if ok else "run_finished_lease_lost",
@@ -447,7 +462,7 @@ class Consumer:
                 retry_at=iso_utc(from_epoch_ms(rec.retry_at_ms)) if rec.retry_at_ms else None,
             )
 
-    def _record(self, batch: list[_Active], records: list[Finished]) -> list[bool]:
+    def _record(self, batch: list[_Active], records: list[Finished]) -> list[FinishResult]:
         """Record the results, retrying through a Redis blip (a restart, a failover) for as
         long as the leases can still be ours. Giving up at the first error would let a lease
         lapse and another node run the finished job again."""

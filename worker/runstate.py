@@ -29,13 +29,34 @@ from worker.keys import GROUP, Keys
 
 TERMINAL = ("succeeded", "failed", "dead", "skipped")
 
+# Run by BEGIN and FINISH around each run of a batch: an error that belongs to one run's keys
+# (WRONGTYPE: something else wrote its record; a corrupt attempt counter) is that run's alone and
+# comes back as its result, so the other runs of the batch are claimed or recorded (otherwise
+# the whole batch would be retried, then left to lapse and run again elsewhere). An error that
+# belongs to the server (out of memory, a read-only replica after a failover, loading) fails the
+# call, which the caller retries: Redis refuses it at the first write, before anything is written.
+EACH = """
+local SERVER_ERRORS = {'OOM', 'READONLY', 'BUSY', 'NOSCRIPT', 'MASTERDOWN', 'LOADING', 'TRYAGAIN',
+                       'NOREPLICAS', 'CLUSTERDOWN', 'NOAUTH', 'NOPERM'}
+local function each(fn, ...)
+  local res = {pcall(fn, ...)}
+  if res[1] then return true, res[2], res[3] end
+  local msg = type(res[2]) == 'table' and res[2].err or tostring(res[2])
+  for _, prefix in ipairs(SERVER_ERRORS) do
+    if string.sub(msg, 1, #prefix) == prefix then error({err = msg}) end
+  end
+  return false, msg
+end
+"""
+
 # BEGIN and FINISH take any number of runs in one call (the consumer batches the runs of one
 # fetch and the results finished together), so a busy node pays one round trip per batch.
 # BEGIN: shared ARGV[1..7] = node, lease ms, now ms, record ttl s, stop key prefix, overlap
 # wait ms, consumer group; then per run 6 KEYS (record, lease, lock, waiting, stream, delayed)
 # and 9 ARGV (token, job, scheduled ms, run id, queue, overlap, on_lost, entry id, payload).
-# Returns per run two elements: verdict, detail (the attempt number for "start").
-BEGIN = """
+# Returns per run two elements: verdict, detail (the attempt number for "start"; for "error",
+# the Redis error that run's keys caused).
+BEGIN = EACH + """
 local node, lease_ms, now, ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local stop_prefix, wait_ms, group = ARGV[5], tonumber(ARGV[6]), ARGV[7]
 local function begin(run, lease, lock, waiting, stream, delayed, a)
@@ -101,8 +122,9 @@ end
 local out = {}
 for i = 0, #KEYS / 6 - 1 do
   local k = 6 * i
-  local verdict, detail = begin(KEYS[k+1], KEYS[k+2], KEYS[k+3], KEYS[k+4], KEYS[k+5],
-                                KEYS[k+6], 8 + 9 * i)
+  local ok, verdict, detail = each(begin, KEYS[k+1], KEYS[k+2], KEYS[k+3], KEYS[k+4],
+                                   KEYS[k+5], KEYS[k+6], 8 + 9 * i)
+  if not ok then verdict, detail = 'error', verdict end
   out[2*i+1] = verdict
   out[2*i+2] = detail
 end
@@ -134,22 +156,16 @@ return out
 # node, dead letters kept, history entries kept per job. Per run 5 KEYS (record, lease, lock,
 # stream, history) and ARGV token, entry id, state, finished ms, run id, retry due ms or "",
 # queue, payload, n, then n field/value pairs for the record. Returns per run 1 recorded, 0 the
-# lease was not ours (nothing written).
-FINISH = """
+# lease was not ours (nothing written), or the Redis error that run's keys caused.
+FINISH = EACH + """
 local delayed, dlq = KEYS[1], KEYS[2]
 local group, node, dead_max, hist_keep = ARGV[1], ARGV[2], ARGV[3], -1 - tonumber(ARGV[4])
 local out, trim = {}, {}
-local a = 5
-for i = 0, (#KEYS - 2) / 5 - 1 do
-  local k = 2 + 5 * i
-  local run, lease, lock, stream, hist = KEYS[k+1], KEYS[k+2], KEYS[k+3], KEYS[k+4], KEYS[k+5]
+local function finish(run, lease, lock, stream, hist, a, n, first)
   local token, entry, state, now = ARGV[a], ARGV[a+1], ARGV[a+2], ARGV[a+3]
   local run_id, retry_at, queue, payload = ARGV[a+4], ARGV[a+5], ARGV[a+6], ARGV[a+7]
-  local n = tonumber(ARGV[a+8])
-  local first = a + 9
-  a = first + 2 * n
   if redis.call('GET', lease) ~= token then
-    out[i+1] = 0
+    return 0
   else
     local err = ''
     local hset = {'HSET', run, 'state', state, 'finished_ms', now}
@@ -175,8 +191,17 @@ for i = 0, (#KEYS - 2) / 5 - 1 do
     end
     redis.call('ZADD', hist, now, run_id)
     trim[hist] = true
-    out[i+1] = 1
+    return 1
   end
+end
+local a = 5
+for i = 0, (#KEYS - 2) / 5 - 1 do
+  local k = 2 + 5 * i
+  local n = tonumber(ARGV[a+8])
+  local ok, result = each(finish, KEYS[k+1], KEYS[k+2], KEYS[k+3], KEYS[k+4], KEYS[k+5], a, n,
+                          a + 9)
+  out[i+1] = result
+  a = a + 9 + 2 * n
 end
 for hist in pairs(trim) do redis.call('ZREMRANGEBYRANK', hist, 0, hist_keep) end
 return out
@@ -221,7 +246,7 @@ HISTORY_PER_JOB = 1000
 
 @dataclass(frozen=True)
 class BeginResult:
-    verdict: str  # start | done | busy | lost | skipped | wait
+    verdict: str  # start | done | busy | lost | skipped | wait | error (detail: the error)
     attempt: int = 0
     detail: str = ""
 
@@ -251,6 +276,19 @@ class Finished:
     finished_ms: int
     fields: Mapping[str, Any]
     retry_at_ms: int | None = None
+
+
+@dataclass(frozen=True)
+class FinishResult:
+    """How finish went for one run: recorded, or not (its lease was not ours, or ``error``)."""
+
+    recorded: bool
+    # The Redis error this run's own keys caused (e.g. WRONGTYPE); what the script had
+    # written for it before that stays.
+    error: str = ""
+
+    def __bool__(self) -> bool:
+        return self.recorded
 
 
 class RunState:
@@ -310,13 +348,14 @@ class RunState:
         return [int(x) for x in self._renew(keys=keys, args=args)]
 
     def finish(self, ref: RunRef, token: str, state: str, finished_ms: int,
-               fields: Mapping[str, Any], retry_at_ms: int | None = None) -> bool:
+               fields: Mapping[str, Any], retry_at_ms: int | None = None) -> FinishResult:
         return self.finish_many([Finished(ref, token, state, finished_ms, fields,
                                           retry_at_ms)])[0]
 
-    def finish_many(self, runs: Sequence[Finished]) -> list[bool]:
-        """Record each result in one script call (only where the lease is still ours: False
-        for a run whose lease was lost, nothing written for it); in order."""
+    def finish_many(self, runs: Sequence[Finished]) -> list[FinishResult]:
+        """Record each result in one script call (only where the lease is still ours: not
+        recorded for a run whose lease was lost, nothing written for it); in order. An error
+        caused by one run's keys is that run's result; a server error raises."""
         if not runs:
             return []
         k = self._keys
@@ -331,7 +370,8 @@ class RunState:
                      len(f.fields)]
             for name, value in f.fields.items():
                 args += [name, str(value)]
-        return [bool(int(x)) for x in self._finish(keys=keys, args=args)]
+        return [FinishResult(False, _s(x)) if isinstance(x, bytes | str)
+                else FinishResult(bool(int(x))) for x in self._finish(keys=keys, args=args)]
 
     def promote(self, now_ms: int, limit: int = 500) -> int:
         if self._outbox:

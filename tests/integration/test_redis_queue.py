@@ -17,7 +17,7 @@ from scheduler.runs import Run
 from worker.keys import GROUP, Keys
 from worker.leadership import Term
 from worker.queue import Delivery, RedisQueue
-from worker.runstate import RunRef, RunState
+from worker.runstate import Finished, RunRef, RunState
 from worker.scheduling import SchedulerDriver
 from worker.sink import RedisSink
 
@@ -292,3 +292,53 @@ def test_dead_letter_keeps_reason_and_payload_and_acks(redis_client: redis.Redis
     assert fields[b"reason"] == b"undecodable"
     assert fields[b"payload"] == b"\xff not json"
     assert pending(redis_client) == 0
+
+
+def three_deliveries(redis_client: redis.Redis, q: RedisQueue) -> list[Delivery]:
+    RedisSink(redis_client, KEYS).apply(batch(1, 2), Fence(0, 2))
+    got = q.fetch(["default"], 3, 100)
+    assert len(got) == 3
+    return got
+
+
+def test_a_run_whose_keys_are_broken_fails_alone_in_a_begin_batch(
+        redis_client: redis.Redis, setup: Setup) -> None:
+    q, n1, _ = setup
+    refs = [ref_of(d) for d in three_deliveries(redis_client, q)]
+    redis_client.set(KEYS.run(refs[1].run_id), "not a hash")  # something else wrote its record
+    results = n1.begin_many([(r, f"t{i}") for i, r in enumerate(refs)], 5000, 1)
+    assert [r.verdict for r in results] == ["start", "error", "start"]
+    assert results[1].detail.startswith("WRONGTYPE")
+    assert [n1.record(r.run_id)["state"] for r in (refs[0], refs[2])] == ["running", "running"]
+
+
+def test_a_run_whose_keys_are_broken_fails_alone_in_a_finish_batch(
+        redis_client: redis.Redis, setup: Setup) -> None:
+    q, n1, _ = setup
+    refs = [ref_of(d) for d in three_deliveries(redis_client, q)]
+    n1.begin_many([(r, f"t{i}") for i, r in enumerate(refs)], 5000, 1)
+    redis_client.delete(KEYS.run(refs[1].run_id))
+    redis_client.set(KEYS.run(refs[1].run_id), "not a hash")
+    results = n1.finish_many([Finished(r, f"t{i}", "succeeded", 2, {"exit_code": "0"})
+                              for i, r in enumerate(refs)])
+    assert [bool(r) for r in results] == [True, False, True]
+    assert results[1].error.startswith("WRONGTYPE") and not results[0].error
+    # The others are recorded and acked; the broken one is neither: it stays pending (and
+    # leased) for begin to find broken once its lease lapses.
+    assert [n1.record(r.run_id)["state"] for r in (refs[0], refs[2])] == ["succeeded"] * 2
+    assert pending(redis_client) == 1
+    assert redis_client.exists(KEYS.lease(refs[1].run_id))
+
+
+def test_a_server_error_still_fails_the_whole_batch_and_writes_nothing(
+        redis_client: redis.Redis, setup: Setup) -> None:
+    q, n1, _ = setup
+    refs = [ref_of(d) for d in three_deliveries(redis_client, q)]
+    redis_client.config_set("maxmemory", "1")
+    try:
+        with pytest.raises(redis.exceptions.OutOfMemoryError):
+            n1.begin_many([(r, f"t{i}") for i, r in enumerate(refs)], 5000, 1)
+    finally:
+        redis_client.config_set("maxmemory", "0")
+    assert not any(redis_client.exists(KEYS.lease(r.run_id)) for r in refs)
+    assert [r.verdict for r in n1.begin_many([(r, "t") for r in refs], 5000, 1)] == ["start"] * 3
