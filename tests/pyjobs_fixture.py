@@ -109,3 +109,11 @@ def mark_then(path: str, code: str = "0", delay: str = "0") -> str:
     if code != "0":
         os._exit(int(code))
     return "ok"
+
+
+def hold_memory(mb: str, mark: str, seconds: str = "60") -> None:
+    """Touch ``mb`` MiB, say so in file ``mark``, then hold it (a big worker to kill)."""
+    block = b"x" * (int(mb) * 1024 * 1024)
+    with open(mark, "w") as f:
+        f.write(str(len(block)))
+    time.sleep(float(seconds))

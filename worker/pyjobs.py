@@ -63,8 +63,13 @@ PROCESS_TAG = "cronsul-pyworker"
 START_TIMEOUT_S = 30.0
 # How long an idle worker gets to exit by itself after its socket closes (stop) before SIGKILL.
 STOP_GRACE_S = 2.0
-# After SIGKILL a process is gone in microseconds unless stuck in the kernel (D state); after
-# this long we stop waiting and leave it tracked by the watchdog.
+# After SIGKILL a process is gone in microseconds unless stuck in the kernel (D state) or
+# tearing down a large address space (a memory blow-up: tens of milliseconds per GiB). On the
+# reactor thread, which serves every run of the node, a discarded worker is waited for at most
+# REAP_WAIT_S; one still there is reaped when its pidfd fires (or by polling every
+# LIVENESS_SLICE_S without pidfds). At pool stop, the wait is REAP_TIMEOUT_S; one still there
+# after that is left tracked by the watchdog.
+REAP_WAIT_S = 0.05
 REAP_TIMEOUT_S = 5.0
 # A worker that dies younger than this before it was given any run (a broken interpreter, a
 # package upgraded under it) is replaced after a pause that doubles from RESPAWN_FIRST_S up to
@@ -192,13 +197,14 @@ class PythonPool:
 
     def __init__(self, size: int, *, watchdog: Watchdog | None, max_rss_mb: int | None = 1024,
                  env: Mapping[str, str] | None = None, reactor: Reactor | None = None,
-                 prefetch: int = 1) -> None:
+                 prefetch: int = 1, reap_wait_s: float = REAP_WAIT_S) -> None:
         if size < 1:
             raise ConfigError(f"python pool size must be at least 1, not {size}")
         if prefetch < 1:
             raise ConfigError(f"python prefetch must be at least 1, not {prefetch}")
         self._size = size
         self._prefetch = prefetch
+        self._reap_wait_s = reap_wait_s
         # Recent run time per callable (reactor thread): only short ones are queued behind
         # another run. One long run counts at once; short ones bring it down slowly.
         self._recent: dict[str, float] = {}
@@ -234,7 +240,7 @@ class PythonPool:
                 self._wait_ready(w, deadline)
         except CronsulError:
             for w in workers:
-                self._discard(w)
+                self._discard(w, blocking=True)
             raise
         for w in workers:
             w.sock.setblocking(False)  # from now on read by the reactor, only when readable
@@ -256,7 +262,7 @@ class PythonPool:
             if "ready" in message:
                 return
             problem = "sent a reply before being asked"
-        text = self._discard(w)[0].decode("utf-8", "replace").strip()
+        text = self._discard(w, blocking=True)[0].decode("utf-8", "replace").strip()
         raise CronsulError(f"python worker {w.pid} {problem}, exit status "
                            f"{w.proc.returncode}: {text[-2000:]}")
 
@@ -715,11 +721,15 @@ class PythonPool:
         self._refill(w)
         self._kick()
 
-    def _discard(self, w: _Worker) -> tuple[bytes, int]:
-        """Kill what is left of a worker's process group, reap it, forget it; its last output."""
+    def _discard(self, w: _Worker, *, blocking: bool = False) -> tuple[bytes, int]:
+        """Kill what is left of a worker's process group, forget it, reap it; its last output.
+        On the reactor thread a worker still dying after ``reap_wait_s`` (REAP_WAIT_S) is
+        reaped later, when it is gone; at start
+        (``blocking``) and at stop the wait is up to REAP_TIMEOUT_S."""
         with self._cond:
             if w not in self._live:
                 return b"", 0
+            wait_s = REAP_TIMEOUT_S if blocking or self._closed else self._reap_wait_s
             self._live.discard(w)
             if w in self._idle:
                 self._idle.remove(w)
@@ -728,16 +738,45 @@ class PythonPool:
             self._cond.notify()
         self._unwatch(w)  # before its fd numbers can be reused
         self._disarm(w)
+        output = w.take_output()  # complete: a killed process writes nothing more
         try:
-            w.proc.wait(REAP_TIMEOUT_S)
+            w.proc.wait(wait_s)
         except subprocess.TimeoutExpired:
-            pass  # stuck in the kernel; the watchdog still tracks it
-        else:
-            if self._watchdog is not None:
-                self._watchdog.untrack(w.pid)
-        output = w.take_output()
+            if wait_s >= REAP_TIMEOUT_S:
+                w.close()  # stuck in the kernel (stop); the watchdog still tracks it
+                return output
+            w.sock.close()
+            with contextlib.suppress(OSError):
+                os.close(w.out_fd)
+            self._reap_later(w)
+            return output
+        if self._watchdog is not None:
+            self._watchdog.untrack(w.pid)
         w.close()
         return output
+
+    def _reap_later(self, w: _Worker) -> None:
+        """Reap a killed worker that is still dying, without waiting for it (reactor thread):
+        when its pidfd fires, or by polling."""
+        loop = self.reactor.loop
+
+        def reap() -> None:
+            if w.proc.poll() is None:
+                if w.pidfd is None:
+                    loop.call_later(LIVENESS_SLICE_S, reap)
+                return  # the pidfd fired early? it fires again
+            if w.pidfd is not None:
+                loop.remove_reader(w.pidfd)
+                with contextlib.suppress(OSError):
+                    os.close(w.pidfd)
+                w.pidfd = None
+            if self._watchdog is not None:
+                self._watchdog.untrack(w.pid)
+
+        if w.pidfd is not None:
+            loop.add_reader(w.pidfd, reap)
+        else:
+            loop.call_later(LIVENESS_SLICE_S, reap)
 
     def _replace(self, w: _Worker) -> tuple[bytes, int]:
         """Discard a worker and start another in its place; the discarded one's last output."""

@@ -607,3 +607,49 @@ def test_a_worker_dying_with_requests_unread_is_a_death_not_a_protocol_error(
     head = boxes[0].get(timeout=10)
     assert head.exit_code == 7 and head.error is not None and "died" in head.error
     assert boxes[1].get(timeout=10).ok
+
+
+def test_a_big_worker_slow_to_die_does_not_stall_the_reactor(tmp_path: Path) -> None:
+    """Killing a worker that holds 1.5 GiB takes the kernel about 0.1 s here (0.5 s for 6 GiB);
+    the reactor, which serves every run of the node, must not wait for it: it waits
+    ``reap_wait_s`` (REAP_WAIT_S, 0.05 s; 0 here, to tell the two apart), then reaps the
+    worker when its pidfd fires."""
+    p = PythonPool(2, watchdog=None, max_rss_mb=None, reap_wait_s=0.0)
+    p.start()
+    mark = tmp_path / "allocated"
+    gaps: list[float] = []
+    done = threading.Event()
+
+    def probe() -> None:
+        while not done.is_set():
+            began = time.monotonic()
+            p.reactor.call(lambda: None, 10)
+            gaps.append(time.monotonic() - began)
+            time.sleep(0.002)
+
+    try:
+        with ThreadPoolExecutor(1) as ex:
+            big = ex.submit(run, p, "hold_memory", timeout=6, mb="1536", mark=str(mark))
+            wait_until(mark.exists, 6, what="the worker to hold its memory")
+            [big_pid] = [x for x in p.pids() if _holds(x, 1 << 30)]
+            prober = threading.Thread(target=probe)
+            prober.start()
+            out = big.result(timeout=20)
+            time.sleep(0.5)
+            done.set()
+            prober.join()
+        assert out.timed_out and out.error is not None and "timed out" in out.error
+        assert max(gaps) < 0.05, f"the reactor stalled {max(gaps):.3f}s"
+        wait_until(lambda: not pid_alive(big_pid), 5, what="the big worker reaped")
+        assert run(p, "add", a="2", b="3").ok
+    finally:
+        done.set()
+        p.stop()
+
+
+def _holds(pid: int, rss_bytes: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") >= rss_bytes
+    except OSError:
+        return False
