@@ -11,6 +11,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from queue import Empty, SimpleQueue
+from typing import Any
 
 import redis
 import structlog
@@ -19,7 +20,15 @@ from scheduler.clock import Clock
 from scheduler.errors import MessageError
 from scheduler.runs import epoch_ms, from_epoch_ms, iso_utc
 from worker.config import Config, JobSpec
-from worker.executor import Execution, Outcome, job_environment, root_refusal, seal_inherited_fds
+from worker.executor import (
+    Execution,
+    Outcome,
+    identity_error,
+    identity_of,
+    job_environment,
+    root_refusal,
+    seal_inherited_fds,
+)
 from worker.messages import RunMessage, parse_message
 from worker.metrics import RunHooks
 from worker.params import render_argv
@@ -65,6 +74,7 @@ class _Active:
     renewed_at: float  # monotonic time the last successful lease write was sent
     start_lag_ms: int  # claimed (ms since the epoch) - scheduled
     refusal: str | None = None  # why it must not start (recorded as a failed attempt)
+    identity: dict[str, Any] | None = None  # command jobs: the user to run as, resolved
     replaced: bool = False
     outcome: Outcome | None = None
 
@@ -263,6 +273,12 @@ class Consumer:
                 continue
             job = jobs[msg.job]
             refusal = root_refusal(job.user, job.allow_root, job.callable is not None, euid)
+            identity: dict[str, Any] | None = None
+            if job.callable is None and refusal is None:
+                try:  # here, not on the reactor: a lookup may wait on LDAP or the like
+                    identity = identity_of(job.user)
+                except (KeyError, PermissionError) as exc:
+                    refusal = identity_error(exc)
             execution: Execution | PyExecution | None = None
             if job.callable is not None and refusal is None:
                 try:
@@ -274,7 +290,7 @@ class Consumer:
                                       job.output_limit, log=self._log.bind(run_id=msg.run_id),
                                       reactor=self._reactor)
             started.append(_Active(d, msg, job, ref, token, begun.attempt, execution, sent,
-                                   now_ms - ref.scheduled_ms, refusal))
+                                   now_ms - ref.scheduled_ms, refusal, identity))
         self._free(not_started)
         if not started:
             return
@@ -326,7 +342,7 @@ class Consumer:
                 else:
                     execution.start(render_argv(job.command, msg.params),
                                     self._environment(job, msg, a.attempt), job.working_dir,
-                                    job.timeout.total_seconds(), job.user, done)
+                                    job.timeout.total_seconds(), job.user, done, a.identity)
             except Exception as exc:
                 self._crashed(a, exc)
         # After the starts, off the enqueue-to-start path: the new jobs' track lines, the

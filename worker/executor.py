@@ -111,17 +111,21 @@ class Execution:
     # -- on the reactor thread --------------------------------------------------------------
 
     def start(self, argv: Sequence[str], env: Mapping[str, str], cwd: str | None,
-              timeout: float, user: str | None, done: Callable[[Outcome], None]) -> None:
-        """Start the process (reactor thread); ``done(outcome)`` follows on the same thread."""
+              timeout: float, user: str | None, done: Callable[[Outcome], None],
+              identity: Mapping[str, Any] | None = None) -> None:
+        """Start the process (reactor thread); ``done(outcome)`` follows on the same thread.
+        ``identity``: ``user`` already resolved by :func:`identity_of` (off the reactor: a
+        user lookup may wait on a directory service, and the reactor serves every run)."""
         assert self._reactor is not None, "start() needs a reactor"
         loop = self._reactor.loop
         self._done = done
         self._began = time.monotonic()
-        try:
-            identity = _identity(user)
-        except (KeyError, PermissionError) as exc:
-            self._report(Outcome(None, None, False, 0.0, "", 0, str(exc).strip("'\"")))
-            return
+        if identity is None:
+            try:
+                identity = identity_of(user)
+            except (KeyError, PermissionError) as exc:
+                self._report(Outcome(None, None, False, 0.0, "", 0, identity_error(exc)))
+                return
         if self._stopping:  # stop() came before the process existed: never start it
             self._report(Outcome(None, None, False, 0.0, "", 0, "stopped before it started"))
             return
@@ -149,7 +153,7 @@ class Execution:
         self._timers.append(loop.call_later(timeout, self._on_timeout))
 
     def _spawn(self, argv: Sequence[str], env: Mapping[str, str], cwd: str | None,
-               identity: dict[str, Any], out_fd: int) -> int:
+               identity: Mapping[str, Any], out_fd: int) -> int:
         if cwd is None and not identity:
             path = _executable(argv[0], env)
             return os.posix_spawn(
@@ -320,8 +324,14 @@ def _uid(user: str) -> int | None:
         return None  # reported when the run tries to switch to it
 
 
-def _identity(user: str | None) -> dict[str, Any]:
-    """Popen arguments that drop to ``user`` (its primary group, no supplementary groups)."""
+def identity_error(exc: KeyError | PermissionError) -> str:
+    """What a run that cannot switch to its user records as its error."""
+    return str(exc).strip("'\"")
+
+
+def identity_of(user: str | None) -> dict[str, Any]:
+    """Popen arguments that drop to ``user`` (its primary group, no supplementary groups).
+    KeyError: no such user; PermissionError: the agent cannot switch users."""
     if user is None:
         return {}
     entry = pwd.getpwnam(user)  # KeyError: unknown user
