@@ -82,11 +82,12 @@ def _group(r: redis.Redis, queue: str) -> dict[str, Any]:
 # -- 1. no-op Python jobs ---------------------------------------------------------------------
 
 def noop_drain(ctx: Ctx, n: int, concurrency: int = 8, agents: int = 2,
-               python_workers: int = 0) -> dict[str, Any]:
+               python_workers: int = 0, python_prefetch: int = 0) -> dict[str, Any]:
     """``n`` runs of a ``callable = "bench.bench_jobs:noop"`` job drained by 2 agents, each
-    with its warm Python worker pool (one worker per run slot)."""
+    with its warm Python worker pool (``python_workers``, 0: one per run slot; and
+    ``python_prefetch``, 0: the default)."""
     job = {**IDLE, "callable": "bench.bench_jobs:noop", "timeout": "30s"}
-    return _drain(ctx, "noop", job, n, concurrency, agents, python_workers)
+    return _drain(ctx, "noop", job, n, concurrency, agents, python_workers, python_prefetch)
 
 
 # -- 2. /bin/true shell jobs -------------------------------------------------------------------
@@ -106,7 +107,7 @@ def shell_drain(ctx: Ctx, n: int, concurrency: int, agents: int = 2) -> dict[str
 
 
 def _drain(ctx: Ctx, name: str, job: dict[str, Any], n: int, concurrency: int,
-           agents: int, python_workers: int = 0) -> dict[str, Any]:
+           agents: int, python_workers: int = 0, python_prefetch: int = 0) -> dict[str, Any]:
     d = ctx.fresh(f"cronsul-{name}")
     r = ctx.client()
     run_ids = _enqueue_runs(r, name, n)
@@ -114,7 +115,9 @@ def _drain(ctx: Ctx, name: str, job: dict[str, Any], n: int, concurrency: int,
     with _Consul(d) as consul:
         cluster = Cluster(d, consul, ctx.redis.url, [f"s{i + 1}" for i in range(agents)], jobs,
                           worker_extra={"concurrency": concurrency, "visibility_timeout": "60s",
-                                        "python_workers": python_workers})
+                                        "python_workers": python_workers,
+                                        **({"python_prefetch": python_prefetch}
+                                           if python_prefetch else {})})
         cluster.start()
         try:
             def drained() -> bool:
@@ -133,6 +136,7 @@ def _drain(ctx: Ctx, name: str, job: dict[str, Any], n: int, concurrency: int,
     span_s = (max(ends) - min(starts)) / 1000
     return {"n": n, "succeeded": len(ok), "agents": agents, "concurrency": concurrency,
             "python_workers": python_workers or concurrency,
+            **({"python_prefetch": python_prefetch} if python_prefetch else {}),
             "span_s": span_s, "per_s": round(len(ok) / span_s, 1)}
 
 

@@ -38,6 +38,13 @@ def _rounds(v: dict[str, Any]) -> str:
     return f", median of {len(rates)} rounds: " + " / ".join(_f(x) for x in rates)
 
 
+def _pool(v: dict[str, Any]) -> str:
+    """A no-op drain's configuration: concurrency, warm processes, prefetch if not default."""
+    text = (f"concurrency {v['concurrency']}, python_workers "
+            f"{v.get('python_workers', v['concurrency'])}")
+    return text + (f", python_prefetch {v['python_prefetch']}" if "python_prefetch" in v else "")
+
+
 def fork_limit(results: dict[str, Any]) -> tuple[float | None, float | None]:
     fe = results.get("forkexec", {})
     return (fe.get("posix_spawn", {}).get("per_s"), fe.get("subprocess", {}).get("per_s"))
@@ -61,16 +68,14 @@ def render_table(r: dict[str, Any]) -> str:
     c = r.get("noop_cronsul", {})
     rel = (f"{c['per_s'] / fastest:.2f}x fastest peer"
            if fastest and isinstance(c.get("per_s"), int | float) else "")
-    label = (f"cronsul (2 agents, concurrency {c['concurrency']}, python_workers "
-             f"{c.get('python_workers', c['concurrency'])})" if "concurrency" in c else "cronsul")
+    label = f"cronsul (2 agents, {_pool(c)})" if "concurrency" in c else "cronsul"
     label += _rounds(c)
     rows.append((m1, label, c.get("status") or _f(c.get("per_s")), rel,
                  "≥ 1.5x fastest peer", "n/a" if "status" in c else
                  _met(bool(fastest) and c.get("per_s", 0) >= 1.5 * (fastest or 0))))
     for v in r.get("noop_cronsul_configs", {}).values():
         if isinstance(v, dict) and "per_s" in v and v is not c and v != c:
-            rows.append((m1, f"cronsul configuration sweep (concurrency {v['concurrency']}, "
-                             f"python_workers {v.get('python_workers', v['concurrency'])})",
+            rows.append((m1, f"cronsul configuration sweep ({_pool(v)})",
                          _f(v["per_s"]),
                          f"{v['per_s'] / fastest:.2f}x fastest peer" if fastest else "", "", ""))
     for p, v in sorted(noop.items(), key=lambda kv: -(kv[1].get("per_s") or 0)):

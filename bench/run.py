@@ -7,8 +7,8 @@ Sizes (env): BENCH_NOOP_N 10000, BENCH_SHELL_N 2000, BENCH_LATENCY_N 1000, BENCH
 BENCH_TICK_S 30, BENCH_FANOUT_N 10000, BENCH_FAILOVER_TRIALS 20, BENCH_FOOTPRINT_S 30,
 BENCH_FORK_S 5, BENCH_NOOP_ROUNDS 3 (no-op drain rounds, cronsul and every peer back to back
 in each; medians reported; 0 in smoke mode), BENCH_CONCURRENCY "8,16,32" (cronsul [worker]
-concurrency values tried for shell jobs), BENCH_NOOP_CONFIGS "8:0,64:4,128:4"
-(concurrency:python_workers for the no-op drain).
+concurrency values tried for shell jobs), BENCH_NOOP_CONFIGS "8:0,64:4,64:1:32,128:2:32"
+(concurrency:python_workers[:python_prefetch] for the no-op drain).
 BENCH_PEERS: comma list or "none" (default: all six; none in smoke mode).
 BENCH_OUT: results file (default bench/results/<date>.json; a temp file in smoke mode).
 """
@@ -70,15 +70,24 @@ def noop_rounds(ctx: Ctx, config: str, peers: list[str],
     peer back to back in every round: this machine's speed drifts by tens of percent over
     minutes, so systems measured minutes apart are not comparable. Each system's median round
     is its result."""
-    c, w = (int(x) for x in config.split(":"))
+    c, w, f = noop_config(config)
     out: dict[str, list[dict[str, Any]]] = {"cronsul": [], **{p: [] for p in peers}}
     for i in range(sizes["noop_rounds"]):
-        out["cronsul"].append(noop_drain(ctx, sizes["noop_n"], c, python_workers=w))
+        out["cronsul"].append(noop_drain(ctx, sizes["noop_n"], c, python_workers=w,
+                                         python_prefetch=f))
         for peer in peers:
             out[peer].append(run_peer(peer, "noop", sizes["noop_n"], ctx))
         log(f"noop round {i + 1}: " + ", ".join(
             f"{k} {v[-1].get('per_s')}" for k, v in out.items()))
     return out
+
+
+def noop_config(text: str) -> tuple[int, int, int]:
+    """``"concurrency:python_workers[:python_prefetch]"`` (prefetch 0: cronsul's default)."""
+    parts = [int(x) for x in text.split(":")]
+    if len(parts) not in (2, 3):
+        raise SystemExit(f"BENCH_NOOP_CONFIGS: {text!r} is not concurrency:workers[:prefetch]")
+    return parts[0], parts[1], parts[2] if len(parts) == 3 else 0
 
 
 def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -117,9 +126,12 @@ def main() -> int:
     }
     conc = [int(x) for x in os.environ.get("BENCH_CONCURRENCY", "8" if smoke else "8,16,32")
             .split(",") if x]
-    # cronsul no-op configurations tried, "concurrency:python_workers" (0: one per run slot).
-    noop_configs = [tuple(int(x) for x in pair.split(":")) for pair in os.environ.get(
-        "BENCH_NOOP_CONFIGS", "8:0" if smoke else "8:0,64:4,128:4").split(",") if pair]
+    # cronsul no-op configurations tried, "concurrency:python_workers[:python_prefetch]"
+    # (workers 0: one per run slot; prefetch absent: the default).
+    noop_configs = [pair for pair in os.environ.get(
+        "BENCH_NOOP_CONFIGS", "8:0" if smoke else "8:0,64:4,64:1:32,128:2:32").split(",") if pair]
+    for pair in noop_configs:
+        noop_config(pair)  # a typo fails now, not after the first measures
     peers_env = os.environ.get("BENCH_PEERS", "none" if smoke else ",".join(PEERS))
     peers = [] if peers_env == "none" else [p for p in peers_env.split(",") if p]
     started = time.monotonic()
@@ -127,7 +139,7 @@ def main() -> int:
         "date": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"), "smoke": smoke,
         "command": "BENCH_SMOKE=1 python -m bench.run" if smoke else "make bench",
         "machine": machine_facts(), "sizes": sizes, "cronsul_concurrency_tried": conc,
-        "cronsul_noop_configs_tried": [f"{c}:{w}" for c, w in noop_configs],
+        "cronsul_noop_configs_tried": noop_configs,
         "peers": {},
     }
     with tempfile.TemporaryDirectory(prefix="cronsul-bench-") as tmp:
@@ -140,8 +152,8 @@ def main() -> int:
                 m: forkexec.measure(m, sizes["fork_s"]) for m in ("subprocess", "posix_spawn")})
             guarded(results, "fanout", fanout, ctx, sizes["fanout_n"], sizes["fanout_trials"])
             guarded(results, "noop_cronsul_configs", lambda: {
-                f"{c}:{w}": noop_drain(ctx, sizes["noop_n"], c, python_workers=w)
-                for c, w in noop_configs})
+                pair: noop_drain(ctx, sizes["noop_n"], c, python_workers=w, python_prefetch=f)
+                for pair, (c, w, f) in ((p, noop_config(p)) for p in noop_configs)})
             tried = [(k, v) for k, v in results["noop_cronsul_configs"].items()
                      if isinstance(v, dict) and "per_s" in v]
             best = max(tried, key=lambda kv: kv[1]["per_s"], default=None)
