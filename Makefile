@@ -30,7 +30,7 @@ venv: $(STAMP)
 deps: system-deps venv
 
 lint: venv
-	$(VENV)/bin/ruff check scheduler worker
+	$(VENV)/bin/ruff check scheduler worker bench
 	$(VENV)/bin/mypy scheduler worker
 
 test-unit: deps

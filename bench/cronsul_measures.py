@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import redis
+from cronsul_testing import Cluster, RedisServer, wait_until
 
 from bench.common import percentile, summary_ms
-from cronsul_testing import Cluster, RedisServer, wait_until
 from devconsul.testing import DevConsul
 from scheduler.ports import Fence, TickBatch
 from scheduler.runs import Run, epoch_ms, iso_utc
@@ -253,7 +253,7 @@ def tick_lag(ctx: Ctx, jobs_n: int, seconds: float) -> dict[str, Any]:
         body = json.loads(fields[b"p"])
         run_ids.append(body["run_id"])
         ids.append(entry_id.decode())
-    for entry_id, rid, rec in zip(ids, run_ids, _records(r, run_ids,
+    for entry_id, _rid, rec in zip(ids, run_ids, _records(r, run_ids,
                                                           ["scheduled_ms", "enqueued_ms"]),
                                   strict=True):
         scheduled = int(rec[0])
@@ -380,5 +380,15 @@ def _footprint(cluster: Cluster, seconds: float) -> dict[str, Any]:
     return {"seconds": round(t1 - t0, 1), "agents": rows}
 
 
-__all__ = ["Ctx", "failover_and_footprint", "fanout", "latency", "noop_drain", "percentile",
-           "shell_drain", "tick_lag", "epoch_ms", "iso_utc"]
+__all__ = [
+    "Ctx",
+    "epoch_ms",
+    "failover_and_footprint",
+    "fanout",
+    "iso_utc",
+    "latency",
+    "noop_drain",
+    "percentile",
+    "shell_drain",
+    "tick_lag",
+]

@@ -160,8 +160,11 @@ def render_table(r: dict[str, Any]) -> str:
 
     # 6. failover
     f = r.get("failover", {})
-    for name, target, bound in (("sigterm", "≤ 2 s", 2.0), ("sigkill", "≤ check_ttl + lock_delay + 2 s = 6 s", 6.0)):
-        m6 = f"time to a new leader after {name.upper()} of the leader, s ({s['failover_trials']} trials)"
+    bounds = (("sigterm", "≤ 2 s", 2.0),
+              ("sigkill", "≤ check_ttl + lock_delay + 2 s = 6 s", 6.0))
+    for name, target, bound in bounds:
+        m6 = (f"time to a new leader after {name.upper()} of the leader, s "
+              f"({s['failover_trials']} trials)")
         if name in f:
             rows.append((m6, "cronsul: p50 / max", f"{_f(f[name]['p50_s'], 2)} / "
                          f"{_f(f[name]['max_s'], 2)}", "check_ttl 2s, lock_delay 2s, TTL 10s",

@@ -26,13 +26,20 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import forkexec
-from bench.common import (REPO, env_float, env_int, loadavg, machine_facts, smoke_mode,
-                          summary_ms)
-from bench.cronsul_measures import (Ctx, failover_and_footprint, fanout, latency, noop_drain,
-                                    shell_drain, tick_lag)
-from bench.report import render_table, write_docs
 from cronsul_testing import RedisServer
+
+from bench import forkexec
+from bench.common import REPO, env_float, env_int, loadavg, machine_facts, smoke_mode, summary_ms
+from bench.cronsul_measures import (
+    Ctx,
+    failover_and_footprint,
+    fanout,
+    latency,
+    noop_drain,
+    shell_drain,
+    tick_lag,
+)
+from bench.report import render_table, write_docs
 
 BENCH = REPO / "bench"
 PEERS = ["huey", "rq", "celery", "dramatiq", "arq", "saq"]

@@ -2,7 +2,6 @@ import asyncio
 import os
 
 from arq.connections import RedisSettings
-
 from marks import mark_latency, mark_now
 
 

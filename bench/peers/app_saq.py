@@ -1,9 +1,8 @@
 import asyncio
 import os
 
-from saq import Queue
-
 from marks import mark_latency, mark_now
+from saq import Queue
 
 queue = Queue.from_url(os.environ["BENCH_REDIS_URL"])
 

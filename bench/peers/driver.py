@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -222,28 +223,22 @@ def wait_count(path: Path, width: int, n: int, timeout: float, procs) -> bool:
 
 def start_workers(peer: Peer, log: Path) -> list[subprocess.Popen]:
     env = dict(os.environ, PYTHONPATH=str(HERE), PYTHONUNBUFFERED="1")
-    out = open(log, "ab")
-    return [subprocess.Popen(cmd, cwd=HERE, env=env, stdout=out, stderr=subprocess.STDOUT,
-                             start_new_session=True) for cmd in peer.worker_commands()]
+    with open(log, "ab") as out:  # the workers keep their own copies of the descriptor
+        return [subprocess.Popen(cmd, cwd=HERE, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                 start_new_session=True) for cmd in peer.worker_commands()]
 
 
 def stop_workers(procs: list[subprocess.Popen]) -> None:
     for p in procs:
         if p.poll() is None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(p.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
     deadline = time.monotonic() + 10
     for p in procs:
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             p.wait(max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            pass
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(p.pid, signal.SIGKILL)  # the whole group: prefork/process children too
-        except ProcessLookupError:
-            pass
         p.wait()
 
 
