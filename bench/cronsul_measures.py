@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import redis
-from cronsul_testing import Cluster, RedisServer, wait_until
 
 from bench.common import percentile, summary_ms
+from cronsul_testing import Cluster, RedisServer, wait_until
 from devconsul.testing import DevConsul
 from scheduler.ports import Fence, TickBatch
 from scheduler.runs import Run, epoch_ms, iso_utc

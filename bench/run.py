@@ -26,8 +26,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from cronsul_testing import RedisServer
-
 from bench import forkexec
 from bench.common import REPO, env_float, env_int, loadavg, machine_facts, smoke_mode, summary_ms
 from bench.cronsul_measures import (
@@ -40,6 +38,7 @@ from bench.cronsul_measures import (
     tick_lag,
 )
 from bench.report import render_table, write_docs
+from cronsul_testing import RedisServer
 
 BENCH = REPO / "bench"
 PEERS = ["huey", "rq", "celery", "dramatiq", "arq", "saq"]

@@ -2,6 +2,7 @@ import asyncio
 import os
 
 from arq.connections import RedisSettings
+
 from marks import mark_latency, mark_now
 
 

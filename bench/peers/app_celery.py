@@ -1,6 +1,7 @@
 import os
 
 from celery import Celery
+
 from marks import mark_latency, mark_now, run_true
 
 app = Celery("bench", broker=os.environ["BENCH_REDIS_URL"])

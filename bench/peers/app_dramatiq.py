@@ -2,6 +2,7 @@ import os
 
 import dramatiq
 from dramatiq.brokers.redis import RedisBroker
+
 from marks import mark_latency, mark_now, run_true
 
 broker = RedisBroker(url=os.environ["BENCH_REDIS_URL"])

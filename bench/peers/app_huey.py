@@ -1,6 +1,7 @@
 import os
 
 from huey import RedisHuey
+
 from marks import mark_latency, mark_now, run_true
 
 # Blocking BRPOP dequeue (RedisHuey's default), no result storage for fire-and-forget tasks.

@@ -1,8 +1,9 @@
 import asyncio
 import os
 
-from marks import mark_latency, mark_now
 from saq import Queue
+
+from marks import mark_latency, mark_now
 
 queue = Queue.from_url(os.environ["BENCH_REDIS_URL"])
 
