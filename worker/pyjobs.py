@@ -724,8 +724,8 @@ class PythonPool:
     def _discard(self, w: _Worker, *, blocking: bool = False) -> tuple[bytes, int]:
         """Kill what is left of a worker's process group, forget it, reap it; its last output.
         On the reactor thread a worker still dying after ``reap_wait_s`` (REAP_WAIT_S) is
-        reaped later, when it is gone; at start
-        (``blocking``) and at stop the wait is up to REAP_TIMEOUT_S."""
+        reaped later, once it is gone; at start (``blocking``) and at stop the wait is up to
+        REAP_TIMEOUT_S."""
         with self._cond:
             if w not in self._live:
                 return b"", 0
