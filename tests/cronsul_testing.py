@@ -73,11 +73,13 @@ def wait_until(predicate: Callable[[], Any], timeout: float, interval: float = 0
 class RedisServer:
     """A real redis-server process on a free loopback port, with its data in a temp dir."""
 
-    def __init__(self, workdir: Path, appendonly: bool = False) -> None:
+    def __init__(self, workdir: Path, appendonly: bool = False,
+                 extra: tuple[str, ...] = ()) -> None:
         self.binary = require_binary("redis-server")
         self.port = free_port()
         self.dir = workdir
         self.appendonly = appendonly
+        self.extra = extra  # more redis-server arguments
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -89,7 +91,7 @@ class RedisServer:
         self.proc = subprocess.Popen(
             [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
              "--appendonly", "yes" if self.appendonly else "no", "--dir", str(self.dir),
-             "--daemonize", "no", "--loglevel", "warning"],
+             "--daemonize", "no", "--loglevel", "warning", *self.extra],
             stdout=open(self.dir / "redis.log", "ab"), stderr=subprocess.STDOUT,
         )
         client = redis.Redis(port=self.port, socket_connect_timeout=0.2)

@@ -29,22 +29,20 @@ from worker.keys import GROUP, Keys
 
 TERMINAL = ("succeeded", "failed", "dead", "skipped")
 
-# Run by BEGIN and FINISH around each run of a batch: an error that belongs to one run's keys
-# (WRONGTYPE: something else wrote its record; a corrupt attempt counter) is that run's alone and
-# comes back as its result, so the other runs of the batch are claimed or recorded (otherwise
-# the whole batch would be retried, then left to lapse and run again elsewhere). An error that
-# belongs to the server (out of memory, a read-only replica after a failover, loading) fails the
-# call, which the caller retries: Redis refuses it at the first write, before anything is written.
+# Run by BEGIN and FINISH around each run of a batch. Both scripts read a run's own keys before
+# they write any of them, so the one error a run's keys can cause (WRONGTYPE: something else
+# wrote its record, lease, lock or waiting key) comes before anything is written for it; that
+# error is the run's result, and the other runs of the batch are claimed or recorded as usual
+# (otherwise the whole batch would be retried, then left to lapse and run again elsewhere).
+# Every other error fails the whole call, which the caller retries: out of memory, a read-only
+# replica, a failed save (MISCONF), loading... Redis refuses those at the first write, before
+# anything is written.
 EACH = """
-local SERVER_ERRORS = {'OOM', 'READONLY', 'BUSY', 'NOSCRIPT', 'MASTERDOWN', 'LOADING', 'TRYAGAIN',
-                       'NOREPLICAS', 'CLUSTERDOWN', 'NOAUTH', 'NOPERM'}
 local function each(fn, ...)
   local res = {pcall(fn, ...)}
   if res[1] then return true, res[2], res[3] end
   local msg = type(res[2]) == 'table' and res[2].err or tostring(res[2])
-  for _, prefix in ipairs(SERVER_ERRORS) do
-    if string.sub(msg, 1, #prefix) == prefix then error({err = msg}) end
-  end
+  if string.sub(msg, 1, 9) ~= 'WRONGTYPE' then error({err = msg}) end
   return false, msg
 end
 """
@@ -55,7 +53,7 @@ end
 # wait ms, consumer group; then per run 6 KEYS (record, lease, lock, waiting, stream, delayed)
 # and 9 ARGV (token, job, scheduled ms, run id, queue, overlap, on_lost, entry id, payload).
 # Returns per run two elements: verdict, detail (the attempt number for "start"; for "error",
-# the Redis error that run's keys caused).
+# what is wrong with that run's keys).
 BEGIN = EACH + """
 local node, lease_ms, now, ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local stop_prefix, wait_ms, group = ARGV[5], tonumber(ARGV[6]), ARGV[7]
@@ -68,12 +66,17 @@ local function begin(run, lease, lock, waiting, stream, delayed, a)
     redis.call('HSET', run, 'job', job, 'scheduled_ms', sched, 'run_id', run_id, 'queue', queue)
     if redis.call('TTL', run) < 0 then redis.call('EXPIRE', run, ttl) end
   end
-  local st = redis.call('HGET', run, 'state')
+  -- Reads first (see EACH): the lease, then the record.
+  local holder = redis.call('GET', lease)
+  if holder and holder ~= token then return 'busy', holder end
+  local rec = redis.call('HMGET', run, 'state', 'attempt')
+  local st, tries = rec[1], rec[2]
+  if tries and (not tonumber(tries) or tonumber(tries) % 1 ~= 0) then
+    return 'error', 'record ' .. run .. ' has attempt = ' .. tries .. ', not a whole number'
+  end
   if st == 'succeeded' or st == 'failed' or st == 'dead' or st == 'skipped' then
     ack(); return 'done', st
   end
-  local holder = redis.call('GET', lease)
-  if holder and holder ~= token then return 'busy', holder end
   if st == 'running' and not holder and on_lost == 'fail' then
     meta()
     redis.call('HSET', run, 'state', 'failed', 'finished_ms', now,
@@ -82,6 +85,7 @@ local function begin(run, lease, lock, waiting, stream, delayed, a)
   end
   if overlap ~= 'allow' then
     local cur = redis.call('GET', lock)
+    local w = redis.call('GET', waiting)
     local mine = run_id .. ' '
     if cur and string.sub(cur, 1, #mine) ~= mine then
       local other = string.match(cur, '^(%S+)')
@@ -91,7 +95,6 @@ local function begin(run, lease, lock, waiting, stream, delayed, a)
                    'error', 'skipped: previous run ' .. other .. ' still running (overlap = skip)')
         ack(); return 'skipped', other
       end
-      local w = redis.call('GET', waiting)
       if w and w ~= run_id then
         meta()
         redis.call('HSET', run, 'state', 'skipped', 'finished_ms', now,
@@ -109,7 +112,7 @@ local function begin(run, lease, lock, waiting, stream, delayed, a)
       ack(); return 'wait', other
     end
     redis.call('SET', lock, run_id .. ' ' .. token, 'PX', lease_ms)
-    if redis.call('GET', waiting) == run_id then redis.call('DEL', waiting) end
+    if w == run_id then redis.call('DEL', waiting) end
   end
   redis.call('SET', lease, token, 'PX', lease_ms)
   local attempt = redis.call('HINCRBY', run, 'attempt', 1)
@@ -164,9 +167,11 @@ local out, trim = {}, {}
 local function finish(run, lease, lock, stream, hist, a, n, first)
   local token, entry, state, now = ARGV[a], ARGV[a+1], ARGV[a+2], ARGV[a+3]
   local run_id, retry_at, queue, payload = ARGV[a+4], ARGV[a+5], ARGV[a+6], ARGV[a+7]
+  -- Reads first (see EACH): the lease and the lock; the record's HSET is the first write.
   if redis.call('GET', lease) ~= token then
     return 0
   else
+    local lock_ours = lock ~= lease and redis.call('GET', lock) == run_id .. ' ' .. token
     local err = ''
     local hset = {'HSET', run, 'state', state, 'finished_ms', now}
     for j = first, first + 2 * n - 1, 2 do
@@ -176,9 +181,7 @@ local function finish(run, lease, lock, stream, hist, a, n, first)
     end
     redis.call(unpack(hset))
     redis.call('DEL', lease)
-    if lock ~= lease and redis.call('GET', lock) == run_id .. ' ' .. token then
-      redis.call('DEL', lock)
-    end
+    if lock_ours then redis.call('DEL', lock) end
     if entry ~= '' then redis.call('XACK', stream, group, entry) end
     if retry_at ~= '' then
       redis.call('ZADD', delayed, tonumber(retry_at), queue .. '|' .. payload)
@@ -189,8 +192,10 @@ local function finish(run, lease, lock, stream, hist, a, n, first)
                  'error', err, 'queue', queue, 'entry_id', entry, 'node', node,
                  'payload', payload, 'run_id', run_id)
     end
-    redis.call('ZADD', hist, now, run_id)
-    trim[hist] = true
+    -- The history index only lists runs (`cronsul history`): a broken one (something else
+    -- wrote the key) must not fail a run whose record is written.
+    local added = redis.pcall('ZADD', hist, now, run_id)
+    if type(added) ~= 'table' or not added.err then trim[hist] = true end
     return 1
   end
 end

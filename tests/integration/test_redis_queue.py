@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 import time
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 import redis
+
+from cronsul_testing import RedisServer, wait_until
 
 from scheduler.clock import SystemClock
 from scheduler.errors import FencedOff
@@ -342,3 +346,69 @@ def test_a_server_error_still_fails_the_whole_batch_and_writes_nothing(
         redis_client.config_set("maxmemory", "0")
     assert not any(redis_client.exists(KEYS.lease(r.run_id)) for r in refs)
     assert [r.verdict for r in n1.begin_many([(r, "t") for r in refs], 5000, 1)] == ["start"] * 3
+
+
+def test_a_corrupt_attempt_counter_fails_the_run_before_anything_is_written(
+        redis_client: redis.Redis, setup: Setup) -> None:
+    q, n1, _ = setup
+    ref = ref_of(fetch_one(q), overlap="skip", lock_name="j")
+    redis_client.hset(KEYS.run(ref.run_id), "attempt", "x")
+    begun = n1.begin(ref, "t1", 60_000, 1)
+    assert begun.verdict == "error" and "attempt = x" in begun.detail
+    # Neither its lease nor the job's overlap lock is held by the run that never started.
+    assert not redis_client.exists(KEYS.lease(ref.run_id), KEYS.lock("j"))
+
+
+def test_a_broken_history_index_does_not_fail_the_record(
+        redis_client: redis.Redis, setup: Setup) -> None:
+    q, n1, _ = setup
+    ref = ref_of(fetch_one(q))
+    n1.begin(ref, "t1", 5000, 1)
+    redis_client.set(KEYS.history(ref.job), "not a sorted set")
+    result = n1.finish(ref, "t1", "succeeded", 2, {"exit_code": "0"})
+    assert result.recorded and not result.error
+    assert n1.record(ref.run_id)["state"] == "succeeded" and pending(redis_client) == 0
+
+
+def test_a_run_held_elsewhere_is_busy_even_if_its_record_is_broken(
+        redis_client: redis.Redis, setup: Setup) -> None:
+    q, n1, n2 = setup
+    ref = ref_of(fetch_one(q))
+    assert n1.begin(ref, "t1", 60_000, 1).verdict == "start"
+    redis_client.delete(KEYS.run(ref.run_id))
+    redis_client.set(KEYS.run(ref.run_id), "not a hash")
+    assert n2.begin(ref, "t2", 60_000, 2).verdict == "busy"  # left to its holder
+
+
+def test_a_failed_save_fails_the_whole_call_for_the_caller_to_retry(tmp_path: Path) -> None:
+    """MISCONF (Redis cannot persist, stop-writes-on-bgsave-error) is the server's error, not a
+    run's: taking it for one would drop every run of the batch from the retry loop, let its
+    lease lapse, and run it again elsewhere."""
+    server = RedisServer(tmp_path / "redis", extra=("--enable-protected-configs", "yes")).start()
+    try:
+        r = server.client()
+        RedisSink(r, KEYS).apply(batch(0), Fence(0, 1))
+        q = RedisQueue(r, KEYS, "n1")
+        q.ensure_groups(["default"])
+        n1 = RunState(r, KEYS, "n1", 3600)
+        ref = ref_of(fetch_one(q))
+        assert n1.begin(ref, "t1", 60_000, 1).verdict == "start"
+        gone = tmp_path / "gone"
+        gone.mkdir()
+        r.config_set("save", "3600 1")  # stop-writes-on-bgsave-error needs save points
+        r.config_set("dir", str(gone))
+        r.config_set("stop-writes-on-bgsave-error", "yes")
+        shutil.rmtree(gone)
+        r.bgsave()
+        wait_until(lambda: r.info("persistence")["rdb_last_bgsave_status"] == "err", 10,
+                   what="the background save to fail")
+        with pytest.raises(redis.ResponseError, match="MISCONF"):
+            n1.finish(ref, "t1", "succeeded", 2, {"exit_code": "0"})
+        assert n1.record(ref.run_id)["state"] == "running"  # nothing written
+        r.config_set("dir", str(tmp_path / "redis"))
+        r.bgsave()
+        wait_until(lambda: r.info("persistence")["rdb_last_bgsave_status"] == "ok", 10,
+                   what="a good save")
+        assert n1.finish(ref, "t1", "succeeded", 3, {"exit_code": "0"}).recorded
+    finally:
+        server.stop()
