@@ -143,7 +143,8 @@ class Consumer:
                 self._finisher = threading.Thread(target=self._finish_loop, name="run-finisher",
                                                   daemon=True)
                 self._finisher.start()
-        self._warm_python_pool(queues)
+        if self.accepting.is_set() and not stop.is_set():  # in maintenance: on first use
+            self._warm_python_pool(queues)
         next_reclaim = next_promote = 0.0
         refill_waited = False
         while not stop.is_set():
@@ -241,6 +242,9 @@ class Consumer:
             claims.append((d, msg, ref, os.urandom(16).hex()))
         if not claims:
             return
+        # Before the claim: once the leases are written, nothing slow may come before the runs
+        # join _active (whose leases the heartbeat renews).
+        prepared = {name: self._prepare(jobs[name]) for name in {m.job for _, m, _, _ in claims}}
         sent = self._clock.monotonic()
         now_ms = epoch_ms(self._clock.now())
         try:
@@ -257,7 +261,6 @@ class Consumer:
             raise redis.ResponseError(f"begin answered {len(results)} of {len(claims)} runs")
         started: list[_Active] = []
         not_started: list[Delivery] = []
-        euid = os.geteuid()
         for (d, msg, ref, token), begun in zip(claims, results, strict=True):
             if begun.verdict == "error":
                 # Its own keys are broken (e.g. something else wrote its record): it cannot be
@@ -272,19 +275,10 @@ class Consumer:
                 not_started.append(d)
                 continue
             job = jobs[msg.job]
-            refusal = root_refusal(job.user, job.allow_root, job.callable is not None, euid)
-            identity: dict[str, Any] | None = None
-            if job.callable is None and refusal is None:
-                try:  # here, not on the reactor: a lookup may wait on LDAP or the like
-                    identity = identity_of(job.user)
-                except (KeyError, PermissionError) as exc:
-                    refusal = identity_error(exc)
+            refusal, identity = prepared[msg.job]
             execution: Execution | PyExecution | None = None
-            if job.callable is not None and refusal is None:
-                try:
-                    execution = self._python_pool().execution()
-                except Exception as exc:  # recorded as a failed attempt (retried if it may)
-                    refusal = f"cannot start the python pool: {exc}"
+            if job.callable is not None and refusal is None and self._py is not None:
+                execution = self._py.execution()
             if execution is None:
                 execution = Execution(self._watchdog, self._cfg.worker.kill_grace.total_seconds(),
                                       job.output_limit, log=self._log.bind(run_id=msg.run_id),
@@ -298,6 +292,26 @@ class Consumer:
             for a in started:
                 self._active[a.ref.run_id] = a
         self._reactor.call_soon(self._launch, started)
+
+    def _prepare(self, job: JobSpec) -> tuple[str | None, dict[str, Any] | None]:
+        """Why a run of ``job`` must not start (recorded as a failed attempt), or None; and
+        for a command job, the user to run as. Looked up here, on the fetch thread, before
+        the claim: a user lookup may wait on a directory service (LDAP, SSSD), and the pool
+        may have to start, neither of which may hold up the reactor or a written lease."""
+        refusal = root_refusal(job.user, job.allow_root, job.callable is not None,
+                               os.geteuid())
+        if refusal is not None:
+            return refusal, None
+        if job.callable is not None:
+            try:
+                self._python_pool()
+            except Exception as exc:  # recorded as a failed attempt (retried if it may)
+                return f"cannot start the python pool: {exc}", None
+            return None, None
+        try:
+            return None, identity_of(job.user)
+        except (KeyError, PermissionError) as exc:
+            return identity_error(exc), None
 
     def _dead_letter(self, d: Delivery, exc: MessageError) -> None:
         reason = str(exc).split(":", 1)[0]

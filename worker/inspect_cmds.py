@@ -334,9 +334,15 @@ def _retry_one(r: redis.Redis, keys: Keys, cfg: Config, script: Any, entry_id: s
         raise MessageError(f"malformed: original queue {queue!r} is not a valid queue name")
     sqs = cfg.queue.backend == "sqs"
     target = keys.outbox if sqs else keys.stream(queue)
-    verdict, detail = script(keys=[keys.dead, target, keys.run(msg.run_id)],
-                             args=[entry_id, fields[b"payload"], "outbox" if sqs else "stream",
-                                   queue])
+    try:
+        verdict, detail = script(keys=[keys.dead, target, keys.run(msg.run_id)],
+                                 args=[entry_id, fields[b"payload"], "outbox" if sqs else "stream",
+                                       queue])
+    except redis.ResponseError as exc:  # its record is broken (an 'unrecordable' letter)
+        if not str(exc).startswith("WRONGTYPE"):
+            raise
+        raise MessageError(f"run record {keys.run(msg.run_id)} is not a run record ({exc}); "
+                           "delete or repair that key, then retry") from exc
     if _s(verdict) == "gone":
         return None
     if _s(verdict) == "done":

@@ -221,6 +221,7 @@ class PythonPool:
         # concurrency, or a lost worker not replaced yet), first come first served.
         self._waiting: deque[PyExecution] = deque()
         self._early_deaths = 0  # workers in a row that died young (reactor thread)
+        self._reaping: set[_Worker] = set()  # killed, still dying, reaped when gone (reactor)
         self._respawn_timer: asyncio.TimerHandle | None = None
         self._own_reactor = reactor is None
         self.reactor = reactor or Reactor("python-pool")
@@ -249,7 +250,15 @@ class PythonPool:
                 self._watch(w)
                 self._release(w)
 
-        self.reactor.call(release_all, START_TIMEOUT_S)
+        try:
+            self.reactor.call(release_all, START_TIMEOUT_S)
+        except (TimeoutError, RuntimeError) as exc:  # the reactor stopped meanwhile (shutdown)
+            with self._cond:
+                self._closed = True
+            for w in workers:
+                self._discard(w, blocking=True)
+            raise CronsulError(f"cannot start the python pool: its reactor stopped ({exc})"
+                               ) from exc
 
     def _wait_ready(self, w: _Worker, deadline: float) -> None:
         try:
@@ -321,6 +330,7 @@ class PythonPool:
             self._discard(w)
         for w in busy:
             self._discard(w)
+        self._finish_reaping()
 
     # -- workers --------------------------------------------------------------------------
 
@@ -714,7 +724,9 @@ class PythonPool:
             head = runs.pop(0)
             took = time.monotonic() - started
             self._note_duration(head._target, math.inf if isinstance(exc, _Timeout) else took)
-            head._failed(exc, w.proc.returncode, data, size, took)
+            # Not reaped yet (still dying): it dies of the SIGKILL _discard sent it.
+            code = w.proc.returncode if w.proc.returncode is not None else -signal.SIGKILL
+            head._failed(exc, code, data, size, took)
         if runs:
             with self._cond:
                 self._waiting.extendleft(reversed(runs))
@@ -761,22 +773,40 @@ class PythonPool:
         loop = self.reactor.loop
 
         def reap() -> None:
+            if w not in self._reaping:  # finished by _finish_reaping (pool stop)
+                return
             if w.proc.poll() is None:
                 if w.pidfd is None:
                     loop.call_later(LIVENESS_SLICE_S, reap)
                 return  # the pidfd fired early? it fires again
-            if w.pidfd is not None:
-                loop.remove_reader(w.pidfd)
-                with contextlib.suppress(OSError):
-                    os.close(w.pidfd)
-                w.pidfd = None
-            if self._watchdog is not None:
-                self._watchdog.untrack(w.pid)
+            self._reaped(w)
 
+        self._reaping.add(w)
         if w.pidfd is not None:
             loop.add_reader(w.pidfd, reap)
         else:
             loop.call_later(LIVENESS_SLICE_S, reap)
+
+    def _reaped(self, w: _Worker) -> None:
+        """A killed worker is gone and reaped: stop watching it, forget it."""
+        self._reaping.discard(w)
+        if w.pidfd is not None:
+            with contextlib.suppress(ValueError, RuntimeError):  # the loop may be closed
+                self.reactor.loop.remove_reader(w.pidfd)
+            with contextlib.suppress(OSError):
+                os.close(w.pidfd)
+            w.pidfd = None
+        if self._watchdog is not None:
+            self._watchdog.untrack(w.pid)
+
+    def _finish_reaping(self) -> None:
+        """At pool stop: wait (up to REAP_TIMEOUT_S) for killed workers still dying."""
+        deadline = time.monotonic() + REAP_TIMEOUT_S
+        for w in list(self._reaping):
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                w.proc.wait(max(0.0, deadline - time.monotonic()))
+            if w.proc.returncode is not None:
+                self._reaped(w)
 
     def _replace(self, w: _Worker) -> tuple[bytes, int]:
         """Discard a worker and start another in its place; the discarded one's last output."""

@@ -12,6 +12,8 @@ import redis
 
 from cronsul_testing import Cluster, RedisServer, wait_until
 from devconsul.testing import DevConsul
+from worker.config import load_config
+from worker.inspect_cmds import dlq_retry
 from worker.keys import GROUP, Keys
 from worker.sink import run_payload
 
@@ -76,5 +78,16 @@ def test_a_run_with_a_broken_record_is_dead_lettered_and_its_batch_goes_on(
         assert sorted(ran) == ["work@a1", "work@a3", "work@b1", "work@b2", "work@b3"]
         assert '"event":"run_unrecordable"' in cluster.agents["n1"].log.read_text()
         assert r.xpending(KEYS.stream("default"), GROUP)["pending"] == 0
+
+        # `cronsul dlq retry` (all letters) refuses each still-broken one and goes on; once a
+        # record is repaired (here: deleted), that letter is retried and its run runs.
+        cfg = load_config(cluster.agents["n1"].config)
+        assert dlq_retry(cfg, None) == 1
+        assert set(dead_letters(r)) == {"work@a2", "work@b2"}
+        r.delete(KEYS.run("work@a2"))
+        assert dlq_retry(cfg, None) == 1  # b2 is still broken
+        assert set(dead_letters(r)) == {"work@b2"}
+        wait_until(lambda: state(r, "work@a2") == "succeeded", 20, what="the repaired run")
+        assert log.read_text().split().count("work@a2") == 1
     finally:
         cluster.stop()

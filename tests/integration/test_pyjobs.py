@@ -639,6 +639,7 @@ def test_a_big_worker_slow_to_die_does_not_stall_the_reactor(tmp_path: Path) -> 
             done.set()
             prober.join()
         assert out.timed_out and out.error is not None and "timed out" in out.error
+        assert out.signal == signal.SIGKILL  # reported as killed, though reaped later
         assert max(gaps) < 0.05, f"the reactor stalled {max(gaps):.3f}s"
         wait_until(lambda: not pid_alive(big_pid), 5, what="the big worker reaped")
         assert run(p, "add", a="2", b="3").ok
@@ -653,3 +654,18 @@ def _holds(pid: int, rss_bytes: int) -> bool:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") >= rss_bytes
     except OSError:
         return False
+
+
+def test_stopping_the_pool_reaps_a_killed_worker_still_dying(tmp_path: Path) -> None:
+    p = PythonPool(1, watchdog=None, max_rss_mb=None, reap_wait_s=0.0)
+    p.start()
+    mark = tmp_path / "allocated"
+    try:
+        with ThreadPoolExecutor(1) as ex:
+            big = ex.submit(run, p, "hold_memory", timeout=6, mb="1024", mark=str(mark))
+            wait_until(mark.exists, 6, what="the worker to hold its memory")
+            [big_pid] = p.pids()
+            assert big.result(timeout=20).timed_out
+    finally:
+        p.stop()  # right after the kill: its reap may still be pending
+    assert not Path(f"/proc/{big_pid}").exists(), "left a zombie"
