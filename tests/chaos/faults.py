@@ -16,6 +16,8 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from chaos.procwatch import living, pool_workers
+
 if TYPE_CHECKING:
     from chaos.runner import Env
 
@@ -115,6 +117,7 @@ class Injector:
 
     def __init__(self, env: Env) -> None:
         self.env = env
+        self._pools: dict[str, set[int]] = {}  # a killed agent's warm python processes
 
     def run(self, f: Fault) -> None:
         getattr(self, f.kind)(f)
@@ -157,6 +160,9 @@ class Injector:
     def _kill9_and_restart(self, f: Fault, node: str) -> float:
         env = self.env
         agent = env.agents[node]
+        # Its warm Python processes, where callable runs execute (the marker cannot see them).
+        self._pools[node] = pool_workers(agent.pid)
+        f.result["warm_processes"] = len(self._pools[node])
         t = time.monotonic()
         env.mark(node, "kill9")
         agent.signal(signal.SIGKILL)
@@ -166,9 +172,12 @@ class Injector:
     def _restart(self, f: Fault, node: str, killed_at: float) -> None:
         env = self.env
         time.sleep(max(0.0, killed_at + f.restart_after_s - time.monotonic()))
-        # The agent is gone: its watchdog must have killed its jobs (no orphan survives it).
-        env.check_no_jobs(node, f"fault #{f.n} {f.kind}: jobs of dead agent {node} still alive "
-                          f"{time.monotonic() - killed_at:.1f} s after it died")
+        # The agent is gone: its watchdog must have killed its jobs (no orphan survives it),
+        # and its warm Python processes with the callable runs inside them.
+        text = (f"fault #{f.n} {f.kind}: jobs of dead agent {node} still alive "
+                f"{time.monotonic() - killed_at:.1f} s after it died")
+        env.check_no_jobs(node, text)
+        env.check_dead(living(self._pools.pop(node, set())), f"{text} (warm python processes)")
         env.agents[node].start()
 
     # -- the faults -------------------------------------------------------------------------

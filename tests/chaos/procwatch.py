@@ -61,6 +61,31 @@ def _environ(pid: int) -> dict[str, str] | None:
     return out
 
 
+def pool_workers(parent: int, tag: bytes = b"cronsul-pyworker") -> set[int]:
+    """The warm Python processes (callable jobs run inside them) whose parent is ``parent``:
+    their environment is the agent's base one, so the marker cannot find them."""
+    out: set[int] = set()
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                ppid = int(f.read().rpartition(b")")[2].split()[1])
+            if ppid != parent:
+                continue
+            with open(f"/proc/{name}/cmdline", "rb") as f:
+                if tag in f.read().split(b"\0"):
+                    out.add(int(name))
+        except (OSError, IndexError, ValueError):
+            continue
+    return out
+
+
+def living(pids: set[int]) -> set[int]:
+    """Those of ``pids`` still running (a zombie is dead)."""
+    return {pid for pid in pids if (st := _stat(pid)) is not None and st[1] != "Z"}
+
+
 class ProcWatch:
     def __init__(self, marker: str, skip_jobs: frozenset[str] = frozenset()) -> None:
         self.marker = marker

@@ -12,6 +12,7 @@ dev-server-only faults are skipped).
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import random
@@ -214,6 +215,15 @@ class Env:
                 return held
             time.sleep(0.05)
         return None
+
+    def check_dead(self, pids: set[int], text: str) -> None:
+        """Processes that must be gone (a killed agent's warm Python processes)."""
+        if pids:
+            self.orphans += len(pids)
+            self.violation("orphans", f"{text}: pids {sorted(pids)}")
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
 
     def check_no_jobs(self, node: str, text: str) -> None:
         alive = self.procwatch.alive(node)

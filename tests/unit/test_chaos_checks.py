@@ -40,3 +40,28 @@ def test_one_crash_does_not_excuse_two_extra_completions() -> None:
     report = Report()
     _duplicates(RUN, RETRYING, execs, {"n4": [(1795397504.625, "kill9")]}, report)
     assert report.duplicates == 1
+
+
+def test_pool_workers_finds_an_agents_warm_processes_and_living_drops_the_dead() -> None:
+    """The chaos run's check that a kill -9'd agent's warm Python processes die with it (the
+    marker cannot see them: their environment is the agent's base one)."""
+    import os
+    import signal
+    import time
+
+    from chaos.procwatch import living, pool_workers
+    from worker.pyjobs import PythonPool
+
+    pool = PythonPool(2, watchdog=None)
+    pool.start()
+    try:
+        found = pool_workers(os.getpid())
+        assert found == set(pool.pids()) and len(found) == 2
+        victim = min(found)
+        os.kill(victim, signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        while victim in living(found) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert living(found) == found - {victim}
+    finally:
+        pool.stop()
