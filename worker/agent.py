@@ -6,9 +6,13 @@ The main thread only waits for signals: SIGTERM/SIGINT stop, SIGHUP reloads the 
 
 from __future__ import annotations
 
+import contextlib
+import faulthandler
 import gc
+import io
 import os
 import signal
+import sys
 import threading
 from collections.abc import Callable
 from types import FrameType
@@ -247,3 +251,9 @@ class Agent:
         signal.signal(signal.SIGTERM, on_stop)
         signal.signal(signal.SIGINT, on_stop)
         signal.signal(signal.SIGHUP, on_hup)
+        # `kill -USR1 <pid>` writes every thread's stack to stderr (the journal), from C: it
+        # works when the agent is stuck, even with the main thread blocked, where a Python
+        # handler would never run. A crash (SIGSEGV, SIGABRT...) leaves the same dump.
+        with contextlib.suppress(OSError, ValueError, io.UnsupportedOperation):
+            faulthandler.enable(file=sys.stderr, all_threads=True)
+            faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)

@@ -368,7 +368,10 @@ def main() -> int:
             try:
                 code = agent.wait(SHUTDOWN_GRACE_S + 25)
             except subprocess.TimeoutExpired:
-                env.violation("agent_exit", f"agent {node} did not exit after SIGTERM")
+                env.violation("agent_exit", f"agent {node} did not exit after SIGTERM "
+                              f"(its threads' stacks are at the end of {node}.log)")
+                agent.signal(signal.SIGUSR1)  # faulthandler: every thread's stack to its log
+                time.sleep(1.0)
                 agent.signal(signal.SIGKILL)
                 agent.wait(10)
                 continue
