@@ -8,10 +8,12 @@ Dev/test only: never use it in production.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
+import select
 import signal
 import sys
-import threading
 from pathlib import Path
 from types import FrameType
 
@@ -69,14 +71,20 @@ def main(argv: list[str] | None = None) -> int:
         print(line, flush=True)
     app._announce = lambda line: print(line, flush=True)
 
-    stop = threading.Event()
+    # The handler takes no lock (an Event.set() there can deadlock the main thread inside
+    # Event.wait): it notes the signal and wakes the select below through a pipe.
+    received: list[int] = []
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
-        stop.set()
+        received.append(signum)
+        with contextlib.suppress(OSError):
+            os.write(wake_w, b"!")
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    stop.wait()
+    while not received:
+        select.select([wake_r], [], [], 1.0)
     app.shutdown()
     return 0
 

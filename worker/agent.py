@@ -15,7 +15,6 @@ import signal
 import sys
 import threading
 from collections.abc import Callable
-from types import FrameType
 from typing import TYPE_CHECKING
 
 import redis
@@ -45,6 +44,7 @@ from worker.redisconn import AGENT_RETRIES, RedisSection, is_auth_error, redis_c
 from worker.runstate import RunState
 from worker.scheduling import SchedulerDriver
 from worker.secretfiles import exposure_warnings, redact
+from worker.signals import SignalInbox
 from worker.sink import RedisSink
 from worker.transport import Transport
 from worker.watchdog import Watchdog
@@ -75,7 +75,8 @@ class Agent:
         self.stop = threading.Event()
         self._log = structlog.get_logger("cronsul.agent").bind(node=cfg.agent.node)
         self._threads: list[threading.Thread] = []
-        self._reload_requested = threading.Event()
+        self._signals = SignalInbox()  # set only by the main thread, never by a handler
+        self._reload_requested = False
 
         self.metrics = AgentMetrics()
         self.redis = agent_redis(cfg.redis)
@@ -171,7 +172,7 @@ class Agent:
                         from exc
                 self._log.warning("startup_waiting", service=what,
                                   error=redact(str(exc))[:200])
-                self.stop.wait(1.0)
+                self._take_signals(1.0)
 
     def _spawn(self, name: str, target: Callable[[threading.Event], None],
                stop: threading.Event) -> None:
@@ -203,12 +204,24 @@ class Agent:
         self._log.info("agent_started", jobs=len(self.cfg.jobs), pid=os.getpid(),
                        eligible=self.cfg.agent.leader_eligible, config_hash=self.cfg.config_hash)
         self.ops.start()
-        while not self.stop.wait(0.5):
+        while True:
+            self._take_signals(0.5)
+            if self.stop.is_set():
+                break
             self.ops.tick()
-            if self._reload_requested.is_set():
-                self._reload_requested.clear()
+            if self._reload_requested:
+                self._reload_requested = False
                 self.reload()
         return self._shutdown(run_stop)
+
+    def _take_signals(self, timeout: float) -> None:
+        """Act on SIGTERM/SIGINT (stop) and SIGHUP (reload), here on the main thread: the
+        handlers only note them (see worker.signals)."""
+        got = self._signals.wait(timeout)
+        if signal.SIGTERM in got or signal.SIGINT in got:
+            self.stop.set()
+        if signal.SIGHUP in got:
+            self._reload_requested = True
 
     def _shutdown(self, run_stop: threading.Event) -> int:
         self._log.info("agent_stopping", running=self.consumer.running)
@@ -242,15 +255,7 @@ class Agent:
         self._log.info("config_reloaded", jobs=len(cfg.jobs), config_hash=cfg.config_hash)
 
     def _install_signals(self) -> None:
-        def on_stop(signum: int, frame: FrameType | None) -> None:
-            self.stop.set()
-
-        def on_hup(signum: int, frame: FrameType | None) -> None:
-            self._reload_requested.set()
-
-        signal.signal(signal.SIGTERM, on_stop)
-        signal.signal(signal.SIGINT, on_stop)
-        signal.signal(signal.SIGHUP, on_hup)
+        self._signals.install(signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
         # `kill -USR1 <pid>` writes every thread's stack to stderr (the journal), from C: it
         # works when the agent is stuck, even with the main thread blocked, where a Python
         # handler would never run. A crash (SIGSEGV, SIGABRT...) leaves the same dump.
