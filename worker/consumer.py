@@ -342,12 +342,17 @@ class Consumer:
                               error=str(exc)[:200])
 
     def _launch(self, batch: list[_Active]) -> None:
-        """On the reactor thread: start the runs of one claim."""
+        """On the reactor thread: start the runs of one claim. A run whose lease may have
+        lapsed since the claim (this node was frozen, SIGSTOP or a VM pause, between the claim
+        and now) is not started: another node may have taken it over, even finished it."""
+        now = self._clock.monotonic()
         for a in batch:
             try:
                 job, msg, execution = a.job, a.msg, a.execution
                 done = functools.partial(self._completed, a)
-                if a.refusal is not None:  # recorded as a failed attempt; nothing is started
+                if now - a.renewed_at > self._vis_s - self._margin_s:
+                    self._abandon(a, now - a.renewed_at)
+                elif a.refusal is not None:  # recorded as a failed attempt; nothing is started
                     done(Outcome(None, None, False, 0.0, "", 0, a.refusal))
                 elif isinstance(execution, PyExecution):
                     execution.start(job.callable or "", msg.params,
@@ -365,6 +370,16 @@ class Consumer:
         self._update_watchdog()
         for a in batch:
             self.hooks.run_started(a.msg.job)
+
+    def _abandon(self, a: _Active, age_s: float) -> None:
+        """Forget a claimed run without starting or recording it: no longer renewed, its
+        lease lapses and it is taken over as if this node had died before starting it
+        (``on_lost``); nothing it did can have happened, since it never started."""
+        self._log.warning("run_start_too_late", job=a.msg.job, run_id=a.ref.run_id,
+                          claimed_s_ago=round(age_s, 1))
+        with self._lock:
+            self._active.pop(a.ref.run_id, None)
+        self._free([a.delivery])
 
     def _crashed(self, a: _Active, exc: Exception) -> None:
         self._log.exception("run_handler_crashed", run_id=a.ref.run_id)
