@@ -97,7 +97,8 @@ class Consumer:
         self._node = cfg.agent.node
         self._vis_s = cfg.worker.visibility_timeout.total_seconds()
         self._lease_ms = int(self._vis_s * 1000)
-        # The watchdog kills this node's jobs this long before their leases could lapse.
+        # The watchdog kills this node's jobs this long before their leases could lapse (see
+        # _trusted_until).
         self._margin_s = self._vis_s / 6
         self._inflight = 0  # fetched and not yet finished (includes claims in progress)
         self._slot_freed = threading.Event()
@@ -350,7 +351,7 @@ class Consumer:
             try:
                 job, msg, execution = a.job, a.msg, a.execution
                 done = functools.partial(self._completed, a)
-                if now - a.renewed_at > self._vis_s - self._margin_s:
+                if now >= self._trusted_until(a.renewed_at):
                     self._abandon(a, now - a.renewed_at)
                 elif a.refusal is not None:  # recorded as a failed attempt; nothing is started
                     done(Outcome(None, None, False, 0.0, "", 0, a.refusal))
@@ -488,10 +489,10 @@ class Consumer:
             ok, error = recorded[i].recorded, recorded[i].error
             outcome = a.outcome or Outcome(None, None, False, 0.0, "", 0, "no outcome")
             if error:
-                # Its own keys are broken (e.g. something else wrote its record). What finish
-                # wrote before the error stays: the usual case, a record that cannot be
-                # written, leaves the run pending and leased; once the lease lapses, begin
-                # finds the same keys broken and dead-letters it: neither lost nor run again.
+                # Its own keys are broken (e.g. something else wrote its record): nothing was
+                # written for it (the script reads a run's keys before writing any), so it
+                # stays pending and leased; once the lease lapses, begin finds the same keys
+                # broken and dead-letters it: neither lost nor run again.
                 self.hooks.run_finished(a.msg.job, "error", outcome.duration_s)
                 self._log.error("run_unrecordable", job=a.msg.job, run_id=a.ref.run_id,
                                 attempt=a.attempt, state=rec.state, redis_error=error[:500])
@@ -516,8 +517,8 @@ class Consumer:
             try:
                 return self._runs.finish_many(records)
             except redis.RedisError as exc:
-                oldest = min(a.renewed_at for a in batch)
-                left = oldest + self._vis_s - self._margin_s - self._clock.monotonic()
+                left = (self._trusted_until(min(a.renewed_at for a in batch))
+                        - self._clock.monotonic())
                 if left <= delay:
                     raise
                 self._log.warning("run_finish_retry", runs=len(batch), error=str(exc)[:200],
@@ -626,6 +627,12 @@ class Consumer:
                 a.execution.stop()
         self._update_watchdog()
 
+    def _trusted_until(self, renewed_at: float) -> float:
+        """Until when (monotonic) a lease written at ``renewed_at`` is surely still ours: its
+        visibility timeout less the margin. Past it, a run is neither started (``_launch``)
+        nor still running (the watchdog's deadline), nor its record retried (``_record``)."""
+        return renewed_at + self._vis_s - self._margin_s
+
     def _update_watchdog(self, disarm_idle: bool = False) -> None:
         """Keep the watchdog's kill deadline at (oldest running lease's renewal + visibility -
         margin) or earlier. Writes only when the deadline must move earlier (a safety matter)
@@ -640,7 +647,7 @@ class Consumer:
                 self._watchdog_sent = None
                 desired: float | None = None
             else:
-                desired = oldest + self._vis_s - self._margin_s
+                desired = self._trusted_until(oldest)
                 if sent is not None and desired >= sent and desired - sent < self._vis_s / 3:
                     return
                 self._watchdog_sent = desired

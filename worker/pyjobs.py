@@ -184,9 +184,10 @@ class _Worker:
         os.ftruncate(self.out_fd, 0)
         return data, size
 
-    def close(self) -> None:
+    def close(self, *, keep_pidfd: bool = False) -> None:
+        """Close its socket and output file, and its pidfd unless it is still to be reaped."""
         self.sock.close()
-        for fd in (self.out_fd, self.pidfd):
+        for fd in (self.out_fd, None if keep_pidfd else self.pidfd):
             if fd is not None:
                 with contextlib.suppress(OSError):
                     os.close(fd)
@@ -757,9 +758,7 @@ class PythonPool:
             if wait_s >= REAP_TIMEOUT_S:
                 w.close()  # stuck in the kernel (stop); the watchdog still tracks it
                 return output
-            w.sock.close()
-            with contextlib.suppress(OSError):
-                os.close(w.out_fd)
+            w.close(keep_pidfd=True)
             self._reap_later(w)
             return output
         if self._watchdog is not None:

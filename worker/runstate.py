@@ -203,9 +203,9 @@ local a = 5
 for i = 0, (#KEYS - 2) / 5 - 1 do
   local k = 2 + 5 * i
   local n = tonumber(ARGV[a+8])
-  local ok, result = each(finish, KEYS[k+1], KEYS[k+2], KEYS[k+3], KEYS[k+4], KEYS[k+5], a, n,
-                          a + 9)
-  out[i+1] = result
+  local _, result = each(finish, KEYS[k+1], KEYS[k+2], KEYS[k+3], KEYS[k+4], KEYS[k+5], a, n,
+                         a + 9)
+  out[i+1] = result  -- 1, 0, or the error
   a = a + 9 + 2 * n
 end
 for hist in pairs(trim) do redis.call('ZREMRANGEBYRANK', hist, 0, hist_keep) end
@@ -288,8 +288,8 @@ class FinishResult:
     """How finish went for one run: recorded, or not (its lease was not ours, or ``error``)."""
 
     recorded: bool
-    # The Redis error this run's own keys caused (e.g. WRONGTYPE); what the script had
-    # written for it before that stays.
+    # The error this run's own keys caused (WRONGTYPE); nothing was written for it, since the
+    # script reads a run's keys before it writes any.
     error: str = ""
 
     def __bool__(self) -> bool:
