@@ -119,6 +119,46 @@ def _ping(client: redis.Redis) -> bool:
         return False
 
 
+# Credentials moto accepts; boto3 reads them from the environment (the agents inherit it).
+AWS_TEST_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                "AWS_SESSION_TOKEN": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+class MotoServer:
+    """moto in server mode (SQS over real HTTP) on a free loopback port."""
+
+    def __init__(self, log: Path | None = None) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> MotoServer:
+        out = open(self.log, "ab") if self.log else subprocess.DEVNULL  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+            stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **AWS_TEST_ENV})
+
+        def up() -> bool:
+            try:
+                return requests.get(f"{self.url}/moto-api/", timeout=1).status_code == 200
+            except requests.RequestException:
+                return False
+
+        wait_until(up, 30, interval=0.1, what="moto server")
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+
 @contextmanager
 def redis_server(appendonly: bool = False) -> Iterator[RedisServer]:
     with tempfile.TemporaryDirectory(prefix="cronsul-redis-") as d:

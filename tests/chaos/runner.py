@@ -2,7 +2,9 @@
 injector, and the invariants checked at the end. Prints one summary line; exits 1 on any
 violation. See docs/reliability.md.
 
-Environment: CHAOS_MINUTES (float, default 10), CHAOS_SEED (default random, printed),
+Environment: CHAOS_MINUTES (float, default 10), CHAOS_SEED (default random, printed), CHAOS_BACKEND
+(``redis``, the default, or ``sqs``: the run queue is a standard SQS queue on a moto server,
+Redis stays the state store),
 CHAOS_DIR (keep everything there; default a temp dir, removed after a clean run unless
 CHAOS_KEEP=1), CHAOS_FAULTS / CHAOS_SKIP (comma-separated fault kinds to run only / to leave
 out; see chaos.faults.KINDS), CONSUL_HTTP_ADDR (use that real Consul agent; the
@@ -28,7 +30,15 @@ from pathlib import Path
 from typing import Any
 
 import requests
-from cronsul_testing import REPO, AgentProcess, Cluster, RedisServer, wait_until
+from cronsul_testing import (
+    AWS_TEST_ENV,
+    REPO,
+    AgentProcess,
+    Cluster,
+    MotoServer,
+    RedisServer,
+    wait_until,
+)
 
 from chaos import checks
 from chaos.faults import DEV_ONLY, ESTIMATE, Fault, Injector, plan, select_kinds
@@ -279,11 +289,18 @@ def main() -> int:
     total_s = minutes * 60
     phase_s = max(20.0, total_s - SETTLE_S - WARMUP_S)
     only, skip = os.environ.get("CHAOS_FAULTS", ""), os.environ.get("CHAOS_SKIP", "")
+    backend = os.environ.get("CHAOS_BACKEND", "redis")
+    if backend not in ("redis", "sqs"):
+        log(f"CHAOS_BACKEND must be redis or sqs, not {backend!r}")
+        return 2
     kinds = select_kinds(dev, only, skip)
     faults = plan(seed, phase_s, kinds, SESSION_TTL_S)
 
-    log(f"seed={seed} minutes={minutes:g} dir={workdir} marker={marker} code={_describe()}")
-    knobs = "".join(f" {k}={v}" for k, v in (("CHAOS_FAULTS", only), ("CHAOS_SKIP", skip)) if v)
+    log(f"seed={seed} minutes={minutes:g} backend={backend} dir={workdir} marker={marker} "
+        f"code={_describe()}")
+    knobs = "".join(f" {k}={v}" for k, v in (("CHAOS_FAULTS", only), ("CHAOS_SKIP", skip),
+                                               ("CHAOS_BACKEND", backend != "redis" and backend))
+                    if v)
     log(f"replay: CHAOS_SEED={seed} CHAOS_MINUTES={minutes:g}{knobs} make chaos")
     log(f"fault kinds: {', '.join(kinds) or 'none'}")
     if not dev:
@@ -304,10 +321,19 @@ def main() -> int:
         consul = DevConsul(data_dir=workdir / "consul")
     else:
         consul = RealConsul(real)
+    moto: MotoServer | None = None
+    queue_cfg: dict[str, dict[str, Any]] = {}
+    if backend == "sqs":
+        os.environ.update(AWS_TEST_ENV)  # boto3's standard chain, in the agents too
+        moto = MotoServer(workdir / "moto.log").start()
+        queue_cfg = {"queue": {"backend": "sqs", "sqs": {
+            "region": AWS_TEST_ENV["AWS_DEFAULT_REGION"], "endpoint_url": moto.url,
+            "queues": {"default": _sqs_queue(moto.url, f"chaos-{seed}-default")}}}}
     watch = ProcWatch(marker, frozenset(j.name for j in jobs if j.overlap == "skip")).start()
     cluster = Cluster(workdir, consul, redis_server.url, NODES,
                       jobs_config(jobs, outdir, marker),
-                      consul_extra={**CONSUL_CFG, "prefix": prefix}, worker_extra=WORKER_CFG)
+                      consul_extra={**CONSUL_CFG, "prefix": prefix}, worker_extra=WORKER_CFG,
+                      extra_sections=queue_cfg)
     code = snapshot_code(workdir)
     for node, agent in list(cluster.agents.items()):
         cluster.agents[node] = SnapshotAgent(node, agent.config, agent.log, code)
@@ -405,10 +431,21 @@ def main() -> int:
         if dev:
             consul.close()
         redis_server.stop()
+        if moto is not None:
+            moto.stop()
         if ok and not keep:
             shutil.rmtree(workdir, ignore_errors=True)
         elif not ok:
             log(f"kept {workdir} (agent logs n*.log, job output out/, faults.jsonl)")
+
+
+def _sqs_queue(endpoint: str, name: str) -> str:
+    """A standard queue (at-least-once, no deduplication: the harder case) on moto; its URL."""
+    import boto3
+
+    sqs = boto3.client("sqs", region_name=AWS_TEST_ENV["AWS_DEFAULT_REGION"],
+                       endpoint_url=endpoint)
+    return str(sqs.create_queue(QueueName=name)["QueueUrl"])
 
 
 def _describe() -> str:

@@ -1,8 +1,9 @@
-"""The short chaos run inside `make test`: 2 minutes, a fixed seed, every invariant checked.
+"""The short chaos runs inside `make test`: a fixed seed, every invariant checked; 2 minutes
+with the runs queued on Redis streams, 1.5 minutes with them queued on SQS (moto server).
 
 Runs scripts/chaos.py exactly as `make chaos` does (see docs/reliability.md), with
-CHAOS_MINUTES=2 and a fixed CHAOS_SEED, and asserts it exits 0 (its summary line shows every
-counter at zero). On failure the assertion message carries the run's output: the seed, the
+CHAOS_MINUTES, a fixed CHAOS_SEED and CHAOS_BACKEND, and asserts it exits 0 (its summary line
+shows every counter at zero). On failure the assertion message carries the run's output: the seed, the
 faults as they happened, each violation and the agents' log tails.
 
 KNOWN_BUGS lists the fault kinds that currently break an invariant because of a bug in
@@ -20,8 +21,8 @@ import sys
 import pytest
 from cronsul_testing import REPO, require_binary
 
-SEED = 7
-MINUTES = 2
+# backend -> (seed, minutes)
+RUNS = {"redis": (7, 2.0), "sqs": (61, 1.5)}
 
 KNOWN_BUGS: dict[str, str] = {
     # Both entries that stood here were fixed in worker/ (9a1614e): membership re-registers
@@ -31,10 +32,12 @@ KNOWN_BUGS: dict[str, str] = {
 
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
-def test_chaos_two_minutes_fixed_seed() -> None:
+@pytest.mark.parametrize("backend", sorted(RUNS))
+def test_chaos_short_run_fixed_seed(backend: str) -> None:
     require_binary("redis-server")
-    env = {**os.environ, "CHAOS_MINUTES": str(MINUTES), "CHAOS_SEED": str(SEED),
-           "CHAOS_SKIP": ",".join(sorted(KNOWN_BUGS))}
+    seed, minutes = RUNS[backend]
+    env = {**os.environ, "CHAOS_MINUTES": f"{minutes:g}", "CHAOS_SEED": str(seed),
+           "CHAOS_SKIP": ",".join(sorted(KNOWN_BUGS)), "CHAOS_BACKEND": backend}
     env.pop("CHAOS_FAULTS", None)
     env.pop("CHAOS_DIR", None)
     proc = subprocess.run([sys.executable, str(REPO / "scripts" / "chaos.py")], env=env,
@@ -44,3 +47,4 @@ def test_chaos_two_minutes_fixed_seed() -> None:
     print("\n".join(summary))  # shown with -s / -rP
     assert proc.returncode == 0, f"chaos run failed (exit {proc.returncode}):\n{out[-20000:]}"
     assert summary and " duplicates=0 lost=0 overlaps=0 orphans=0 " in summary[-1], out[-5000:]
+    assert f"backend={backend} " in out, out[:2000]

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -23,8 +21,7 @@ from typing import Any
 import boto3
 import pytest
 import redis
-import requests
-from cronsul_testing import Cluster, RedisServer, free_port, wait_until
+from cronsul_testing import AWS_TEST_ENV, Cluster, MotoServer, RedisServer, wait_until
 
 from devconsul.testing import DevConsul
 from scheduler.clock import SystemClock
@@ -44,8 +41,7 @@ KEYS = Keys("cronsul")
 REGION = "us-east-1"
 T0 = datetime(2026, 11, 22, 18, 0, 5, tzinfo=UTC)
 NEVER = "@yearly"  # jobs that run only when a test sends them a message
-AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-           "AWS_SESSION_TOKEN": "testing", "AWS_DEFAULT_REGION": REGION}
+AWS_ENV = AWS_TEST_ENV
 
 
 # -- moto server and helpers ------------------------------------------------------------------
@@ -58,24 +54,11 @@ def moto_url() -> Iterator[str]:
         if os.environ.get("CI"):
             pytest.fail("moto[server] is not installed (pip install 'moto[server]')")
         pytest.skip("moto[server] is not installed (pip install 'moto[server]')")
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
-                             str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, **AWS_ENV})
-    url = f"http://127.0.0.1:{port}"
-
-    def up() -> bool:
-        try:
-            return requests.get(f"{url}/moto-api/", timeout=1).status_code == 200
-        except requests.RequestException:
-            return False
-
+    server = MotoServer().start()
     try:
-        wait_until(up, 30, interval=0.1, what="moto server")
-        yield url
+        yield server.url
     finally:
-        proc.terminate()
-        proc.wait(10)
+        server.stop()
 
 
 @pytest.fixture(autouse=True)
