@@ -171,6 +171,7 @@ def load_config(path: str | os.PathLike[str], env: dict[str, str] | None = None)
                           "(fan one job out with params instead)")
     jobs: dict[str, JobSpec] = {}
     origin: dict[str, Path] = {}
+    bodies: dict[str, dict[str, Any]] = {}
     for source, table in sources:
         for name, body in table.items():
             try:
@@ -184,13 +185,23 @@ def load_config(path: str | os.PathLike[str], env: dict[str, str] | None = None)
             jobs[name] = parse_job(Section(source, f"jobs.{name}", body), name, agent.timezone,
                                   worker.default_timeout)
             origin[name] = source
-    canonical = {name: [list(spec.command), spec.schedule.expression, spec.timezone,
-                        list(spec.params), spec.queue, str(spec.timeout)]
-                 for name, spec in sorted(jobs.items())}
-    digest = hashlib.sha256(json.dumps(canonical, sort_keys=True).encode()).hexdigest()
+            bodies[name] = body
+    digest = _jobs_digest(jobs, bodies)
     queue = _queue(Section(file, "queue", queue_table), worker, jobs)
     return Config(file, agent, consul, redis, worker, jobs, digest, http, queue,
                   secret_sources(file, data))
+
+
+def _jobs_digest(jobs: Mapping[str, JobSpec], bodies: Mapping[str, Mapping[str, Any]]) -> str:
+    """What two nodes must agree on: every key of every job as written (so a change of
+    callable, overlap, retries, env, user, ... is drift), plus what a job takes from elsewhere:
+    its time zone and timeout (from [agent] / [worker] when it sets none) and its parameter
+    sets (which may come from included files)."""
+    canonical = {name: {"job": bodies[name], "timezone": spec.timezone,
+                        "timeout": str(spec.timeout), "params": list(spec.params)}
+                 for name, spec in sorted(jobs.items())}
+    text = json.dumps(canonical, sort_keys=True, default=str)  # TOML dates and times as text
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _read_capped(file: Path, what: str) -> bytes:

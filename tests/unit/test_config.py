@@ -120,3 +120,42 @@ def test_configured_consul_address_and_token_win_over_the_environment(
     clients = make_clients(cfg.consul, 1.0)
     for c in (clients.call, clients.blocking):
         assert c.http.base_uri == "http://127.0.0.1:8599" and c.token == "from-config"
+
+
+JOB_CHANGES = [
+    ('overlap = "skip"', "overlap"), ("retries = 2", "retries"), ('jitter = "10s"', "jitter"),
+    ('env = { A = "1" }', "env"), ('catchup = "latest"', "catchup"), ('user = "nobody"', "user"),
+    ('on_lost = "fail"', "on_lost"), ('working_dir = "/tmp"', "working_dir"),
+    ('queue = "batch"', "queue"), ('timeout = "11m"', "timeout"),
+]
+
+
+@pytest.mark.parametrize(("line", "key"), JOB_CHANGES, ids=[k for _, k in JOB_CHANGES])
+def test_config_hash_changes_with_any_key_of_a_job(tmp_path: Path, line: str, key: str) -> None:
+    """`cronsul status` flags drift by this hash: a node that runs a job differently (another
+    overlap policy, retries, environment, user, ...) must not share the leader's hash."""
+    base = load_config(write(tmp_path, GOOD), env={}).config_hash
+    text = (GOOD.replace('timeout = "10m"', line) if key == "timeout"
+            else GOOD.rstrip("\n") + "\n" + line + "\n")
+    assert load_config(write(tmp_path, text), env={}).config_hash != base
+
+
+def test_config_hash_changes_with_the_callable_and_the_inherited_time_zone(
+        tmp_path: Path) -> None:
+    py = GOOD.replace('command = ["/usr/bin/env", "true"]', 'callable = "mod:one"')
+    one = load_config(write(tmp_path, py), env={}).config_hash
+    two = load_config(write(tmp_path, py.replace("mod:one", "mod:two")), env={}).config_hash
+    assert one != two
+    # A job with no timezone of its own takes [agent] timezone: a different one is drift.
+    bare = GOOD.replace('timezone = "Europe/Berlin"\n', "")
+    utc = load_config(write(tmp_path, bare), env={}).config_hash
+    paris = bare.replace('node = "n1"', 'node = "n1"\ntimezone = "Europe/Paris"')
+    assert load_config(write(tmp_path, paris), env={}).config_hash != utc
+
+
+def test_config_hash_ignores_what_is_not_a_job(tmp_path: Path) -> None:
+    """Node-local settings (its name, its Consul agent, its concurrency) are not drift."""
+    base = load_config(write(tmp_path, GOOD), env={}).config_hash
+    other = GOOD.replace('node = "n1"', 'node = "n2"').replace("127.0.0.1:8500", "10.0.0.2:8500")
+    other += "\n[worker]\nconcurrency = 3\n"
+    assert load_config(write(tmp_path, other), env={}).config_hash == base
