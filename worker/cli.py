@@ -13,11 +13,14 @@ import sys
 import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from scheduler.errors import ConfigError, ConnectionFailure, CronsulError
 from scheduler.runs import iso_utc
 from worker.config import Config, load_config
+
+if TYPE_CHECKING:
+    from worker.executor import Outcome
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 DEFAULT_CONFIG = "/etc/cronsul/cronsul.toml"
@@ -230,15 +233,33 @@ def _run(cfg: Config, job: str, local: bool, params: list[str]) -> int:
            "CRONSUL_NODE": cfg.agent.node}
     env.update({f"CRONSUL_PARAM_{k.upper()}": v for k, v in values.items()})
     seal_inherited_fds()  # as the agent does: the job gets no descriptor of the shell's
-    outcome = Execution(None, cfg.worker.kill_grace.total_seconds()).run(
-        render_argv(spec.command, values), job_environment(os.environ, spec.env, env),
-        spec.working_dir, spec.timeout.total_seconds(), user=spec.user)
+    job_env = job_environment(os.environ, spec.env, env)
+    if spec.callable is not None:
+        outcome = _run_callable(spec.callable, values, job_env, spec.timeout.total_seconds())
+    else:
+        outcome = Execution(None, cfg.worker.kill_grace.total_seconds()).run(
+            render_argv(spec.command, values), job_env, spec.working_dir,
+            spec.timeout.total_seconds(), user=spec.user)
     sys.stdout.write(outcome.output)
     if outcome.error:
         print(f"cronsul: {outcome.error}", file=sys.stderr)
     print(f"cronsul: {run_id} exit_code={outcome.exit_code} signal={outcome.signal} "
           f"timed_out={outcome.timed_out} duration={outcome.duration_s:.3f}s", file=sys.stderr)
     return EXIT_OK if outcome.ok else EXIT_FAILURE
+
+
+def _run_callable(target: str, kwargs: dict[str, str], env: dict[str, str],
+                  timeout: float) -> Outcome:
+    """A callable job run here as the agent runs it: in a warm worker process of its own (a
+    pool of one), with the job's timeout; the worker imports from this command's sys.path."""
+    from worker.pyjobs import PythonPool
+
+    pool = PythonPool(1, watchdog=None)
+    pool.start()  # CronsulError (exit 1) if the worker cannot start
+    try:
+        return pool.run(target, kwargs, env, timeout)
+    finally:
+        pool.stop()
 
 
 if __name__ == "__main__":

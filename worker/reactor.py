@@ -76,16 +76,28 @@ class Reactor:
 
     def wait_for(self, start: Callable[..., None], *args: Any) -> Any:
         """Call ``start(*args, done)`` on the loop thread and return what it passes to
-        ``done`` (from another thread): the blocking form of a callback-style operation."""
+        ``done`` (from another thread): the blocking form of a callback-style operation.
+        If ``start`` raises instead, the exception is raised here (not left to the loop's
+        handler, with this thread waiting forever for a ``done`` that never comes)."""
         finished = threading.Event()
         box: list[Any] = []
+        failed: list[BaseException] = []
 
         def done(result: Any) -> None:
             box.append(result)
             finished.set()
 
-        self.call_soon(start, *args, done)
+        def begin() -> None:
+            try:
+                start(*args, done)
+            except BaseException as exc:
+                failed.append(exc)
+                finished.set()
+
+        self.call_soon(begin)
         finished.wait()
+        if failed and not box:
+            raise failed[0]
         return box[0]
 
     def stop(self) -> None:
