@@ -567,6 +567,9 @@ class Consumer:
         }
         self._log.info(events.get(verdict, "run_not_started"), job=ref.job, run_id=ref.run_id,
                        detail=detail)
+        if verdict in ("skipped", "lost"):  # ended here: its record says skipped or failed
+            self.hooks.run_ended_unstarted(ref.job, "skipped" if verdict == "skipped" else
+                                           "failed")
 
     def _verdict(self, job: JobSpec, outcome: Outcome, attempt: int,
                  replaced: bool) -> tuple[str, int | None]:

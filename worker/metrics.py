@@ -44,7 +44,12 @@ class RunHooks:
         """A run passed ``begin`` on this node and its command is about to start."""
 
     def run_finished(self, job: str, state: str, duration_s: float) -> None:
-        """``state``: succeeded, failed, or lost (our lease was gone when we finished)."""
+        """``state``: what the run's record says now (succeeded, failed, retrying, dead), lost
+        (our lease was gone when we finished) or error (the result could not be recorded)."""
+
+    def run_ended_unstarted(self, job: str, state: str) -> None:
+        """``begin`` ended a run without starting it: skipped (overlap), or failed (its node
+        died and on_lost = fail)."""
 
     def run_dead_lettered(self, reason: str) -> None:
         """A message went to the dead-letter queue."""
@@ -83,7 +88,8 @@ class AgentMetrics(RunHooks):
                                   "From a tick's fire time to its enqueue",
                                   buckets=TICK_LAG_BUCKETS, registry=r)
         self.runs = Counter("cronsul_runs", "Runs on this node by job and event (started, "
-                            "succeeded, failed, lost)", ["job", "event"], registry=r)
+                            "succeeded, failed, retrying, dead, lost, error, skipped)",
+                            ["job", "event"], registry=r)
         self.dead_lettered = Counter("cronsul_runs_dead_lettered",
                                      "Messages this node sent to the dead-letter queue",
                                      ["reason"], registry=r)
@@ -131,6 +137,9 @@ class AgentMetrics(RunHooks):
         if timer is None:
             timer = self._durations[job] = self.run_duration.labels(job)
         timer.observe(duration_s)
+
+    def run_ended_unstarted(self, job: str, state: str) -> None:
+        self._run_counter(job, state).inc()
 
     def _run_counter(self, job: str, state: str) -> Counter:
         """The labelled child, looked up once (labels() costs a lock and a tuple per call,

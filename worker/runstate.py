@@ -49,15 +49,18 @@ end
 
 # BEGIN and FINISH take any number of runs in one call (the consumer batches the runs of one
 # fetch and the results finished together), so a busy node pays one round trip per batch.
-# BEGIN: shared ARGV[1..7] = node, lease ms, now ms, record ttl s, stop key prefix, overlap
-# wait ms, consumer group; then per run 6 KEYS (record, lease, lock, waiting, stream, delayed)
-# and 9 ARGV (token, job, scheduled ms, run id, queue, overlap, on_lost, entry id, payload).
+# BEGIN: shared ARGV[1..8] = node, lease ms, now ms, record ttl s, stop key prefix, overlap
+# wait ms, consumer group, history entries kept per job; then per run 7 KEYS (record, lease,
+# lock, waiting, stream, delayed, history) and 9 ARGV (token, job, scheduled ms, run id, queue,
+# overlap, on_lost, entry id, payload). A run that ends here (skipped, or failed as lost) is
+# listed in its job's history as FINISH lists the others.
 # Returns per run two elements: verdict, detail (the attempt number for "start"; for "error",
 # what is wrong with that run's keys).
 BEGIN = EACH + """
 local node, lease_ms, now, ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local stop_prefix, wait_ms, group = ARGV[5], tonumber(ARGV[6]), ARGV[7]
-local function begin(run, lease, lock, waiting, stream, delayed, a)
+local hist_keep, trim = -1 - tonumber(ARGV[8]), {}
+local function begin(run, lease, lock, waiting, stream, delayed, hist, a)
   local token, job, sched, run_id = ARGV[a], ARGV[a+1], ARGV[a+2], ARGV[a+3]
   local queue, overlap, on_lost, entry, payload = ARGV[a+4], ARGV[a+5], ARGV[a+6], ARGV[a+7],
                                                   ARGV[a+8]
@@ -65,6 +68,10 @@ local function begin(run, lease, lock, waiting, stream, delayed, a)
   local function meta()
     redis.call('HSET', run, 'job', job, 'scheduled_ms', sched, 'run_id', run_id, 'queue', queue)
     if redis.call('TTL', run) < 0 then redis.call('EXPIRE', run, ttl) end
+  end
+  local function ended()  -- best effort, as in FINISH: the record is what counts
+    local added = redis.pcall('ZADD', hist, now, run_id)
+    if type(added) ~= 'table' or not added.err then trim[hist] = true end
   end
   -- Reads first (see EACH): the lease, then the record.
   local holder = redis.call('GET', lease)
@@ -81,7 +88,7 @@ local function begin(run, lease, lock, waiting, stream, delayed, a)
     meta()
     redis.call('HSET', run, 'state', 'failed', 'finished_ms', now,
                'error', 'lost: the node running it stopped renewing its lease (on_lost = fail)')
-    ack(); return 'lost', ''
+    ended(); ack(); return 'lost', ''
   end
   if overlap ~= 'allow' then
     local cur = redis.call('GET', lock)
@@ -93,14 +100,14 @@ local function begin(run, lease, lock, waiting, stream, delayed, a)
         meta()
         redis.call('HSET', run, 'state', 'skipped', 'finished_ms', now,
                    'error', 'skipped: previous run ' .. other .. ' still running (overlap = skip)')
-        ack(); return 'skipped', other
+        ended(); ack(); return 'skipped', other
       end
       if w and w ~= run_id then
         meta()
         redis.call('HSET', run, 'state', 'skipped', 'finished_ms', now,
                    'error', 'skipped: run ' .. w .. ' is already waiting (overlap = '
                    .. overlap .. ')')
-        ack(); return 'skipped', w
+        ended(); ack(); return 'skipped', w
       end
       redis.call('SET', waiting, run_id, 'PX', lease_ms)
       if overlap == 'replace' then
@@ -123,14 +130,15 @@ local function begin(run, lease, lock, waiting, stream, delayed, a)
   return 'start', tostring(attempt)
 end
 local out = {}
-for i = 0, #KEYS / 6 - 1 do
-  local k = 6 * i
+for i = 0, #KEYS / 7 - 1 do
+  local k = 7 * i
   local ok, verdict, detail = each(begin, KEYS[k+1], KEYS[k+2], KEYS[k+3], KEYS[k+4],
-                                   KEYS[k+5], KEYS[k+6], 8 + 9 * i)
+                                   KEYS[k+5], KEYS[k+6], KEYS[k+7], 9 + 9 * i)
   if not ok then verdict, detail = 'error', verdict end
   out[2*i+1] = verdict
   out[2*i+2] = detail
 end
+for hist in pairs(trim) do redis.call('ZREMRANGEBYRANK', hist, 0, hist_keep) end
 return out
 """
 
@@ -325,10 +333,11 @@ class RunState:
         k = self._keys
         keys: list[str] = []
         args: list[Any] = [self._node, lease_ms, now_ms, self._ttl, k.stop(""), OVERLAP_WAIT_MS,
-                           GROUP]
+                           GROUP, HISTORY_PER_JOB]
         for ref, token in runs:
             keys += [k.run(ref.run_id), k.lease(ref.run_id), self._lock_key(ref),
-                     k.waiting(ref.lock_name or "-"), k.stream(ref.queue), k.delayed]
+                     k.waiting(ref.lock_name or "-"), k.stream(ref.queue), k.delayed,
+                     k.history(ref.job)]
             args += [token, ref.job, ref.scheduled_ms, ref.run_id, ref.queue, ref.overlap,
                      ref.on_lost, ref.entry_id, ref.payload]
         out = self._begin(keys=keys, args=args)

@@ -21,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from cronsul_testing import AgentProcess, free_port, redis_server, render_config, wait_until
 from devconsul.testing import DevConsul
+from worker.cli import main
 
 
 class NotifyListener:
@@ -81,7 +82,7 @@ def healthz(port: int) -> tuple[int, dict[str, Any]]:
 @pytest.mark.slow
 def test_agent_under_systemd_notify_metrics_and_health(
     tmp_path: Path, devconsul: DevConsul, notify: NotifyListener,
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
 ) -> None:
     port = free_port()
     with redis_server() as rs:
@@ -94,7 +95,10 @@ def test_agent_under_systemd_notify_metrics_and_health(
              "redis": {"url": rs.url},
              "worker": {"visibility_timeout": "4s", "shutdown_grace": "3s", "kill_grace": "1s"},
              "http": {"listen": f"127.0.0.1:{port}"}},
-            {"tick": {"schedule": "* * * * * *", "command": ["/bin/true"], "timeout": "5s"}},
+            {"tick": {"schedule": "* * * * * *", "command": ["/bin/true"], "timeout": "5s"},
+             # Runs 2.5 s every second: most of its ticks are skipped (overlap = skip).
+             "slow": {"schedule": "* * * * * *", "command": ["/bin/sleep", "2.5"],
+                      "overlap": "skip", "timeout": "5s"}},
         ))
         monkeypatch.setenv("NOTIFY_SOCKET", str(notify.path))
         monkeypatch.setenv("WATCHDOG_USEC", "1500000")  # ping at least every 0.5 s
@@ -123,6 +127,14 @@ def test_agent_under_systemd_notify_metrics_and_health(
             assert ("cronsul_queue_depth", (("queue", "default"),)) in m
             assert ("cronsul_queue_oldest_age_seconds", (("queue", "default"),)) in m
             assert m[("cronsul_draining", ())] == 0
+            # A skipped run is counted, and listed in its job's history like any ended run.
+            wait_until(lambda: scrape(port).get(
+                ("cronsul_runs_total", (("event", "skipped"), ("job", "slow"))), 0) >= 1,
+                10, what="a skipped run in /metrics")
+            capsys.readouterr()
+            assert main(["history", "slow", "-c", str(config), "--json"]) == 0
+            states = {r["state"] for r in json.loads(capsys.readouterr().out)["runs"]}
+            assert "skipped" in states, states
             assert urllib.request.urlopen(
                 f"http://127.0.0.1:{port}/metrics").headers["Content-Type"].startswith(
                 "text/plain")

@@ -182,6 +182,8 @@ def test_lost_run_with_on_lost_fail_is_recorded_failed_not_rerun(
     redis_client.delete(KEYS.lease(ref.run_id))  # n1 died mid-run
     assert n2.begin(ref, "t2", 5000, 2).verdict == "lost"
     assert n2.record(ref.run_id)["state"] == "failed"
+    # Listed in its job's history like any ended run (`cronsul history`, the dashboard).
+    assert redis_client.zscore(KEYS.history(ref.job), ref.run_id) == 2
     assert pending(redis_client) == 0
 
 
@@ -214,6 +216,7 @@ def test_overlap_skip_records_the_second_run_skipped(
     skipped = n2.begin(second, "t2", 5000, 1)
     assert (skipped.verdict, skipped.detail) == ("skipped", first.run_id)
     assert n2.record(second.run_id)["state"] == "skipped"
+    assert redis_client.zscore(KEYS.history(second.job), second.run_id) == 1  # listed
     assert n1.finish(first, "t1", "succeeded", 2, {})
     assert not redis_client.exists(KEYS.lock("j"))  # released by compare-and-delete
     assert pending(redis_client) == 0
