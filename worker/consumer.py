@@ -323,8 +323,13 @@ class Consumer:
             return
         finally:
             self._free([d])
+        try:
+            ended = self._runs.dead_on_arrival(d.payload, str(exc), epoch_ms(self._clock.now()))
+        except redis.RedisError as err:  # best effort: the dead letter itself is written
+            ended = False
+            self._log.warning("run_record_not_ended", entry_id=d.entry_id, error=str(err)[:200])
         self._log.error("run_dead_lettered", entry_id=d.entry_id, queue=d.queue,
-                        reason=reason, error=str(exc))
+                        reason=reason, error=str(exc), record_ended=ended)
         self.hooks.run_dead_lettered(reason)
 
     def _settle(self, d: Delivery) -> None:

@@ -130,6 +130,8 @@ def _follow(r: redis.Redis, keys: Keys, run_id: str, timeout_s: float) -> int:
                 print(record["output"], end="" if record["output"].endswith("\n") else "\n")
             print(f"{run_id}: {state} exit_code={record.get('exit_code') or '-'} "
                   f"duration_ms={record.get('duration_ms', '-')}")
+            if record.get("error"):
+                print(f"{run_id}: error: {record['error']}")
             return 0 if state == "succeeded" else 1
         time.sleep(WAIT_POLL_S)
     raise CronsulError(f"{run_id}: still {last or 'unknown'} after {timeout_s:.0f}s")

@@ -19,6 +19,7 @@ unrecorded, or recorded as finished but delivered again.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +29,9 @@ import redis
 from worker.keys import GROUP, Keys
 
 TERMINAL = ("succeeded", "failed", "dead", "skipped")
+# A run id or job name longer than this in a dead-lettered message is not looked up (the
+# longest a valid one can be is far shorter: see worker.messages.RUN_ID_TAIL).
+MAX_ID_CHARS = 1024
 
 # Run by BEGIN and FINISH around each run of a batch. Both scripts read a run's own keys before
 # they write any of them, so the one error a run's keys can cause (WRONGTYPE: something else
@@ -220,6 +224,21 @@ for hist in pairs(trim) do redis.call('ZREMRANGEBYRANK', hist, 0, hist_keep) end
 return out
 """
 
+# A message dead-lettered on arrival (unknown job, bad params, ...) whose record `cronsul run`
+# (or an event) created in state queued: the record says dead, with why, and the run is listed
+# in its job's history, so `run --wait`, `history` and `logs` do not show it queued forever.
+# Only when the record was made for this very message (same payload): a forged message naming
+# another run's id cannot end that run. KEYS: record, history; ARGV: payload, error (it starts
+# with the reason, as the dead letter's does), now ms, node. Returns 1 if the record was ended.
+DEAD_ON_ARRIVAL = """
+local rec = redis.call('HMGET', KEYS[1], 'state', 'payload', 'run_id')
+if rec[1] ~= 'queued' or rec[2] ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'state', 'dead', 'finished_ms', ARGV[3], 'node', ARGV[4],
+           'error', ARGV[2])
+redis.pcall('ZADD', KEYS[2], ARGV[3], rec[3])
+return 1
+"""
+
 # Delayed runs (retries, waiting overlap runs) due by now go to their queue stream: atomic, so
 # any number of nodes may promote at once without duplicating a run.
 PROMOTE = """
@@ -317,6 +336,7 @@ class RunState:
         self._finish = client.register_script(FINISH)
         self._promote = client.register_script(PROMOTE)
         self._promote_outbox = client.register_script(PROMOTE_OUTBOX)
+        self._dead_on_arrival = client.register_script(DEAD_ON_ARRIVAL)
 
     def _lock_key(self, ref: RunRef) -> str:
         return self._keys.lock(ref.lock_name) if ref.overlap != "allow" else self._keys.lease(
@@ -386,6 +406,23 @@ class RunState:
                 args += [name, str(value)]
         return [FinishResult(False, _s(x)) if isinstance(x, bytes | str)
                 else FinishResult(bool(int(x))) for x in self._finish(keys=keys, args=args)]
+
+    def dead_on_arrival(self, payload: bytes | None, error: str, now_ms: int) -> bool:
+        """After a message was dead-lettered without running: end the record made for it in
+        state queued (see DEAD_ON_ARRIVAL). False when there is none to end."""
+        try:
+            body = json.loads(payload or b"")
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            return False
+        if not isinstance(body, dict):
+            return False
+        run_id, job = body.get("run_id"), body.get("job")
+        if not (isinstance(run_id, str) and isinstance(job, str)
+                and 0 < len(run_id) <= MAX_ID_CHARS and 0 < len(job) <= MAX_ID_CHARS):
+            return False
+        return bool(self._dead_on_arrival(
+            keys=[self._keys.run(run_id), self._keys.history(job)],
+            args=[payload or b"", error[:4096], now_ms, self._node]))
 
     def promote(self, now_ms: int, limit: int = 500) -> int:
         if self._outbox:
