@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from scheduler.errors import ConfigError, ConnectionFailure, CronsulError
 from scheduler.runs import iso_utc
+from worker.cliargs import MAX_FIRE_TIMES, count
 from worker.config import Config, load_config
 
 if TYPE_CHECKING:
@@ -44,11 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
     a = with_config(sub.add_parser("agent", help="run the agent (what the systemd unit runs)"))
     a.add_argument("--log-level", default="info")
     ck = with_config(sub.add_parser("check", help="validate the config, show next fire times"))
-    ck.add_argument("-n", type=int, default=5, help="fire times per job (default 5)")
+    ck.add_argument("-n", type=count(MAX_FIRE_TIMES), default=5,
+                    help=f"fire times per job (default 5, at most {MAX_FIRE_TIMES})")
     ck.add_argument("--json", action="store_true")
     nx = with_config(sub.add_parser("next", help="next fire times of one job"))
     nx.add_argument("job")
-    nx.add_argument("-n", type=int, default=20)
+    nx.add_argument("-n", type=count(MAX_FIRE_TIMES), default=20,
+                    help=f"fire times (default 20, at most {MAX_FIRE_TIMES})")
     nx.add_argument("--json", action="store_true")
     st = with_config(sub.add_parser("status", help="leader and nodes, from Consul"))
     st.add_argument("--json", action="store_true")
@@ -90,6 +93,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_UNREACHABLE
     except CronsulError as exc:
         print(f"cronsul: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except BrokenPipeError:
+        # The reader went away (`cronsul status --json | head`): stop quietly, as cat does.
+        # Point stdout at /dev/null so the interpreter's final flush does not fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
         return EXIT_FAILURE
 
 

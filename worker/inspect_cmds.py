@@ -19,6 +19,7 @@ import redis
 
 from scheduler.errors import ConfigError, MessageError, QueueError
 from scheduler.runs import JOB_NAME, check_job_name, from_epoch_ms, iso_utc
+from worker.cliargs import MAX_LISTED, count
 from worker.config import Config
 from worker.keys import GROUP, Keys
 from worker.messages import parse_message
@@ -88,7 +89,8 @@ def add_parsers(sub: Any, with_config: Callable[[argparse.ArgumentParser],
     hi = with_config(sub.add_parser("history", help="a job's recent runs, newest first",
                                     epilog=HISTORY_EPILOG, formatter_class=fmt))
     hi.add_argument("job")
-    hi.add_argument("-n", type=_positive, default=20, help="finished runs to show (default 20)")
+    hi.add_argument("-n", type=count(MAX_LISTED), default=20,
+                    help="finished runs to show (default 20)")
     hi.add_argument("--json", action="store_true")
     lg = with_config(sub.add_parser("logs", help="one run's record and output tail",
                                     epilog=LOGS_EPILOG, formatter_class=fmt))
@@ -99,7 +101,7 @@ def add_parsers(sub: Any, with_config: Callable[[argparse.ArgumentParser],
     dsub = dq.add_subparsers(dest="dlq_command", required=True)
     ls = with_config(dsub.add_parser("list", help="newest dead letters first",
                                      epilog=DLQ_JSON, formatter_class=fmt))
-    ls.add_argument("-n", type=_positive, default=50, help="entries to show (default 50)")
+    ls.add_argument("-n", type=count(MAX_LISTED), default=50, help="entries to show (default 50)")
     ls.add_argument("--json", action="store_true")
     sh = with_config(dsub.add_parser("show", help="one dead letter with its payload",
                                      epilog=DLQ_JSON, formatter_class=fmt))
@@ -401,13 +403,6 @@ def _dead_view(entry_id: bytes | str, fields: dict[bytes, bytes]) -> dict[str, A
 
 
 # -- small helpers ------------------------------------------------------------------------------
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
-    return value
-
 
 def _payload_field(payload: bytes | None, name: str) -> str | None:
     try:

@@ -1,0 +1,60 @@
+"""CLI arguments a user gets wrong, and a reader that goes away: a clear refusal (exit 2) or a
+quiet stop, never a traceback or a command that computes for minutes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from cronsul_testing import REPO
+
+from worker.cli import main
+
+JOBS = "".join(f'[jobs.j{i}]\nschedule = "* * * * * *"\ncommand = ["true"]\n' for i in range(20))
+
+
+@pytest.fixture
+def cfg(tmp_path: Path) -> str:
+    path = tmp_path / "c.toml"
+    path.write_text(JOBS)
+    return str(path)
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "1001", "100000000", "abc", "1.5"])
+@pytest.mark.parametrize("command", [["check"], ["next", "j0"]])
+def test_fire_time_counts_out_of_range_are_refused(
+        cfg: str, command: list[str], value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main([*command, "-c", cfg, "-n", value])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument -n:" in err and value in err and "_positive" not in err, err
+
+
+@pytest.mark.parametrize("command", [["history", "j0"], ["dlq", "list"]])
+def test_listing_counts_out_of_range_are_refused(
+        cfg: str, command: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main([*command, "-c", cfg, "-n", "0"])
+    assert exit_.value.code == 2
+    assert "between 1 and 10000" in capsys.readouterr().err
+
+
+def test_the_largest_count_is_served(cfg: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["next", "j0", "-c", cfg, "-n", "1000"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 1000
+
+
+def test_a_reader_that_goes_away_is_not_a_traceback(cfg: str) -> None:
+    """`cronsul check --json | head -1`: about 1 MB of output, the reader closes after a line."""
+    proc = subprocess.Popen([sys.executable, "-m", "worker.cli", "check", "-c", cfg, "-n",
+                             "1000", "--json"], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    assert proc.stdout.readline().strip() == b"{"
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(30) == 1
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
