@@ -1,7 +1,7 @@
 """``cronsul``: the agent and the operator's commands.
 
 Exit codes: 0 ok, 1 runtime failure (a run failed, an operation was refused), 2 usage or config
-error, 3 cannot reach Consul or Redis.
+error or nothing by that name, 3 cannot reach Consul or Redis.
 """
 
 from __future__ import annotations
@@ -173,6 +173,7 @@ def _check(cfg: Config, n: int, as_json: bool) -> int:
         report["jobs"][name] = {
             "schedule": spec.schedule.expression, "timezone": spec.timezone,
             "command": list(spec.command),
+            **({"callable": spec.callable} if spec.callable is not None else {}),
             "next": [_local(t, spec.timezone) for t in _upcoming(cfg, name, n)],
         }
         # A one-shot (@at) that already fired has nothing left to do: say so, do not look idle.
@@ -184,7 +185,8 @@ def _check(cfg: Config, n: int, as_json: bool) -> int:
     print(f"{cfg.path}: OK, {len(cfg.jobs)} job(s), config hash {cfg.config_hash}")
     _warn_secrets(cfg)
     for name, job in report["jobs"].items():
-        print(f"\n{name}: {job['schedule']!r} ({job['timezone']})")
+        print(f"\n{name}: {job['schedule']!r} ({job['timezone']})"
+              + (f" callable {job['callable']}" if "callable" in job else ""))
         for t in job["next"]:
             print(f"  {t}")
         if job["done"]:

@@ -219,10 +219,16 @@ def _read_capped(file: Path, what: str) -> bytes:
 
 def _included(main: Path, pattern: str) -> list[tuple[Path, dict[str, Any]]]:
     """Files matched by an `include` glob (relative to the main file's folder), sorted; each
-    may hold only [jobs.*] tables, like a cron.d for teams."""
+    may hold only [jobs.*] tables, like a cron.d for teams. A glob may match nothing (an empty
+    jobs.d); a plain path must exist (as nginx's include): a typo must not silently drop a
+    team's jobs."""
     base = pattern if Path(pattern).is_absolute() else str(main.parent / pattern)
     out: list[tuple[Path, dict[str, Any]]] = []
-    for name in sorted(glob.glob(base)):
+    names = sorted(glob.glob(base))
+    if not names and not glob.has_magic(base):
+        raise ConfigError(f"{main}: include: {base} does not exist (a glob such as "
+                          "jobs.d/*.toml may match nothing; a plain path must exist)")
+    for name in names:
         path = Path(name)
         raw = _read_capped(path, "included")
         try:

@@ -15,9 +15,11 @@ cannot express is refused with the reason, as a comment in the output and on std
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from scheduler.errors import ScheduleError
 from scheduler.schedule import parse_schedule
@@ -68,6 +70,7 @@ def convert(text: str, *, system: bool = False, prefix: str = "cron",
     result = Converted()
     env: dict[str, str] = {}
     timezone = "UTC"
+    zone_set = False  # a CRON_TZ / TZ line came before the first job
     shell = "/bin/sh"
     names: set[str] = set()
     result.toml.append(f"# converted from {source} by `cronsul import-crontab`")
@@ -81,6 +84,7 @@ def convert(text: str, *, system: bool = False, prefix: str = "cron",
             name, value = m.group(1), _unquote(m.group(2))
             if name in ("CRON_TZ", "TZ"):
                 timezone = value
+                zone_set = True
             elif name == "SHELL":
                 shell = value
             elif name in CRON_ONLY:
@@ -135,6 +139,11 @@ def convert(text: str, *, system: bool = False, prefix: str = "cron",
         if user is not None:
             result.toml.append(f"# cron ran this as user {user!r}; cronsul runs jobs as the "
                                "agent's user")
+        if not zone_set and not names - {name}:  # the first job, and no zone given
+            result.warnings.append(
+                f"{where}: no CRON_TZ or TZ line before it: the jobs take [agent] timezone "
+                f"(UTC unless set), while cron ran them in its host's local time "
+                f"(this host's: {host_zone()}); add timezone = \"...\" if that was not UTC")
         result.toml.append(f"[jobs.{name}]")
         result.toml.append(f"schedule = {json.dumps(schedule)}")
         if timezone != "UTC":
@@ -144,6 +153,18 @@ def convert(text: str, *, system: bool = False, prefix: str = "cron",
             pairs = ", ".join(f"{k} = {json.dumps(v)}" for k, v in env.items())
             result.toml.append(f"env = {{ {pairs} }}")
     return result
+
+
+def host_zone(localtime: Path = Path("/etc/localtime")) -> str:
+    """This host's local time zone name, as cron would use it: $TZ, else the zoneinfo file
+    /etc/localtime links to, else "unknown"."""
+    if os.environ.get("TZ"):
+        return os.environ["TZ"].lstrip(":")
+    try:
+        target = str(localtime.resolve())
+    except OSError:
+        return "unknown"
+    return target.split("zoneinfo/", 1)[1] if "zoneinfo/" in target else "unknown"
 
 
 def import_crontab(path: str, *, system: bool, prefix: str) -> int:

@@ -58,11 +58,13 @@ def pause(cfg: Config, job: str, reason: str) -> int:
 def resume(cfg: Config, job: str) -> int:
     _job(cfg, job)
     c = make_clients(cfg.consul, CALL_TIMEOUT_S).call
+    key = f"{cfg.consul.prefix}/paused/{job}"
     try:
-        c.kv.delete(f"{cfg.consul.prefix}/paused/{job}")
+        _, entry = c.kv.get(key)
+        c.kv.delete(key)
     except CONSUL_ERRORS as exc:
         raise ConnectionFailure(f"cannot reach Consul: {exc}") from exc
-    print(f"resumed {job}")
+    print(f"resumed {job}" if entry is not None else f"{job} was not paused (nothing to do)")
     return 0
 
 

@@ -61,8 +61,11 @@ def test_pause_fanout_reload_manual_run_and_catchup(
         assert cli("pause", "tick", "-c", cfg, "--reason", "maintenance window").returncode == 0
         paused_at = datetime.now(UTC)
         time.sleep(4)
-        assert cli("resume", "tick", "-c", cfg).returncode == 0
+        done = cli("resume", "tick", "-c", cfg)
         resumed_at = datetime.now(UTC)
+        assert done.returncode == 0 and "resumed tick" in done.stdout, done
+        again = cli("resume", "tick", "-c", cfg)  # says so, rather than "resumed" again
+        assert again.returncode == 0 and "tick was not paused" in again.stdout, again
         wait_until(lambda: max(stamps(tick)) > resumed_at, 10, what="ticks after resume")
         during = [t for t in stamps(tick) if paused_at + timedelta(seconds=1.5) < t
                   < resumed_at - timedelta(seconds=0.5)]

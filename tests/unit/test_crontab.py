@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import tomllib
+from pathlib import Path
 
-from worker.crontab import convert
+import pytest
+
+from worker.crontab import convert, host_zone
 
 CRONTAB = r"""
 # nightly stuff
@@ -54,3 +57,28 @@ def test_invalid_lines_are_errors_naming_the_line() -> None:
     result = convert("61 * * * * /bin/true\n* * * /bin/false\n", source="tab")
     assert any(e.startswith("tab:1:") for e in result.errors)
     assert any(e.startswith("tab:2:") and "5 time fields" in e for e in result.errors)
+
+
+def test_a_crontab_without_a_time_zone_is_warned_about_once(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Classic cron ran it in its host's local time; cronsul would take [agent] timezone."""
+    monkeypatch.setenv("TZ", "America/New_York")
+    result = convert("*/5 * * * * /usr/bin/a\n0 1 * * * /usr/bin/b\n", source="crontab")
+    zone = [w for w in result.warnings if "no CRON_TZ or TZ line" in w]
+    assert len(zone) == 1 and "America/New_York" in zone[0], result.warnings
+    assert "timezone" not in "\n".join(result.toml).replace("# converted", "")
+    assert not [w for w in convert(CRONTAB).warnings if "no CRON_TZ" in w]
+
+
+def test_host_zone_reads_tz_then_the_localtime_link(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TZ", raising=False)
+    zoneinfo = tmp_path / "usr/share/zoneinfo/Europe"
+    zoneinfo.mkdir(parents=True)
+    (zoneinfo / "Berlin").write_bytes(b"TZif")
+    link = tmp_path / "localtime"
+    link.symlink_to(zoneinfo / "Berlin")
+    assert host_zone(link) == "Europe/Berlin"
+    assert host_zone(tmp_path / "missing") == "unknown"
+    monkeypatch.setenv("TZ", ":Asia/Tokyo")
+    assert host_zone(link) == "Asia/Tokyo"

@@ -86,6 +86,14 @@ def test_include_adds_jobs_and_refuses_duplicates(tmp_path: Path) -> None:
         load_config(tmp_path / "cronsul.toml", env={})
 
 
+def test_an_include_path_that_does_not_exist_is_refused_a_glob_may_match_nothing(
+        tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"include: .*team-a.toml does not exist"):
+        load_config(write(tmp_path, "", top='include = ["jobs.d/team-a.toml"]\n'), env={})
+    cfg = load_config(write(tmp_path, "", top='include = ["jobs.d/*.toml"]\n'), env={})
+    assert cfg.jobs == {}  # an empty (or missing) jobs.d is a normal state
+
+
 def test_included_file_may_not_set_agent_options(tmp_path: Path) -> None:
     (tmp_path / "x.toml").write_text('[agent]\nnode = "evil"\n')
     with pytest.raises(ConfigError, match=r"x.toml: \[agent\]: an included file may only"):
@@ -200,3 +208,16 @@ command = ["/bin/true"]
 """)
     assert main(["check", "-c", str(path)]) == 0
     assert "done: fires no more" in capsys.readouterr().out
+
+
+def test_check_names_a_callable_jobs_target(tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from worker.cli import main
+
+    path = write(tmp_path, '\n[jobs.py]\nschedule = "@hourly"\ncallable = "pkg.mod:run"\n')
+    assert main(["check", "-c", str(path)]) == 0
+    assert "py: '@hourly' (UTC) callable pkg.mod:run" in capsys.readouterr().out
+    assert main(["check", "-c", str(path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["jobs"]["py"]["callable"] == "pkg.mod:run"
