@@ -184,12 +184,18 @@ local function finish(run, lease, lock, stream, hist, a, n, first)
     return 0
   else
     local lock_ours = lock ~= lease and redis.call('GET', lock) == run_id .. ' ' .. token
-    local err = ''
+    local err, why = '', {}
     local hset = {'HSET', run, 'state', state, 'finished_ms', now}
     for j = first, first + 2 * n - 1, 2 do
       hset[#hset+1] = ARGV[j]
       hset[#hset+1] = ARGV[j+1]
       if ARGV[j] == 'error' then err = ARGV[j+1] end
+      why[ARGV[j]] = ARGV[j+1]
+    end
+    if err == '' then  -- a dead letter says why: the last attempt's exit, signal or timeout
+      if why['timed_out'] == 'True' or why['timed_out'] == '1' then err = 'timed out'
+      elseif (why['signal'] or '') ~= '' then err = 'killed by signal ' .. why['signal']
+      elseif (why['exit_code'] or '') ~= '' then err = 'exit code ' .. why['exit_code'] end
     end
     redis.call(unpack(hset))
     redis.call('DEL', lease)

@@ -277,6 +277,23 @@ def test_dead_run_leaves_a_dead_letter_with_its_payload(
     assert fields[b"reason"] == b"retries exhausted" and fields[b"payload"] == ref.payload
 
 
+@pytest.mark.parametrize(("fields", "said"), [
+    ({"exit_code": "3", "signal": "", "timed_out": "0"}, b"exit code 3"),
+    ({"exit_code": "", "signal": "9", "timed_out": "0"}, b"killed by signal 9"),
+    ({"exit_code": "", "signal": "15", "timed_out": "1"}, b"timed out"),
+])
+def test_a_dead_letter_says_how_the_last_attempt_ended(
+        redis_client: redis.Redis, setup: Setup, fields: dict[str, str], said: bytes) -> None:
+    """`cronsul dlq list` shows the error column: a job that exited non-zero has no error
+    text of its own, so the letter says how it ended rather than nothing."""
+    q, n1, _ = setup
+    ref = ref_of(fetch_one(q))
+    n1.begin(ref, "t1", 5000, 1)
+    n1.finish(ref, "t1", "dead", 2, fields)
+    [(_, letter)] = redis_client.xrange(KEYS.dead)
+    assert letter[b"error"] == said
+
+
 def test_priority_fetch_reads_lower_queues_only_when_higher_are_empty(
         redis_client: redis.Redis) -> None:
     q = RedisQueue(redis_client, KEYS, "n1")
