@@ -45,6 +45,13 @@ class RunMessage:
             object.__setattr__(self, "scheduled_iso", iso_utc(self.scheduled_at))
 
 
+def is_version_1(body: Mapping[str, object]) -> bool:
+    """``"v": 1`` exactly: the integer (JSON ``true`` and ``1.0`` compare equal to 1 in
+    Python, and are not the documented format)."""
+    v = body.get("v")
+    return type(v) is int and v == 1
+
+
 def parse_message(payload: bytes | None, jobs: Mapping[str, JobSpec]) -> RunMessage:
     """Decode and check a queued run. Raises MessageError with the reason (for the DLQ)."""
     if payload is None:
@@ -57,14 +64,17 @@ def parse_message(payload: bytes | None, jobs: Mapping[str, JobSpec]) -> RunMess
         raise MessageError(f"undecodable: {exc}") from exc
     except RecursionError as exc:  # json recurses into nested arrays: "[[[[..." of 64 KiB
         raise MessageError("undecodable: nested too deeply") from exc
-    if not isinstance(body, dict) or body.get("v") != 1:
-        raise MessageError("malformed: not a version 1 run message")
+    if not isinstance(body, dict) or not is_version_1(body):
+        raise MessageError("malformed: not a version 1 run message (\"v\": 1, an integer)")
     run_id, job, when, params = (body.get(k) for k in ("run_id", "job", "scheduled_at", "params"))
     if not isinstance(job, str) or job not in jobs:
         raise MessageError(f"unknown job: {job!r} is not defined in this node's config")
-    if not isinstance(run_id, str) or not run_id.startswith(f"{job}@") \
-            or not RUN_ID_TAIL.fullmatch(run_id[len(job) + 1:]):
-        raise MessageError(f"malformed: run_id {run_id!r} does not belong to job {job!r}")
+    if not isinstance(run_id, str) or not run_id.startswith(f"{job}@"):
+        raise MessageError(f"malformed: run_id {str(run_id)[:200]!r} does not start with "
+                           f"{job + '@'!r}")
+    if not RUN_ID_TAIL.fullmatch(run_id[len(job) + 1:]):
+        raise MessageError(f"malformed: run_id {run_id[:200]!r}: after {job + '@'!r} it must be "
+                           "1 to 190 of A-Z a-z 0-9 _ . : # -")
     try:
         scheduled = datetime.fromisoformat(str(when).replace("Z", "+00:00"))
     except ValueError as exc:

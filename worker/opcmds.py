@@ -100,20 +100,30 @@ def enqueue(cfg: Config, job: str, pairs: list[str], wait: bool,
     _job(cfg, job)
     params = parse_params(cfg, job, pairs)
     spec = cfg.jobs[job]
+    with connect(cfg.redis, cfg.path) as r:
+        run_id = enqueue_manual(cfg, r, job, params)
+        print(run_id, flush=True)
+        if not wait:
+            return 0
+        keys = Keys(cfg.redis.key_prefix)
+        return _follow(r, keys, run_id, timeout_s or spec.timeout.total_seconds() * 3 + 60)
+
+
+def enqueue_manual(cfg: Config, r: redis.Redis, job: str, params: dict[str, str]) -> str:
+    """Create a manual run's record (queued) and enqueue it in one step; its run id. On the
+    SQS backend it goes to the outbox, which every node's drainer sends to SQS (the Redis
+    stream is not read there). `cronsul run` and the dashboard's Run now both come here."""
+    spec = cfg.jobs[job]
     now = datetime.now(UTC)
     run = Run(f"{job}@manual-{uuid.uuid4().hex}", job, now, params)
     keys = Keys(cfg.redis.key_prefix)
-    with connect(cfg.redis, cfg.path) as r:
-        sqs = cfg.queue.backend == "sqs"
-        r.eval(ENQUEUE_MANUAL, 2, keys.run(run.run_id),
-               keys.outbox if sqs else keys.stream(spec.queue), job,
-               epoch_ms(now), run.run_id, spec.queue,
-               run_payload(run.run_id, job, now, params), int(RECORD_TTL.total_seconds()),
-               "outbox" if sqs else "stream")
-        print(run.run_id, flush=True)
-        if not wait:
-            return 0
-        return _follow(r, keys, run.run_id, timeout_s or spec.timeout.total_seconds() * 3 + 60)
+    sqs = cfg.queue.backend == "sqs"
+    r.eval(ENQUEUE_MANUAL, 2, keys.run(run.run_id),
+           keys.outbox if sqs else keys.stream(spec.queue), job,
+           epoch_ms(now), run.run_id, spec.queue,
+           run_payload(run.run_id, job, now, params), int(RECORD_TTL.total_seconds()),
+           "outbox" if sqs else "stream")
+    return run.run_id
 
 
 def _follow(r: redis.Redis, keys: Keys, run_id: str, timeout_s: float) -> int:

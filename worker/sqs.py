@@ -30,7 +30,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from scheduler.errors import QueueError
 from scheduler.runs import from_epoch_ms, iso_utc
 from worker.keys import Keys
-from worker.messages import MAX_PAYLOAD_BYTES
+from worker.messages import MAX_PAYLOAD_BYTES, is_version_1
 from worker.queue import DEAD_LETTER_MAX, Delivery
 
 # Every failure boto3 raises: service answers (ClientError) and transport/credential problems.
@@ -306,7 +306,8 @@ def normalise_event(body: bytes, message_id: str, sent_ms: str | None) -> bytes:
             value = json.loads(body)
     except (ValueError, UnicodeDecodeError, RecursionError):  # deep nesting: parse_message says
         return body
-    if not isinstance(value, dict) or value.get("v") != 1 or not isinstance(value.get("job"), str):
+    if not isinstance(value, dict) or not is_version_1(value) or not isinstance(value.get("job"),
+                                                                                  str):
         return body
     changed = False
     if value.get("run_id") is None:

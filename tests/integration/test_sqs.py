@@ -541,6 +541,7 @@ def test_event_defaults_and_sns_envelope() -> None:
                            "Message": '{"v":1,"job":"j","run_id":"j@mine"}'}).encode()
     assert json.loads(normalise_event(envelope, "m-2", None))["run_id"] == "j@mine"
     assert normalise_event(b'{"v":2,"job":"j"}', "m", "1") == b'{"v":2,"job":"j"}'
+    assert normalise_event(b'{"v":true,"job":"j"}', "m", "1") == b'{"v":true,"job":"j"}'
     assert normalise_event(b"junk", "m", "1") == b"junk"
 
 
@@ -615,3 +616,25 @@ def test_manual_run_and_dlq_retry_reach_sqs_through_the_outbox(
     t = transport(sqs, r, {"default": url})
     jobs = sorted(json.loads(d.payload or b"")["job"] for d in fetch_all(t, ["default"], want=2))
     assert jobs == ["j", "j"]
+
+
+def test_dashboard_run_now_reaches_sqs_through_the_outbox(
+        sqs: Any, redis_proc: RedisServer, tmp_path: Path) -> None:
+    """The dashboard's Run now on an SQS cluster: as `cronsul run`, into the outbox (it used to
+    go to a Redis stream that no SQS node reads, and stayed queued forever)."""
+    from worker.dashboard.actions import run_now
+
+    r = redis_proc.client()
+    r.flushdb()
+    url = make_queue(sqs)
+    cfg_path = tmp_path / "c.toml"
+    cfg_path.write_text(
+        f'[redis]\nurl = "{redis_proc.url}"\n[queue]\nbackend = "sqs"\n[queue.sqs]\n'
+        f'region = "{REGION}"\nqueues = {{ default = "{url}" }}\n'
+        '[jobs.j]\nschedule = "@daily"\ncommand = ["true"]\n')
+    run_id = run_now(load_config(cfg_path), r, "j", {})
+    assert r.llen(KEYS.outbox) == 1 and not r.exists(KEYS.stream("default"))
+    assert r.hget(KEYS.run(run_id), "state") == b"queued"
+    assert drainer(sqs, r, {"default": url}).drain_once() == 1
+    [d] = fetch_all(transport(sqs, r, {"default": url}), ["default"], want=1)
+    assert json.loads(d.payload or b"")["run_id"] == run_id

@@ -275,6 +275,9 @@ def message(**over: Any) -> bytes:
     (b'{"v": 1, "job": "plain", "run_id": "plain@1", "scheduled_at": "2026-01-01T00:00:00Z"'
      b', "params": {}, "command": ["/bin/rm", "-rf", "/"]}', None),  # extra keys are ignored
     (message(v=2), "malformed"),
+    (message(v=True), "malformed"),  # JSON true == 1 in Python; not the documented format
+    (message(v=1.0), "malformed"),
+    (message(v="1"), "malformed"),
     (message(job="../plain"), "unknown job"),
     (message(job="nope", run_id="nope@1"), "unknown job"),
     (message(job=["plain"]), "unknown job"),
@@ -329,3 +332,12 @@ def test_every_kind_of_run_id_cronsul_writes_is_accepted(tmp_path: Path) -> None
                    "plain@event-775dcf22-7824-421e-99e4-6cc85626504b",
                    "plain@1767225600000#0123456789abcdef"]:
         assert parse_message(message(run_id=run_id), jobs).run_id == run_id
+
+
+def test_a_run_id_refusal_says_which_rule_it_broke(tmp_path: Path) -> None:
+    jobs = jobs_for_messages(tmp_path).jobs
+    with pytest.raises(MessageError, match=r"does not start with 'plain@'"):
+        parse_message(message(run_id="other@1"), jobs)
+    with pytest.raises(MessageError, match=r"1 to 190 of A-Z a-z 0-9"):
+        parse_message(message(run_id="plain@" + "a" * 250), jobs)
+    assert parse_message(message(run_id="plain@" + "a" * 190), jobs).run_id.endswith("a" * 190)

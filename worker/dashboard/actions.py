@@ -5,21 +5,19 @@ with an HTTP status and a message for the operator."""
 from __future__ import annotations
 
 import json
-import uuid
 from datetime import UTC, datetime
 from typing import Any
 
 import redis
 
 from scheduler.errors import ConfigError, ConnectionFailure, CronsulError, MessageError
-from scheduler.runs import Run, epoch_ms, iso_utc
+from scheduler.runs import iso_utc
 from worker.config import Config
 from worker.consulapi import CALL_TIMEOUT_S, CONSUL_ERRORS, make_clients
 from worker.inspect_cmds import RETRY, _check_entry_id, _retry_one
 from worker.keys import Keys
 from worker.maintenance import set_drain
-from worker.opcmds import ENQUEUE_MANUAL, _consul_put, parse_params
-from worker.sink import RECORD_TTL, run_payload
+from worker.opcmds import _consul_put, enqueue_manual, parse_params
 
 # Pause reasons are shown on every page; keep them short.
 REASON_MAX = 200
@@ -44,17 +42,10 @@ def run_now(cfg: Config, r: redis.Redis, job: str, params: dict[str, str]) -> st
         values = parse_params(cfg, job, [f"{k}={v}" for k, v in params.items()])
     except ConfigError as exc:
         raise ActionError(400, str(exc)) from exc
-    spec = cfg.jobs[job]
-    now = datetime.now(UTC)
-    run = Run(f"{job}@manual-{uuid.uuid4().hex}", job, now, values)
-    keys = Keys(cfg.redis.key_prefix)
     try:
-        r.eval(ENQUEUE_MANUAL, 2, keys.run(run.run_id), keys.stream(spec.queue), job,
-               epoch_ms(now), run.run_id, spec.queue,
-               run_payload(run.run_id, job, now, values), int(RECORD_TTL.total_seconds()))
+        return enqueue_manual(cfg, r, job, values)
     except redis.RedisError as exc:
         raise ActionError(503, f"Redis: {str(exc)[:200]}") from exc
-    return run.run_id
 
 
 def pause(cfg: Config, job: str, reason: str, who: str) -> None:
