@@ -18,6 +18,7 @@ from scheduler.runs import from_epoch_ms, iso_utc
 from worker.config import Config
 from worker.consulapi import CALL_TIMEOUT_S, CONSUL_ERRORS, make_clients
 from worker.keys import GROUP, Keys
+from worker.maintenance import maintenance_reason
 from worker.metrics import queue_stats
 from worker.secretfiles import redact
 
@@ -63,13 +64,19 @@ def gather(cfg: Config, redis_client: redis.Redis) -> dict[str, Any]:
     for n in nodes or []:
         svc = n["Service"]
         meta = svc.get("Meta") or {}
-        checks = {ch["CheckID"]: ch["Status"] for ch in n.get("Checks", [])}
+        raw = {ch["CheckID"]: ch for ch in n.get("Checks", [])}
+        checks = {cid: ch["Status"] for cid, ch in raw.items()}
+        # Maintenance (`cronsul drain`, `consul maint`) is deliberate, not a fault: it makes the
+        # node draining and not eligible, and only the other checks decide whether it is healthy.
+        maintenance = maintenance_reason(raw, svc["ID"])
         report["nodes"].append({
             "node": svc["ID"].removeprefix("cronsul-"),
             "address": svc.get("Address"),
-            "healthy": all(s == "passing" for s in checks.values()),
-            "draining": any(k.startswith(MAINTENANCE_PREFIXES) for k in checks),
-            "eligible": meta.get("eligible", "true") == "true",
+            "healthy": all(st == "passing" for cid, st in checks.items()
+                           if not cid.startswith(MAINTENANCE_PREFIXES)),
+            "draining": maintenance is not None,
+            "maintenance": maintenance,
+            "eligible": meta.get("eligible", "true") == "true" and maintenance is None,
             "config_hash": meta.get("config_hash"),
             "drift": meta.get("config_hash") != reference,
             "checks": checks,
@@ -126,7 +133,7 @@ def render(report: dict[str, Any]) -> str:
     for n in report["nodes"]:
         flags = [
             "healthy" if n["healthy"] else "UNHEALTHY",
-            *(["draining"] if n["draining"] else []),
+            *([f"draining ({n.get('maintenance') or 'maintenance'})"] if n["draining"] else []),
             *(["not eligible"] if not n["eligible"] else []),
             *(["CONFIG DIFFERS FROM THE LEADER'S"] if n["drift"] else []),
         ]

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -111,6 +112,15 @@ def test_maintenance_drains_and_undrains(
         checks = requests.get(f"http://127.0.0.1:{devconsul.agents[other]}/v1/agent/checks",
                               timeout=5).json()
         assert f"_service_maintenance:cronsul-{other}" in checks
+        # `cronsul status`: draining is deliberate, not a fault: healthy, not eligible, and why.
+        status = cli(other_cfg, "status", "--json")
+        assert status.returncode == 0, status.stderr
+        [view] = [n for n in json.loads(status.stdout)["nodes"] if n["node"] == other]
+        assert (view["healthy"], view["draining"], view["eligible"]) == (True, True, False), view
+        assert view["maintenance"].startswith("service maintenance: cronsul drain by "), view
+        line = next(t for t in cli(other_cfg, "status").stdout.splitlines()
+                    if t.strip().startswith(other + " "))
+        assert "UNHEALTHY" not in line and "draining (service maintenance" in line, line
         assert cli(other_cfg, "undrain").returncode == 0
         checks = requests.get(f"http://127.0.0.1:{devconsul.agents[other]}/v1/agent/checks",
                               timeout=5).json()
