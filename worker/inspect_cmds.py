@@ -330,7 +330,11 @@ def dlq_retry(cfg: Config, entry_id: str | None) -> int:
 def _retry_one(r: redis.Redis, keys: Keys, cfg: Config, script: Any, entry_id: str,
                fields: dict[bytes, bytes]) -> str | None:
     """Re-enqueue one dead letter; MessageError says why not; None if it vanished meanwhile."""
-    msg = parse_message(fields.get(b"payload"), cfg.jobs)
+    stored = fields.get(b"payload") or b""
+    if _s(fields.get(b"reason", b"")) == "oversized":  # kept cut to 64 KiB: not the message
+        raise MessageError(f"oversized: the message was {len(stored)}+ bytes; its dead letter "
+                           "keeps only the first 64 KiB, which is no message to run")
+    msg = parse_message(stored, cfg.jobs)
     queue = _s(fields.get(b"queue", b""))
     if not JOB_NAME.match(queue):
         raise MessageError(f"malformed: original queue {queue!r} is not a valid queue name")
@@ -350,7 +354,9 @@ def _retry_one(r: redis.Redis, keys: Keys, cfg: Config, script: Any, entry_id: s
     if _s(verdict) == "done":
         raise MessageError(f"run {msg.run_id} already {_s(detail)} "
                            "(a worker would ack it without running it)")
-    return f"retried {entry_id}: run {msg.run_id} enqueued on queue {queue} as {_s(detail)}"
+    where = ("in the outbox, sent to SQS by the next drain" if sqs
+             else f"as stream entry {_s(detail)}")
+    return f"retried {entry_id}: run {msg.run_id} enqueued on queue {queue} {where}"
 
 
 def dlq_purge(cfg: Config, entry_id: str | None, yes: bool) -> int:

@@ -94,7 +94,7 @@ def _redis_view(cfg: Config, r: redis.Redis) -> dict[str, Any]:
     queues = sorted(set(cfg.worker.queues) | {j.queue for j in cfg.jobs.values()})
     stats: dict[str, Any] = {}
     in_flight: dict[str, int] = {}
-    for q in queues:
+    for q in queues if cfg.queue.backend != "sqs" else []:  # SQS: see render()
         s = queue_stats(r, keys.stream(q), now_ms)
         stats[q] = {"depth": s.depth, "pending": s.pending,
                     "oldest_age_s": round(s.oldest_age_s, 1)}
@@ -142,7 +142,9 @@ def render(report: dict[str, Any]) -> str:
     if "redis_error" in report:
         out.append(f"redis: UNREACHABLE ({report['redis_error']})")
     else:
-        out.append("queues:")
+        out.append("queues:" if report["queues"] else
+                   "queues: on SQS; their depth and age are CloudWatch's "
+                   "ApproximateNumberOfMessagesVisible and ApproximateAgeOfOldestMessage")
         for q, s in report["queues"].items():
             out.append(f"  {q:<20} depth {s['depth']:<6} in flight {s['pending']:<6} "
                        f"oldest {s['oldest_age_s']}s")

@@ -232,7 +232,7 @@ def test_dlq_retry_reenqueues_on_the_original_queue(config: str, redis_client: r
     payload = valid_payload("other")
     entry = dead_letter(redis_client, payload, queue="batch")
     code, out, _ = cli(capsys, "dlq", "retry", entry, "-c", config)
-    assert code == 0 and f"retried {entry}" in out and "queue batch" in out
+    assert code == 0 and f"retried {entry}" in out and "queue batch as stream entry" in out
     assert redis_client.xlen(KEYS.dead) == 0
     (d,) = fetch(RedisQueue(redis_client, KEYS, "n2"), "batch")
     assert d.payload == payload
@@ -247,6 +247,15 @@ def test_dlq_retry_refuses_a_payload_for_an_unknown_job(config: str, redis_clien
     assert f"refused to retry dead letter {entry}" in err and "unknown job: 'gone-job'" in err
     assert redis_client.xlen(KEYS.dead) == 1
     assert redis_client.xlen(KEYS.stream("default")) == before
+
+
+def test_dlq_retry_of_an_oversized_letter_says_it_was_cut_not_undecodable(
+        config: str, redis_client: redis.Redis, capsys: Capture) -> None:
+    big = valid_payload("tick")[:-1] + b', "pad": "' + b"x" * 70_000 + b'"}'
+    entry = dead_letter(redis_client, big)
+    code, _, err = cli(capsys, "dlq", "retry", entry, "-c", config)
+    assert code == 1 and "oversized: the message was 65536+ bytes" in err, err
+    assert redis_client.xlen(KEYS.dead) == 1  # kept
 
 
 def test_dlq_retry_refuses_a_run_that_already_finished(config: str, redis_client: redis.Redis,

@@ -638,3 +638,19 @@ def test_dashboard_run_now_reaches_sqs_through_the_outbox(
     assert drainer(sqs, r, {"default": url}).drain_once() == 1
     [d] = fetch_all(transport(sqs, r, {"default": url}), ["default"], want=1)
     assert json.loads(d.payload or b"")["run_id"] == run_id
+
+
+def test_status_does_not_show_redis_stream_depths_for_sqs_queues(
+        redis_proc: RedisServer, tmp_path: Path) -> None:
+    """On SQS the streams are empty by design: showing 'depth 0' there would read as data."""
+    from worker.status import _redis_view, render
+
+    cfg_path = tmp_path / "c.toml"
+    cfg_path.write_text(
+        f'[redis]\nurl = "{redis_proc.url}"\n[queue]\nbackend = "sqs"\n[queue.sqs]\n'
+        f'region = "{REGION}"\nqueues = {{ default = "q" }}\n'
+        '[jobs.j]\nschedule = "@daily"\ncommand = ["true"]\n')
+    view = _redis_view(load_config(cfg_path), redis_proc.client())
+    assert view["queues"] == {}
+    text = render({"leader": None, "nodes": [], "paused": {}, **view})
+    assert "queues: on SQS" in text and "depth 0" not in text
