@@ -592,6 +592,16 @@ def test_two_agents_on_sqs_run_every_second_exactly_once(
     assert nodes == {"n1", "n2"}, "both nodes' consumers take runs from SQS"
 
 
+def sqs_cli_config(tmp_path: Path, redis_proc: RedisServer, queue_url: str) -> Path:
+    """An operator's config for an SQS cluster: one job ``j`` on queue default."""
+    path = tmp_path / "c.toml"
+    path.write_text(
+        f'[redis]\nurl = "{redis_proc.url}"\n[queue]\nbackend = "sqs"\n[queue.sqs]\n'
+        f'region = "{REGION}"\nqueues = {{ default = "{queue_url}" }}\n'
+        '[jobs.j]\nschedule = "@daily"\ncommand = ["true"]\n')
+    return path
+
+
 def test_manual_run_and_dlq_retry_reach_sqs_through_the_outbox(
         sqs: Any, redis_proc: RedisServer, tmp_path: Path) -> None:
     """`cronsul run` and `cronsul dlq retry` on an SQS cluster: into the outbox, then SQS."""
@@ -600,11 +610,7 @@ def test_manual_run_and_dlq_retry_reach_sqs_through_the_outbox(
     r = redis_proc.client()
     r.flushdb()
     url = make_queue(sqs)
-    cfg_path = tmp_path / "c.toml"
-    cfg_path.write_text(
-        f'[redis]\nurl = "{redis_proc.url}"\n[queue]\nbackend = "sqs"\n[queue.sqs]\n'
-        f'region = "{REGION}"\nqueues = {{ default = "{url}" }}\n'
-        '[jobs.j]\nschedule = "@daily"\ncommand = ["true"]\n')
+    cfg_path = sqs_cli_config(tmp_path, redis_proc, url)
     assert main(["run", "j", "-c", str(cfg_path)]) == 0
     assert r.llen(KEYS.outbox) == 1 and not r.exists(KEYS.stream("default"))
     bad = run_msg("j", 9)
@@ -627,11 +633,7 @@ def test_dashboard_run_now_reaches_sqs_through_the_outbox(
     r = redis_proc.client()
     r.flushdb()
     url = make_queue(sqs)
-    cfg_path = tmp_path / "c.toml"
-    cfg_path.write_text(
-        f'[redis]\nurl = "{redis_proc.url}"\n[queue]\nbackend = "sqs"\n[queue.sqs]\n'
-        f'region = "{REGION}"\nqueues = {{ default = "{url}" }}\n'
-        '[jobs.j]\nschedule = "@daily"\ncommand = ["true"]\n')
+    cfg_path = sqs_cli_config(tmp_path, redis_proc, url)
     run_id = run_now(load_config(cfg_path), r, "j", {})
     assert r.llen(KEYS.outbox) == 1 and not r.exists(KEYS.stream("default"))
     assert r.hget(KEYS.run(run_id), "state") == b"queued"
@@ -645,11 +647,7 @@ def test_status_does_not_show_redis_stream_depths_for_sqs_queues(
     """On SQS the streams are empty by design: showing 'depth 0' there would read as data."""
     from worker.status import _redis_view, render
 
-    cfg_path = tmp_path / "c.toml"
-    cfg_path.write_text(
-        f'[redis]\nurl = "{redis_proc.url}"\n[queue]\nbackend = "sqs"\n[queue.sqs]\n'
-        f'region = "{REGION}"\nqueues = {{ default = "q" }}\n'
-        '[jobs.j]\nschedule = "@daily"\ncommand = ["true"]\n')
+    cfg_path = sqs_cli_config(tmp_path, redis_proc, "q")
     view = _redis_view(load_config(cfg_path), redis_proc.client())
     assert view["queues"] == {}
     text = render({"leader": None, "nodes": [], "paused": {}, **view})
