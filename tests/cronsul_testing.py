@@ -140,9 +140,13 @@ class MotoServer:
 
     def start(self) -> MotoServer:
         out = open(self.log, "ab") if self.log else subprocess.DEVNULL  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
-            stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **AWS_TEST_ENV})
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+                stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **AWS_TEST_ENV})
+        finally:
+            if not isinstance(out, int):
+                out.close()  # the child has its own copy
 
         def up() -> bool:
             try:
@@ -150,7 +154,11 @@ class MotoServer:
             except requests.RequestException:
                 return False
 
-        wait_until(up, 30, interval=0.1, what="moto server")
+        try:
+            wait_until(up, 30, interval=0.1, what="moto server")
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def stop(self) -> None:

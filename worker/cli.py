@@ -95,6 +95,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"cronsul: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     except BrokenPipeError:
+        if args.command == "agent":  # not a reader going away: a real failure, shown
+            raise
         # The reader went away (`cronsul status --json | head`): stop quietly, as cat does.
         # Point stdout at /dev/null so the interpreter's final flush does not fail again.
         devnull = os.open(os.devnull, os.O_WRONLY)

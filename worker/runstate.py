@@ -27,6 +27,7 @@ from typing import Any
 import redis
 
 from worker.keys import GROUP, Keys
+from worker.messages import MAX_PAYLOAD_BYTES
 
 TERMINAL = ("succeeded", "failed", "dead", "skipped")
 # A run id or job name longer than this in a dead-lettered message is not looked up (the
@@ -80,8 +81,10 @@ local function begin(run, lease, lock, waiting, stream, delayed, hist, a)
   -- Reads first (see EACH): the lease, then the record.
   local holder = redis.call('GET', lease)
   if holder and holder ~= token then return 'busy', holder end
-  local rec = redis.call('HMGET', run, 'state', 'attempt')
+  local rec = redis.call('HMGET', run, 'state', 'attempt', 'dead_on_arrival')
   local st, tries = rec[1], rec[2]
+  -- Dead-lettered on arrival by a node that could not run it: this copy may run here.
+  if st == 'dead' and rec[3] then st = 'queued' end
   if tries and (not tonumber(tries) or tonumber(tries) % 1 ~= 0) then
     return 'error', 'record ' .. run .. ' has attempt = ' .. tries .. ', not a whole number'
   end
@@ -130,7 +133,7 @@ local function begin(run, lease, lock, waiting, stream, delayed, hist, a)
   redis.call('HSET', run, 'job', job, 'scheduled_ms', sched, 'run_id', run_id, 'queue', queue,
              'state', 'running', 'node', node, 'started_ms', now)
   if redis.call('TTL', run) < 0 then redis.call('EXPIRE', run, ttl) end
-  redis.call('HDEL', run, 'waiting_for')
+  redis.call('HDEL', run, 'waiting_for', 'dead_on_arrival')
   return 'start', tostring(attempt)
 end
 local out = {}
@@ -230,18 +233,25 @@ for hist in pairs(trim) do redis.call('ZREMRANGEBYRANK', hist, 0, hist_keep) end
 return out
 """
 
-# A message dead-lettered on arrival (unknown job, bad params, ...) whose record `cronsul run`
-# (or an event) created in state queued: the record says dead, with why, and the run is listed
-# in its job's history, so `run --wait`, `history` and `logs` do not show it queued forever.
-# Only when the record was made for this very message (same payload): a forged message naming
-# another run's id cannot end that run. KEYS: record, history; ARGV: payload, error (it starts
-# with the reason, as the dead letter's does), now ms, node. Returns 1 if the record was ended.
+# A message dead-lettered on arrival (unknown job, bad params, ...) whose record was made for it
+# (state queued: the scheduler's enqueue, `cronsul run`; or retrying: a promoted retry): the
+# record says dead, with why, and the run is listed in its job's history, so `run --wait`,
+# `history` and `logs` do not show it waiting forever. Only when the record holds this very
+# payload: a forged message naming another run's id cannot end that run. The reasons depend on
+# the node (its config may be behind): so the record is marked `dead_on_arrival`, and BEGIN
+# still starts another copy of the message that reaches a node able to run it (an SQS standard
+# queue's duplicate, a `dlq retry` racing this). KEYS: record, history; ARGV: payload, error
+# (it starts with the reason, as the dead letter's does), now ms, node, history entries kept.
+# Returns 1 if the record was ended.
 DEAD_ON_ARRIVAL = """
 local rec = redis.call('HMGET', KEYS[1], 'state', 'payload', 'run_id')
-if rec[1] ~= 'queued' or rec[2] ~= ARGV[1] then return 0 end
+if (rec[1] ~= 'queued' and rec[1] ~= 'retrying') or rec[2] ~= ARGV[1] then return 0 end
 redis.call('HSET', KEYS[1], 'state', 'dead', 'finished_ms', ARGV[3], 'node', ARGV[4],
-           'error', ARGV[2])
-redis.pcall('ZADD', KEYS[2], ARGV[3], rec[3])
+           'error', ARGV[2], 'dead_on_arrival', '1')
+local added = redis.pcall('ZADD', KEYS[2], ARGV[3], rec[3])
+if type(added) ~= 'table' or not added.err then
+  redis.call('ZREMRANGEBYRANK', KEYS[2], 0, -1 - tonumber(ARGV[5]))
+end
 return 1
 """
 
@@ -415,7 +425,9 @@ class RunState:
 
     def dead_on_arrival(self, payload: bytes | None, error: str, now_ms: int) -> bool:
         """After a message was dead-lettered without running: end the record made for it in
-        state queued (see DEAD_ON_ARRIVAL). False when there is none to end."""
+        state queued or retrying (see DEAD_ON_ARRIVAL). False when there is none to end."""
+        if payload is None or len(payload) > MAX_PAYLOAD_BYTES:  # no record holds such a one
+            return False
         try:
             body = json.loads(payload or b"")
         except (ValueError, UnicodeDecodeError, RecursionError):
@@ -428,7 +440,7 @@ class RunState:
             return False
         return bool(self._dead_on_arrival(
             keys=[self._keys.run(run_id), self._keys.history(job)],
-            args=[payload or b"", error[:4096], now_ms, self._node]))
+            args=[payload, error[:4096], now_ms, self._node, HISTORY_PER_JOB]))
 
     def promote(self, now_ms: int, limit: int = 500) -> int:
         if self._outbox:

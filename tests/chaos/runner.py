@@ -326,9 +326,15 @@ def main() -> int:
     if backend == "sqs":
         os.environ.update(AWS_TEST_ENV)  # boto3's standard chain, in the agents too
         moto = MotoServer(workdir / "moto.log").start()
+        try:
+            queue_url = _sqs_queue(moto.url, f"chaos-{seed}-default")
+        except Exception:
+            moto.stop()
+            redis_server.stop()
+            raise
         queue_cfg = {"queue": {"backend": "sqs", "sqs": {
             "region": AWS_TEST_ENV["AWS_DEFAULT_REGION"], "endpoint_url": moto.url,
-            "queues": {"default": _sqs_queue(moto.url, f"chaos-{seed}-default")}}}}
+            "queues": {"default": queue_url}}}}
     watch = ProcWatch(marker, frozenset(j.name for j in jobs if j.overlap == "skip")).start()
     cluster = Cluster(workdir, consul, redis_server.url, NODES,
                       jobs_config(jobs, outdir, marker),

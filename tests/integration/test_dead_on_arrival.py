@@ -74,3 +74,41 @@ def test_a_forged_message_cannot_end_another_runs_record(
     assert redis_client.hget(KEYS.run(run_id), "state") == b"dead"
     wait_until(lambda: redis_client.zscore(KEYS.history("tick"), run_id) == 1, 1,
                what="listed in history")
+
+
+def test_a_copy_reaching_a_node_that_knows_the_job_still_runs(
+        redis_proc: RedisServer, redis_client: redis.Redis, tmp_path: Path) -> None:
+    """The reasons depend on the node's config: a node behind dead-letters its copy, and
+    another copy (an SQS duplicate, a dlq retry racing it) that reaches a node that knows the
+    job must still run, not be taken for a finished run."""
+    from worker.runstate import HISTORY_PER_JOB, RunRef
+
+    redis_client.flushdb()
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(render_config({"agent": {"node": "ops"}, "redis": {"url": redis_proc.url}},
+                                 {"tick": TICK}))
+    assert main(["run", "tick", "-c", str(cfg)]) == 0
+    [(_, [(entry, fields)])] = redis_client.xread({KEYS.stream("default"): "0"})
+    payload = fields[b"p"]
+    run_id = json.loads(payload)["run_id"]
+    hist = KEYS.history("tick")
+    redis_client.zadd(hist, {f"tick@old-{i}": i for i in range(HISTORY_PER_JOB)})
+    behind = RunState(redis_client, KEYS, "n-behind", 3600)
+    assert behind.dead_on_arrival(payload, "unknown job: 'tick' is not defined", 10)
+    assert redis_client.zcard(hist) == HISTORY_PER_JOB  # trimmed like any history write
+    assert redis_client.zscore(hist, run_id) == 10
+    ahead = RunState(redis_client, KEYS, "n-ahead", 3600)
+    ref = RunRef(run_id, "tick", 1, "default", payload, entry.decode())
+    begun = ahead.begin(ref, "tok", 5000, 20)
+    assert begun.verdict == "start" and begun.attempt == 1, begun
+    record = redis_client.hgetall(KEYS.run(run_id))
+    assert record[b"state"] == b"running" and b"dead_on_arrival" not in record
+
+
+def test_an_oversized_payload_is_not_looked_up(
+        redis_proc: RedisServer, redis_client: redis.Redis) -> None:
+    redis_client.flushdb()
+    big = json.dumps({"v": 1, "job": "tick", "run_id": "tick@big", "pad": "x" * 70_000}).encode()
+    redis_client.hset(KEYS.run("tick@big"), mapping={"state": "queued", "payload": big})
+    assert not RunState(redis_client, KEYS, "n1", 3600).dead_on_arrival(big, "oversized: x", 1)
+    assert redis_client.hget(KEYS.run("tick@big"), "state") == b"queued"
