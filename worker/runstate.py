@@ -69,7 +69,12 @@ local function begin(run, lease, lock, waiting, stream, delayed, hist, a)
   local token, job, sched, run_id = ARGV[a], ARGV[a+1], ARGV[a+2], ARGV[a+3]
   local queue, overlap, on_lost, entry, payload = ARGV[a+4], ARGV[a+5], ARGV[a+6], ARGV[a+7],
                                                   ARGV[a+8]
-  local function ack() if entry ~= '' then redis.call('XACK', stream, group, entry) end end
+  local function ack()  -- acked entries are deleted: the stream holds only live work
+    if entry ~= '' then
+      redis.call('XACK', stream, group, entry)
+      redis.call('XDEL', stream, entry)
+    end
+  end
   local function meta()
     redis.call('HSET', run, 'job', job, 'scheduled_ms', sched, 'run_id', run_id, 'queue', queue)
     if redis.call('TTL', run) < 0 then redis.call('EXPIRE', run, ttl) end
@@ -203,7 +208,10 @@ local function finish(run, lease, lock, stream, hist, a, n, first)
     redis.call(unpack(hset))
     redis.call('DEL', lease)
     if lock_ours then redis.call('DEL', lock) end
-    if entry ~= '' then redis.call('XACK', stream, group, entry) end
+    if entry ~= '' then  -- acked and deleted (see BEGIN's ack)
+      redis.call('XACK', stream, group, entry)
+      redis.call('XDEL', stream, entry)
+    end
     if retry_at ~= '' then
       redis.call('ZADD', delayed, tonumber(retry_at), queue .. '|' .. payload)
       redis.call('HSET', run, 'retry_at_ms', retry_at)

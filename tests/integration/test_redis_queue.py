@@ -137,6 +137,37 @@ def test_begin_finish_acks_and_records(redis_client: redis.Redis, setup: Setup) 
     assert pending(redis_client) == 0
     assert n1.record(ref.run_id)["state"] == "succeeded"
     assert not redis_client.exists(KEYS.lease(ref.run_id))
+    # Acked and deleted: a stream of every run ever queued would grow without bound.
+    assert redis_client.xlen(KEYS.stream("default")) == 0
+
+
+def test_every_way_a_delivery_ends_deletes_its_entry(
+        redis_client: redis.Redis, setup: Setup) -> None:
+    """begin's verdicts that end a delivery (done, skipped, lost), finish, the consumer's ack
+    and a dead letter: each leaves the stream without the entry, and the group's lag known."""
+    q, n1, n2 = setup
+    RedisSink(redis_client, KEYS).apply(batch(1, 2, 3, 4, 5, 6), Fence(0, 1))
+    stream = KEYS.stream("default")
+    assert redis_client.xlen(stream) == 7  # the setup's tick and these six
+    first = ref_of(fetch_one(q))
+    n1.begin(first, "t1", 5000, 1)
+    n1.finish(first, "t1", "succeeded", 2, {})
+    again = ref_of(fetch_one(q))  # "done": the same run id delivered again
+    redis_client.hset(KEYS.run(again.run_id), "state", "succeeded")
+    assert n2.begin(again, "t2", 5000, 3).verdict == "done"
+    lost = ref_of(fetch_one(q), on_lost="fail")
+    redis_client.hset(KEYS.run(lost.run_id), "state", "running")
+    assert n2.begin(lost, "t3", 5000, 4).verdict == "lost"
+    q.ack(fetch_one(q))
+    q.dead_letter(fetch_one(q), "malformed", "malformed: x")
+    holder = ref_of(fetch_one(q), overlap="skip", lock_name="j")
+    skipped = ref_of(fetch_one(q), overlap="skip", lock_name="j")
+    assert n1.begin(holder, "t4", 5000, 5).verdict == "start"
+    assert n2.begin(skipped, "t5", 5000, 5).verdict == "skipped"
+    left = [e[0].decode() for e in redis_client.xrange(stream)]
+    assert left == [holder.entry_id], left  # only the run still running
+    groups = redis_client.xinfo_groups(stream)
+    assert groups[0]["lag"] == 0, groups  # XINFO still knows the backlog
 
 
 def test_finished_run_is_not_started_again_when_its_ack_was_lost(
