@@ -230,7 +230,10 @@ class Agent:
         self.driver.wake.set()
         self.publisher.wake.set()
         self.membership.deregister()
-        finished = self.consumer.drain(self.cfg.worker.shutdown_grace.total_seconds())
+        # Runs still going after shutdown_grace get TERM, then KILL after kill_grace (a job
+        # may clean up); they are not recorded: their leases lapse and they are taken over.
+        finished = self.consumer.drain(self.cfg.worker.shutdown_grace.total_seconds(),
+                                       self.cfg.worker.kill_grace.total_seconds())
         run_stop.set()
         self.consumer.close()
         self.watchdog.stop()  # kills whatever is still running; its lease lapses, it is reclaimed

@@ -57,6 +57,9 @@ REFILL_WAIT_S = 0.1
 FINISH_EVERY_S = 0.001
 # At shutdown, how long closing waits for the reactor and for the last results to be recorded.
 CLOSE_WAIT_S = 5.0
+# After the kill grace of runs stopped at shutdown: time for their KILL, reaping and output
+# drain to reach the consumer before the watchdog kills whatever is left.
+STOP_SETTLE_S = 1.0
 # Most results one ``finish`` script call records: bounds the script's run time (Redis serves
 # nobody else meanwhile) while a busy node still records many results per round trip.
 FINISH_BATCH_MAX = 256
@@ -76,6 +79,7 @@ class _Active:
     refusal: str | None = None  # why it must not start (recorded as a failed attempt)
     identity: dict[str, Any] | None = None  # command jobs: the user to run as, resolved
     replaced: bool = False
+    stopped_at_shutdown: bool = False  # ended by the agent's shutdown: not recorded (on_lost)
     outcome: Outcome | None = None
 
 
@@ -395,6 +399,14 @@ class Consumer:
     def _completed(self, a: _Active, outcome: Outcome) -> None:
         """On the reactor thread: a run ended. The results that arrive in one turn of the
         loop are recorded together, right after it."""
+        if a.stopped_at_shutdown:  # not recorded: its lease lapses and it is taken over
+            self._log.warning("run_stopped_at_shutdown", job=a.msg.job, run_id=a.ref.run_id,
+                              exit_code=outcome.exit_code, signal=outcome.signal,
+                              duration_ms=round(outcome.duration_s * 1000, 1))
+            with self._lock:
+                self._active.pop(a.ref.run_id, None)
+            self._free([a.delivery])
+            return
         a.outcome = outcome
         self._ready.append(a)
         if len(self._ready) == 1:
@@ -661,13 +673,29 @@ class Consumer:
                 self._watchdog_sent = desired
         self._watchdog.deadline(desired)
 
-    def drain(self, timeout_s: float) -> bool:
-        """Stop taking runs; wait up to ``timeout_s`` for running ones. True when all finished."""
+    def drain(self, timeout_s: float, kill_grace_s: float = 0.0) -> bool:
+        """Stop taking runs; wait up to ``timeout_s`` for running ones. True when all finished.
+        With ``kill_grace_s``, the runs still going then are stopped as a timeout stops one
+        (TERM to the group, KILL after the grace, so a job can clean up) and not recorded:
+        their leases lapse and another node takes them over (``on_lost``), as if this node
+        had died, which is what a run cut short by a shutdown is."""
         self.accepting.clear()
         deadline = self._clock.monotonic() + timeout_s
         while self._busy() and self._clock.monotonic() < deadline:
             threading.Event().wait(0.1)
-        return not self._busy()
+        if not self._busy() or kill_grace_s <= 0:
+            return not self._busy()
+        with self._lock:
+            left = list(self._active.values())
+        self._log.warning("stopping_runs_at_shutdown", runs=[a.ref.run_id for a in left][:50],
+                          count=len(left), kill_grace_s=kill_grace_s)
+        for a in left:
+            a.stopped_at_shutdown = True
+            a.execution.stop()
+        deadline = self._clock.monotonic() + kill_grace_s + STOP_SETTLE_S
+        while self._busy() and self._clock.monotonic() < deadline:
+            threading.Event().wait(0.05)
+        return False
 
     def _busy(self) -> bool:
         with self._lock:

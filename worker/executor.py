@@ -90,6 +90,8 @@ class Execution:
         self._exited = False
         self._timed_out = False
         self._stopping = False
+        self._kill_at: float | None = None  # loop time of the KILL after a TERM (grace end)
+        self._leader_gone = False  # the leader exited during the grace; the rest still may run
         self._timers: list[asyncio.TimerHandle] = []
         self._began = 0.0
 
@@ -180,6 +182,8 @@ class Execution:
             self._tail.feed(chunk)
             return
         self._close_output()
+        if self._leader_gone:  # the group closed its output during the grace: reap now
+            self._reap()
         self._maybe_done()
 
     def _close_output(self) -> None:
@@ -204,6 +208,22 @@ class Execution:
             loop.remove_reader(self._pidfd)
             os.close(self._pidfd)
             self._pidfd = None
+        if (self._kill_at is not None and loop.time() < self._kill_at
+                and self._out_fd is not None):
+            # TERM was sent and the leader is gone, but the rest of its group keeps the grace
+            # period: `sh -c` or a wrapper script dies at once on TERM while the program it
+            # started is still cleaning up. Reaped (the group KILLed) when the grace ends, or
+            # sooner once the output pipe closes (the group has most likely exited).
+            self._leader_gone = True
+            self._timers.append(loop.call_at(self._kill_at, self._reap))
+            return
+        self._reap()
+
+    def _reap(self) -> None:
+        assert self._pid is not None and self._reactor is not None
+        if self._exited:
+            return
+        loop = self._reactor.loop
         # Kill stragglers the job left in its group (a backgrounded child) before reaping the
         # leader: until it is reaped, its pid (the group id) cannot be reused by another group.
         _killpg(self._pid, signal.SIGKILL)
@@ -230,11 +250,15 @@ class Execution:
         self._terminate()
 
     def _terminate(self) -> None:
-        """TERM to the group now, KILL after the grace period."""
+        """TERM to the group now, KILL after the grace period (once: a stop during a
+        timeout's grace does not extend it)."""
         assert self._pid is not None and self._reactor is not None
+        if self._kill_at is not None:
+            return
         _killpg(self._pid, signal.SIGTERM)
-        self._timers.append(self._reactor.loop.call_later(self._kill_grace, _killpg, self._pid,
-                                                          signal.SIGKILL))
+        loop = self._reactor.loop
+        self._kill_at = loop.time() + self._kill_grace
+        self._timers.append(loop.call_at(self._kill_at, _killpg, self._pid, signal.SIGKILL))
 
     def _maybe_done(self) -> None:
         if not self._exited or self._out_fd is not None:

@@ -27,6 +27,11 @@ class Membership:
         self._meta = meta
         self._log = structlog.get_logger("cronsul.membership").bind(node=node)
         self.registered = threading.Event()
+        # Set by deregister (shutdown): the heartbeat, still running while the runs drain,
+        # must not register the service again (it would stay in Consul, critical, after the
+        # agent is gone). The lock orders a re-registration against the deregistration.
+        self._leaving = False
+        self._leave_lock = threading.Lock()
         self.healthy = True  # cleared while the agent should look unhealthy (wedged)
         # Monotonic times of the last heartbeat that completed (either way) and that succeeded:
         # the first shows the loop is not wedged, the second that Consul answers (/healthz).
@@ -68,6 +73,8 @@ class Membership:
             self.last_beat = time.monotonic()
 
     def _heartbeat(self) -> bool:
+        if self._leaving:
+            return False
         try:
             # python-consul2 answers a 404 (the check is gone: Consul lost its state) with
             # False rather than an exception; both mean "register again".
@@ -78,21 +85,27 @@ class Membership:
         except CONSUL_ERRORS as exc:
             # 404 on new Consul, 500 "does not have associated TTL" on 1.10: both mean the
             # check is gone. Anything else is a transient failure; either way re-register.
-            self._log.warning("check_pass_failed", error=str(exc)[:200])
-            try:
-                self.register()
-                return True
-            except CONSUL_ERRORS as exc2:
-                self._log.warning("register_failed", error=str(exc2)[:200])
-                return False
+            with self._leave_lock:
+                if self._leaving:  # the check is gone because we deregistered: stay gone
+                    return False
+                self._log.warning("check_pass_failed", error=str(exc)[:200])
+                try:
+                    self.register()
+                    return True
+                except CONSUL_ERRORS as exc2:
+                    self._log.warning("register_failed", error=str(exc2)[:200])
+                    return False
 
     def deregister(self) -> None:
-        try:
-            self._c.agent.service.deregister(self.service_id)
-            self._log.info("service_deregistered", service_id=self.service_id)
-        except CONSUL_ERRORS as exc:
-            self._log.warning("deregister_failed", error=str(exc)[:200])
-        self.registered.clear()
+        """Leave for good (shutdown): no heartbeat registers the service again afterwards."""
+        with self._leave_lock:
+            self._leaving = True
+            try:
+                self._c.agent.service.deregister(self.service_id)
+                self._log.info("service_deregistered", service_id=self.service_id)
+            except CONSUL_ERRORS as exc:
+                self._log.warning("deregister_failed", error=str(exc)[:200])
+            self.registered.clear()
 
     def run(self, stop: threading.Event) -> None:
         """The heartbeat loop (its own thread)."""

@@ -20,10 +20,11 @@ def test_sigusr1_dumps_every_threads_stack_and_the_agent_serves_on(
     try:
         wait_until(lambda: '"agent_ready"' in agent.log.read_text(), 20, what="the agent")
         agent.signal(signal.SIGUSR1)
-        wait_until(lambda: "Current thread" in agent.log.read_text()
-                   or "Thread 0x" in agent.log.read_text(), 10, what="the stack dump")
+        # main, consumer, reactor, finisher, elector...: read once all are written (the dump
+        # is written by another thread of the agent while this one reads the log).
+        wait_until(lambda: agent.log.read_text().count("Thread 0x") >= 5, 10,
+                   what="every thread's stack in the dump")
         dump = agent.log.read_text()
-        assert dump.count("Thread 0x") >= 5  # main, consumer, reactor, finisher, elector...
         assert "worker/agent.py" in dump and "worker/consumer.py" in dump
         assert agent.alive()
         agent.signal(signal.SIGTERM)
@@ -31,3 +32,54 @@ def test_sigusr1_dumps_every_threads_stack_and_the_agent_serves_on(
         assert '"agent_stopped"' in agent.log.read_text()
     finally:
         cluster.stop()
+
+
+GRACEFUL = """
+import signal, sys, time
+def cleanup(*_):
+    time.sleep(0.5)
+    open(sys.argv[1], "w").write("cleaned up")
+    sys.exit(0)
+signal.signal(signal.SIGTERM, cleanup)
+print("ready", flush=True)
+time.sleep(3600)
+"""
+
+
+def test_sigterm_gives_a_run_still_going_term_and_the_kill_grace_and_leaves_consul(
+        tmp_path: Path, devconsul: DevConsul, redis_proc: RedisServer) -> None:
+    """A run still going when shutdown_grace ends gets TERM, then KILL after kill_grace (as a
+    timeout does: it may clean up), is not recorded (its lease lapses and another node takes
+    it over), and the agent's service does not come back in Consul while the runs drain."""
+    import sys
+
+    import requests
+
+    from worker.cli import main
+
+    script = tmp_path / "graceful.py"
+    script.write_text(GRACEFUL)
+    marker = tmp_path / "marker"
+    jobs = {"long": {"schedule": "@yearly", "timeout": "1h", "allow_root": True,
+                     "command": [sys.executable, str(script), str(marker)]}}
+    cluster = Cluster(tmp_path, devconsul, redis_proc.url, ["n1"], jobs,
+                      worker_extra={"shutdown_grace": "1s", "kill_grace": "3s"})
+    cluster.start()
+    agent = cluster.agents["n1"]
+    try:
+        wait_until(lambda: '"agent_ready"' in agent.log.read_text(), 20, what="the agent")
+        assert main(["run", "long", "-c", str(agent.config)]) == 0
+        wait_until(lambda: '"ready"' in agent.log.read_text(), 20, what="the job running")
+        agent.signal(signal.SIGTERM)
+        assert agent.wait(30) == 0
+    finally:
+        cluster.stop()
+    log = agent.log.read_text()
+    assert marker.read_text() == "cleaned up", log[-3000:]  # it got TERM and its grace
+    assert '"run_stopped_at_shutdown"' in log and '"service_deregistered"' in log
+    assert log.count('"service_registered"') == 1, log[-3000:]  # not again while draining
+    services = requests.get(f"http://{devconsul.agent_address('n1')}/v1/agent/services",
+                            timeout=5).json()
+    assert "cronsul-n1" not in services, services
+    [run_key] = redis_proc.client().keys("cronsul:run:long@*")
+    assert redis_proc.client().hget(run_key, "state") == b"running"  # not recorded: taken over

@@ -58,6 +58,49 @@ def test_term_ignoring_job_is_killed_after_grace(tmp_path: Path) -> None:
     assert out.timed_out and out.signal == signal.SIGKILL
 
 
+GRACEFUL = """
+import signal, sys, time
+def cleanup(*_):
+    print("TERM received, cleaning up", flush=True)
+    time.sleep(0.5)
+    open(sys.argv[1], "w").write("done")
+    sys.exit(0)
+signal.signal(signal.SIGTERM, cleanup)
+print("ready", flush=True)
+time.sleep(300)
+"""
+
+
+def test_a_program_under_a_shell_keeps_the_kill_grace_after_the_shell_dies(
+        tmp_path: Path) -> None:
+    """`sh -c` (shell = true, wrapper scripts) dies at once on TERM; the program it started
+    still gets the rest of the grace to clean up, and the run ends when its group is done,
+    not at the end of the grace."""
+    marker = tmp_path / "cleaned"
+    script = tmp_path / "graceful.py"
+    script.write_text(GRACEFUL)
+    started = time.monotonic()
+    out = Execution(None, 5.0).run(
+        ["/bin/sh", "-c", f'echo start; {sys.executable} {script} {marker}; echo after'],
+        {"PATH": "/usr/bin:/bin"}, None, 1.0)
+    took = time.monotonic() - started
+    assert out.timed_out and marker.read_text() == "done", out.output
+    assert "TERM received" in out.output
+    assert took < 4.0, took  # reaped once the group closed its output, not after 1 s + 5 s
+
+
+def test_a_straggler_that_ignores_term_under_a_shell_is_killed_at_the_grace_end(
+        tmp_path: Path) -> None:
+    pidfile = tmp_path / "child.pid"
+    script = f"(trap '' TERM; sleep 300) & echo $! > {pidfile}; wait"
+    started = time.monotonic()
+    out = Execution(None, 1.0).run(["/bin/sh", "-c", script], {"PATH": "/usr/bin:/bin"}, None,
+                                   0.5)
+    took = time.monotonic() - started
+    assert out.timed_out and 1.4 < took < 5, took
+    wait_until(lambda: not pid_alive(int(pidfile.read_text())), 5, what="straggler to die")
+
+
 def test_output_tail_is_capped() -> None:
     out = Execution(None, 1).run(
         [sys.executable, "-c", "import sys; sys.stdout.write('x' * 300000 + 'END')"],
