@@ -53,7 +53,28 @@ def pid() -> int:
 
 
 def exit_with(code: str) -> None:
-    sys.exit(int(code))
+    sys.exit(True if code == "True" else int(code))
+
+
+def threads(n: str) -> int:
+    """``n`` threads alive at once, each allocating a little (its own malloc arena)."""
+    import threading
+
+    count = int(n)
+    together = threading.Barrier(count + 1)
+    sizes: list[int] = []
+
+    def work() -> None:
+        sizes.append(len([bytearray(4096) for _ in range(64)]))
+        together.wait(30)
+
+    pool = [threading.Thread(target=work) for _ in range(count)]
+    for t in pool:
+        t.start()
+    together.wait(30)
+    for t in pool:
+        t.join()
+    return sum(sizes)
 
 
 def chatty(n: str) -> None:

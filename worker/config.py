@@ -91,6 +91,7 @@ class WorkerSection:
     history_retention: timedelta = timedelta(days=7)
     python_workers: int = 0  # warm processes for callable jobs; 0: one per run slot
     python_prefetch: int = 4  # runs one busy warm process may hold queued (short callables)
+    python_max_memory_mb: int = 1024  # RLIMIT_DATA of each warm process; 0: no limit
 
 
 @dataclass(frozen=True)
@@ -319,6 +320,8 @@ def _worker(s: Section) -> WorkerSection:
         history_retention=s.duration("history_retention", "7d", low=timedelta(hours=1)),
         python_workers=s.integer("python_workers", 0, low=0, high=1024),
         python_prefetch=s.integer("python_prefetch", 4, low=1, high=64),
+        python_max_memory_mb=s.integer("python_max_memory_mb", 1024, low=0,
+                                       high=1024 * 1024),
     )
     for q in out.queues:
         try:

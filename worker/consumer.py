@@ -367,7 +367,8 @@ class Consumer:
                 elif isinstance(execution, PyExecution):
                     execution.start(job.callable or "", msg.params,
                                     self._environment(job, msg, a.attempt),
-                                    job.timeout.total_seconds(), done)
+                                    job.timeout.total_seconds(), done,
+                                    output_limit=job.output_limit)
                 else:
                     execution.start(render_argv(job.command, msg.params),
                                     self._environment(job, msg, a.attempt), job.working_dir,
@@ -550,7 +551,8 @@ class Consumer:
             w = self._cfg.worker
             pool = PythonPool(min(w.python_workers or w.concurrency, w.concurrency),
                               watchdog=self._watchdog, reactor=self._reactor,
-                              prefetch=w.python_prefetch)
+                              prefetch=w.python_prefetch,
+                              max_rss_mb=w.python_max_memory_mb or None)
             pool.start()  # CronsulError: the caller records the run as a failed attempt
             self._py = pool
         return self._py

@@ -87,6 +87,10 @@ def parse_job(s: Section, name: str, default_timezone: str, default_timeout: tim
             validate_target(target)
         except ConfigError as exc:
             raise s.fail("callable", str(exc)) from exc
+        if "working_dir" in s.data:
+            raise s.fail("working_dir", "applies to command jobs only: a callable runs in a "
+                         "warm Python process shared by runs (use absolute paths, or chdir in "
+                         "the function)")
         command: list[str] = []
     elif shell:
         text = s.string("command")

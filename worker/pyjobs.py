@@ -899,12 +899,17 @@ class PyExecution:
         self._report(Outcome(None, None, False, time.monotonic() - self._began, "", 0, error))
 
     def start(self, target: str, kwargs: Mapping[str, str], env: Mapping[str, str],
-              timeout: float, done: Callable[[Outcome], None]) -> None:
-        """On the reactor thread: hand the run to a worker (or wait for one)."""
+              timeout: float, done: Callable[[Outcome], None],
+              output_limit: int | None = None) -> None:
+        """On the reactor thread: hand the run to a worker (or wait for one). ``output_limit``:
+        the job's tail size (default: the pool's, OUTPUT_LIMIT)."""
         self._done = done
         self._began = time.monotonic()
         self._target, self._timeout = target, timeout
-        self._frame = encode({"target": target, "kwargs": dict(kwargs), "env": dict(env)})
+        request: dict[str, Any] = {"target": target, "kwargs": dict(kwargs), "env": dict(env)}
+        if output_limit is not None:
+            request["output_limit"] = output_limit
+        self._frame = encode(request)
         self._pool._submit(self)
 
     def _failed(self, exc: Exception, code: int | None, data: bytes, size: int,

@@ -5,7 +5,8 @@ end of a socketpair (the fd number is its last argv element) with length-prefixe
 
 * agent -> worker, first: ``{"path": [sys.path of the agent], "max_rss_mb": int | null}``;
 * worker -> agent, once ready: ``{"ready": pid}``;
-* agent -> worker, per run: ``{"target": "pkg.mod:fn", "kwargs": {...}, "env": {...}}``;
+* agent -> worker, per run: ``{"target": "pkg.mod:fn", "kwargs": {...}, "env": {...}}`` and
+  optionally ``"output_limit": int`` (the job's tail size);
 * worker -> agent, per run: ``{"code": int | null, "output": str, "bytes": int,
   "error": str | null, "recycle": bool, "ended": float, "took": float}`` (``ended`` is
   ``time.monotonic()`` when the run ended: CLOCK_MONOTONIC, the same clock in every process, so
@@ -144,6 +145,8 @@ class TailWriter(io.TextIOBase):
         if not isinstance(s, str):
             raise TypeError(f"write() argument must be str, not {type(s).__name__}")
         self.total += len(s.encode("utf-8", "replace"))
+        if self._limit <= 0:  # output_limit = 0: count it, keep none
+            return len(s)
         self._parts.append(s)
         self._size += len(s)
         if self._size > 2 * self._limit:
@@ -155,7 +158,7 @@ class TailWriter(io.TextIOBase):
         return True
 
     def text(self) -> str:
-        return "".join(self._parts)[-self._limit:]
+        return "".join(self._parts)[-self._limit:] if self._limit > 0 else ""
 
 
 def resolve(target: str) -> Callable[..., Any]:
@@ -194,6 +197,7 @@ class Runner:
 
     def __init__(self, output_limit: int, out_fd: int | None = None) -> None:
         self._output_limit = output_limit
+        self._limit = output_limit  # the current run's (the job's output_limit)
         self._out_fd = out_fd  # a private copy of fd 1 (the output file), or None
         self._callables: dict[str, Callable[..., Any]] = {}
         self._base = dict(os.environ)
@@ -222,8 +226,12 @@ class Runner:
         if self._data is not None:
             self._snapshot = dict(self._data)
 
-    def run(self, target: str, kwargs: dict[str, str], env: dict[str, str]) -> dict[str, Any]:
+    def run(self, target: str, kwargs: dict[str, str], env: dict[str, str],
+            output_limit: int | None = None) -> dict[str, Any]:
+        """Call it; ``output_limit``: this run's output tail size (the job's), else the
+        worker's default."""
         began = time.monotonic()
+        self._limit = self._output_limit if output_limit is None else output_limit
         reply = self._run(target, kwargs, env)
         if sys.__stdout__ is not None:  # what the job printed to fd 1 through Python's own file
             with contextlib.suppress(OSError, ValueError):
@@ -243,12 +251,12 @@ class Runner:
             size = os.fstat(fd).st_size
             if size == 0:
                 return
-            data = os.pread(fd, self._output_limit, max(0, size - self._output_limit))
+            data = os.pread(fd, self._limit, max(0, size - self._limit)) if self._limit else b""
             os.ftruncate(fd, 0)
         except OSError:
             return
         text = reply["output"] + data.decode("utf-8", "replace")
-        reply["output"] = text[-self._output_limit:]
+        reply["output"] = text[-self._limit:] if self._limit else ""
         reply["bytes"] += size
 
     def _run(self, target: str, kwargs: dict[str, str], env: dict[str, str]) -> dict[str, Any]:
@@ -261,7 +269,7 @@ class Runner:
                 return {"code": None, "output": "", "bytes": 0, "error": str(exc),
                         "recycle": False}
             self._callables[target] = func
-        out = TailWriter(self._output_limit)
+        out = TailWriter(self._limit)
         saved = sys.stdout, sys.stderr
         sys.stdout = sys.stderr = out
         code: int | None = 0
@@ -272,7 +280,8 @@ class Runner:
             if value is not None:
                 out.write(f"return value: {_short_repr(value)}\n")
         except SystemExit as exc:  # sys.exit(n) in a job is its exit code, not the worker's
-            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+            # sys.exit(True) is exit status 1, as for a process (bool is an int subclass).
+            code = int(exc.code) if isinstance(exc.code, int) else (0 if exc.code is None else 1)
             if exc.code is not None and not isinstance(exc.code, int):
                 out.write(f"{exc.code}\n")
         except BaseException as exc:  # whatever the job raised (even KeyboardInterrupt)
@@ -354,8 +363,11 @@ def _init(message: Mapping[str, Any]) -> Runner:
         sys.path[:] = path
     max_rss_mb = message.get("max_rss_mb")
     if isinstance(max_rss_mb, int) and max_rss_mb > 0:
+        # RLIMIT_DATA (heap, anonymous mappings, thread stacks), not RLIMIT_AS: address space
+        # that is only reserved (each thread's malloc arena reserves 64 MiB) would otherwise
+        # count, and 16-32 threads could not even start under 1 GiB.
         limit = max_rss_mb * 1024 * 1024
-        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+        resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
     try:  # if memory runs out after all, the kernel's OOM killer should pick us, not the agent
         with open("/proc/self/oom_score_adj", "w") as f:
             f.write("1000")
@@ -393,7 +405,9 @@ def serve(fd: int) -> int:
         if not (isinstance(target, str) and isinstance(kwargs, dict) and isinstance(env, dict)):
             print(f"cronsul pyworker: malformed request {request!r:.200}", file=sys.__stderr__)
             return 2
-        reply = runner.run(target, kwargs, env)
+        limit = request.get("output_limit")
+        reply = runner.run(target, kwargs, env,
+                           limit if isinstance(limit, int) and limit >= 0 else None)
         channel.send(reply)
         if reply["recycle"]:
             return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import queue
 import re
@@ -73,6 +74,34 @@ def test_sys_exit_is_the_runs_exit_code_and_the_worker_lives_on(pool: PythonPool
     out = run(pool, "exit_with", code="3")
     assert out.exit_code == 3 and out.error is None and not out.ok
     assert pool.pids() == before
+
+
+def test_sys_exit_true_is_exit_status_1(pool: PythonPool) -> None:
+    out = run(pool, "exit_with", code="True")
+    assert out.exit_code == 1 and type(out.exit_code) is int, out
+
+
+def test_the_memory_cap_leaves_room_for_threads() -> None:
+    """The cap is on data (RLIMIT_DATA), not address space: each thread's malloc arena
+    reserves 64 MiB, so under a 1 GiB RLIMIT_AS a pool of 32 threads could not even start."""
+    p = PythonPool(1, watchdog=None, max_rss_mb=1024)
+    p.start()
+    try:
+        out = run(p, "threads", n="32")
+        assert out.ok, out
+        blown = run(p, "hog_memory", mb="1500")
+        assert blown.error is not None and blown.error.startswith("MemoryError"), blown
+    finally:
+        p.stop()
+
+
+def test_a_jobs_output_limit_applies_to_its_callable(pool: PythonPool) -> None:
+    for limit in (1000, 0):
+        start = functools.partial(PyExecution(pool).start, output_limit=limit)
+        out = pool.reactor.wait_for(start, f"{FIX}:chatty", {"n": "300000"}, {}, 10)
+        assert out.output_bytes == 300003 + len("from fd 2\n")
+        assert len(out.output) == limit, (limit, len(out.output))
+        assert out.output.endswith("from fd 2\n") if limit else out.output == ""
 
 
 def test_timeout_kills_the_worker_and_the_pool_recovers() -> None:

@@ -159,3 +159,19 @@ def test_config_hash_ignores_what_is_not_a_job(tmp_path: Path) -> None:
     other = GOOD.replace('node = "n1"', 'node = "n2"').replace("127.0.0.1:8500", "10.0.0.2:8500")
     other += "\n[worker]\nconcurrency = 3\n"
     assert load_config(write(tmp_path, other), env={}).config_hash == base
+
+
+def test_working_dir_is_refused_for_a_callable_job(tmp_path: Path) -> None:
+    """A callable runs in a warm process shared by runs: working_dir was silently ignored."""
+    text = GOOD.replace('command = ["/usr/bin/env", "true"]',
+                        'callable = "mod:fn"\nworking_dir = "/srv"')
+    with pytest.raises(ConfigError, match=r"\[jobs.report\].*working_dir.*command jobs only"):
+        load_config(write(tmp_path, text), env={})
+
+
+def test_python_memory_cap_is_configurable(tmp_path: Path) -> None:
+    assert load_config(write(tmp_path, GOOD), env={}).worker.python_max_memory_mb == 1024
+    cfg = load_config(write(tmp_path, GOOD + "\n[worker]\npython_max_memory_mb = 0\n"), env={})
+    assert cfg.worker.python_max_memory_mb == 0  # no limit
+    with pytest.raises(ConfigError, match="python_max_memory_mb"):
+        load_config(write(tmp_path, GOOD + "\n[worker]\npython_max_memory_mb = -1\n"), env={})
