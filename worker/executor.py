@@ -267,6 +267,7 @@ class Execution:
             timer.cancel()
         self._timers = []
         code = self._code
+        self._tail.end()
         self._report(Outcome(
             exit_code=code if code is not None and code >= 0 else None,
             signal=-code if code is not None and code < 0 else None,
@@ -379,12 +380,16 @@ class _Tail:
         self._log = log
         self._logged = 0
         self._partial = b""
+        self._ended = False
 
     def feed(self, chunk: bytes) -> None:
         self.total += len(chunk)
         self._buf += chunk
-        if self._log is not None and self._logged < LOGGED_LINES_MAX:
-            self._stream_lines(chunk)
+        if self._log is not None:
+            if self._logged < LOGGED_LINES_MAX:
+                self._stream_lines(chunk)
+            else:  # counted only, for run_output_truncated
+                self._logged += chunk.count(b"\n")
         if len(self._buf) > 2 * self._limit:
             del self._buf[: len(self._buf) - self._limit]
 
@@ -393,9 +398,33 @@ class _Tail:
         for line in lines[: LOGGED_LINES_MAX - self._logged]:
             self._log.info("run_output", line=line.decode("utf-8", errors="replace")[:1000])
         self._logged += len(lines)
-        self._partial = self._partial[-4096:]
+        if self._logged >= LOGGED_LINES_MAX:
+            self._partial = b""
+        else:  # a line still being written keeps its start (what the log shows of it)
+            self._partial = self._partial[:4096]
+
+    def end(self) -> None:
+        """The output is complete: log a last line that had no newline, and say how many
+        lines were not logged (the log gets the first LOGGED_LINES_MAX of a run)."""
+        if self._log is None or self._ended:
+            return
+        self._ended = True
+        if self._partial and self._logged < LOGGED_LINES_MAX:
+            self._log.info("run_output", line=self._partial.decode("utf-8", "replace")[:1000])
+            self._logged += 1
+        self._partial = b""
+        if self._logged > LOGGED_LINES_MAX:
+            self._log.info("run_output_truncated", lines_logged=LOGGED_LINES_MAX,
+                           lines_not_logged=self._logged - LOGGED_LINES_MAX,
+                           detail="the run's record keeps the tail (cronsul logs RUN_ID)")
 
     def text(self) -> str:
         if self._limit == 0:
             return ""
-        return bytes(self._buf[-self._limit:]).decode("utf-8", errors="replace")
+        tail = bytes(self._buf[-self._limit:])
+        if self.total > len(tail):  # cut mid-character? start at the next character
+            skip = 0
+            while skip < min(3, len(tail)) and tail[skip] & 0xC0 == 0x80:
+                skip += 1
+            tail = tail[skip:]
+        return tail.decode("utf-8", errors="replace")
