@@ -228,7 +228,13 @@ def _status(cfg: Config, as_json: bool) -> int:
 
 def _run(cfg: Config, job: str, local: bool, params: list[str]) -> int:
     """`cronsul run JOB --local`: the job in the foreground, same environment and timeout."""
-    from worker.executor import Execution, job_environment, root_refusal, seal_inherited_fds
+    from worker.executor import (
+        Execution,
+        account_of,
+        job_environment,
+        root_refusal,
+        seal_inherited_fds,
+    )
     from worker.opcmds import parse_params
     from worker.params import render_argv
 
@@ -246,7 +252,11 @@ def _run(cfg: Config, job: str, local: bool, params: list[str]) -> int:
            "CRONSUL_NODE": cfg.agent.node}
     env.update({f"CRONSUL_PARAM_{k.upper()}": v for k, v in values.items()})
     seal_inherited_fds()  # as the agent does: the job gets no descriptor of the shell's
-    job_env = job_environment(os.environ, spec.env, env)
+    try:
+        account = account_of(spec.user) if spec.callable is None else {}
+    except KeyError:
+        account = {}  # the run itself reports the unknown user
+    job_env = job_environment(os.environ, spec.env, env, account)
     if spec.callable is not None:
         outcome = _run_callable(spec.callable, values, job_env, spec.timeout.total_seconds())
     else:

@@ -23,6 +23,7 @@ from worker.config import Config, JobSpec
 from worker.executor import (
     Execution,
     Outcome,
+    account_of,
     identity_error,
     identity_of,
     job_environment,
@@ -78,6 +79,7 @@ class _Active:
     start_lag_ms: int  # claimed (ms since the epoch) - scheduled
     refusal: str | None = None  # why it must not start (recorded as a failed attempt)
     identity: dict[str, Any] | None = None  # command jobs: the user to run as, resolved
+    account: dict[str, str] | None = None  # and that user's HOME, USER, LOGNAME, SHELL
     replaced: bool = False
     stopped_at_shutdown: bool = False  # ended by the agent's shutdown: not recorded (on_lost)
     outcome: Outcome | None = None
@@ -280,7 +282,7 @@ class Consumer:
                 not_started.append(d)
                 continue
             job = jobs[msg.job]
-            refusal, identity = prepared[msg.job]
+            refusal, identity, account = prepared[msg.job]
             execution: Execution | PyExecution | None = None
             if job.callable is not None and refusal is None and self._py is not None:
                 execution = self._py.execution()
@@ -289,7 +291,7 @@ class Consumer:
                                       job.output_limit, log=self._log.bind(run_id=msg.run_id),
                                       reactor=self._reactor)
             started.append(_Active(d, msg, job, ref, token, begun.attempt, execution, sent,
-                                   now_ms - ref.scheduled_ms, refusal, identity))
+                                   now_ms - ref.scheduled_ms, refusal, identity, account))
         self._free(not_started)
         if not started:
             return
@@ -298,25 +300,27 @@ class Consumer:
                 self._active[a.ref.run_id] = a
         self._reactor.call_soon(self._launch, started)
 
-    def _prepare(self, job: JobSpec) -> tuple[str | None, dict[str, Any] | None]:
+    def _prepare(self, job: JobSpec
+                 ) -> tuple[str | None, dict[str, Any] | None, dict[str, str] | None]:
         """Why a run of ``job`` must not start (recorded as a failed attempt), or None; and
-        for a command job, the user to run as. Looked up here, on the fetch thread, before
+        for a command job, the user to run as and its account variables (HOME, USER, ...).
+        Looked up here, on the fetch thread, before
         the claim: a user lookup may wait on a directory service (LDAP, SSSD), and the pool
         may have to start, neither of which may hold up the reactor or a written lease."""
         refusal = root_refusal(job.user, job.allow_root, job.callable is not None,
                                os.geteuid())
         if refusal is not None:
-            return refusal, None
+            return refusal, None, None
         if job.callable is not None:
             try:
                 self._python_pool()
             except Exception as exc:  # recorded as a failed attempt (retried if it may)
-                return f"cannot start the python pool: {exc}", None
-            return None, None
+                return f"cannot start the python pool: {exc}", None, None
+            return None, None, None
         try:
-            return None, identity_of(job.user)
+            return None, identity_of(job.user), account_of(job.user)
         except (KeyError, PermissionError) as exc:
-            return identity_error(exc), None
+            return identity_error(exc), None, None
 
     def _dead_letter(self, d: Delivery, exc: MessageError) -> None:
         reason = str(exc).split(":", 1)[0]
@@ -371,7 +375,8 @@ class Consumer:
                                     output_limit=job.output_limit)
                 else:
                     execution.start(render_argv(job.command, msg.params),
-                                    self._environment(job, msg, a.attempt), job.working_dir,
+                                    self._environment(job, msg, a.attempt, a.account),
+                                    job.working_dir,
                                     job.timeout.total_seconds(), job.user, done, a.identity)
             except Exception as exc:
                 self._crashed(a, exc)
@@ -605,7 +610,8 @@ class Consumer:
         delay *= 0.5 + random.random() / 2
         return "retrying", epoch_ms(self._clock.now()) + int(delay * 1000)
 
-    def _environment(self, job: JobSpec, msg: RunMessage, attempt: int) -> dict[str, str]:
+    def _environment(self, job: JobSpec, msg: RunMessage, attempt: int,
+                     account: dict[str, str] | None = None) -> dict[str, str]:
         cronsul = {
             "CRONSUL_JOB": msg.job, "CRONSUL_RUN_ID": msg.run_id,
             "CRONSUL_SCHEDULED_AT": msg.scheduled_iso,
@@ -613,7 +619,7 @@ class Consumer:
             TOKEN_ENV: self._watchdog.token,
         }
         cronsul.update({f"CRONSUL_PARAM_{k.upper()}": v for k, v in msg.params.items()})
-        return job_environment(self._agent_env, job.env, cronsul)
+        return job_environment(self._agent_env, job.env, cronsul, account)
 
     # -- leases -----------------------------------------------------------------------------
 

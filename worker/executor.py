@@ -54,12 +54,26 @@ class Outcome:
 
 
 def job_environment(agent_env: Mapping[str, str], job_env: Sequence[tuple[str, str]],
-                    cronsul: Mapping[str, str]) -> dict[str, str]:
+                    cronsul: Mapping[str, str],
+                    account: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The base variables from the agent, then the job user's account (``account_of``), then
+    the job's ``env``, then ``CRONSUL_*``."""
     env = {k: agent_env[k] for k in BASE_ENV if k in agent_env}
     env.setdefault("PATH", DEFAULT_PATH)
+    env.update(account or {})
     env.update(job_env)
     env.update(cronsul)
     return env
+
+
+def account_of(user: str | None) -> dict[str, str]:
+    """HOME, USER, LOGNAME and SHELL of the job's ``user``, from its passwd entry, as cron
+    sets them (the agent's would send the job to the agent's home). KeyError: no such user."""
+    if user is None:
+        return {}
+    entry = pwd.getpwnam(user)
+    return {"HOME": entry.pw_dir, "USER": entry.pw_name, "LOGNAME": entry.pw_name,
+            "SHELL": entry.pw_shell or "/bin/sh"}
 
 
 class Execution:

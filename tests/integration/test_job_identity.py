@@ -41,7 +41,12 @@ def test_an_unknown_user_fails_the_run_and_the_node_serves_on(
     jobs = {"ghost": {"schedule": "@yearly", "timeout": "5s", "user": "cronsul-no-such-user",
                       "command": ["/bin/true"]},
             "plain": {"schedule": "@yearly", "timeout": "5s", "allow_root": True,
-                      "command": ["/bin/sh", "-c", "echo served"]}}
+                      "command": ["/bin/sh", "-c", "echo served"]},
+            # As cron: HOME, USER, LOGNAME, SHELL are the job user's, not the agent's; the
+            # job's own env still wins.
+            "asnobody": {"schedule": "@yearly", "timeout": "5s", "user": "nobody",
+                         "env": {"SHELL": "/bin/sh"},
+                         "command": ["/bin/sh", "-c", 'echo "$HOME $USER $LOGNAME $SHELL"']}}
     cluster = Cluster(tmp_path, devconsul, redis_proc.url, ["n1"], jobs)
     cluster.start()
     try:
@@ -52,6 +57,10 @@ def test_an_unknown_user_fails_the_run_and_the_node_serves_on(
         plain = enqueue_id(cfg, "plain")
         wait_until(lambda: record(r, plain).get("state") == "succeeded", 20, what="plain run")
         assert record(r, plain)["output"].strip() == "served"
+        nobody = pwd.getpwnam("nobody")
+        run = enqueue_id(cfg, "asnobody")
+        wait_until(lambda: record(r, run).get("state") == "succeeded", 20, what="nobody's run")
+        assert record(r, run)["output"].split() == [nobody.pw_dir, "nobody", "nobody", "/bin/sh"]
     finally:
         cluster.stop()
 
