@@ -140,7 +140,9 @@ def _follow(r: redis.Redis, keys: Keys, run_id: str, timeout_s: float) -> int:
         if state in TERMINAL:
             if record.get("output"):
                 print(record["output"], end="" if record["output"].endswith("\n") else "\n")
-            print(f"{run_id}: {state} exit_code={record.get('exit_code') or '-'} "
+            how = (" timed out" if record.get("timed_out") in ("1", "True") else "") + (
+                f" signal={record['signal']}" if record.get("signal") else "")
+            print(f"{run_id}: {state} exit_code={record.get('exit_code') or '-'}{how} "
                   f"duration_ms={record.get('duration_ms', '-')}")
             if record.get("error"):
                 print(f"{run_id}: error: {record['error']}")

@@ -347,3 +347,15 @@ def test_unreachable_redis_exits_3_without_the_password(tmp_path: Path, capsys: 
 ])
 def test_redact(text: str, expected: str) -> None:
     assert redact(text) == expected
+
+
+def test_run_wait_says_a_run_timed_out_and_by_which_signal(
+        redis_client: redis.Redis, capsys: Capture) -> None:
+    from worker.opcmds import _follow
+
+    redis_client.hset(KEYS.run("tick@9"), mapping={
+        "state": "failed", "exit_code": "", "signal": "9", "timed_out": "1",
+        "duration_ms": "5001", "node": "n1"})
+    assert _follow(redis_client, KEYS, "tick@9", 5) == 1
+    out = capsys.readouterr().out
+    assert "tick@9: failed exit_code=- timed out signal=9 duration_ms=5001" in out, out
