@@ -82,7 +82,7 @@ class Agent:
         self.redis = agent_redis(cfg.redis)
         self.metrics.instrument_redis(self.redis)
         keys = Keys(cfg.redis.key_prefix)
-        self.sink = RedisSink(self.redis, keys)
+        self.sink = RedisSink(self.redis, keys, cfg.record_ttl)
         self.queue: Transport = RedisQueue(self.redis, keys, cfg.agent.node)
         self.outbox: OutboxDrainer | None = None
         if cfg.queue.backend == "sqs":  # docs/sqs.md; imported here: boto3 only when used
@@ -110,7 +110,7 @@ class Agent:
                                            self._schedule_document)
         self.watchdog = Watchdog()
         self.runs = RunState(self.redis, keys, cfg.agent.node,
-                             int(cfg.worker.history_retention.total_seconds()),
+                             int(cfg.record_ttl.total_seconds()),
                              outbox=self.outbox is not None)
         self.consumer = Consumer(cfg, self.queue, self.runs, self.watchdog, self.clock)
         self.consumer.hooks = self.metrics

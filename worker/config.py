@@ -138,6 +138,14 @@ class Config:
     secret_files: tuple[tuple[str, str], ...] = ()
 
     @property
+    def record_ttl(self) -> timedelta:
+        """How long a run record lives: ``history_retention``, but at least twice the longest
+        catch-up window (a record is also the one-time claim of its run id, which must outlive
+        every tick a leader may still enqueue)."""
+        windows = [j.catchup_window for j in self.jobs.values()]
+        return max([self.worker.history_retention, *(2 * w for w in windows)])
+
+    @property
     def config_hash(self) -> str:
         """Short hash of the job definitions, to spot nodes whose schedules drifted apart."""
         return self.digest[:12]

@@ -13,6 +13,7 @@ import re
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 from typing import Any
 
 import redis
@@ -25,7 +26,6 @@ from worker.keys import GROUP, Keys
 from worker.messages import parse_message
 from worker.redisconn import connect
 from worker.secretfiles import redact as redact  # re-exported: tests and callers use it
-from worker.sink import RECORD_TTL
 
 COMMANDS = ("history", "logs", "dlq")
 # States of a run that has not finished an attempt yet (see the state machine in
@@ -204,7 +204,7 @@ def logs(cfg: Config, run_id: str, as_json: bool) -> int:
         raw: Any = r.hgetall(keys.run(run_id))
     if not raw:
         raise ConfigError(f"no run {run_id!r} in Redis at {cfg.redis.where} "
-                          f"(run records are kept {RECORD_TTL.days} days)")
+                          f"(run records are kept {_span(cfg.record_ttl)})")
     view = _run_view(raw, run_id, None)
     output = raw.get(b"output", b"")
     if as_json:
@@ -409,6 +409,11 @@ def _dead_view(entry_id: bytes | str, fields: dict[bytes, bytes]) -> dict[str, A
 
 
 # -- small helpers ------------------------------------------------------------------------------
+
+def _span(ttl: timedelta) -> str:
+    hours = ttl.total_seconds() / 3600
+    return f"{hours / 24:g} days" if hours >= 24 else f"{hours:g} hours"
+
 
 def _payload_field(payload: bytes | None, name: str) -> str | None:
     try:

@@ -19,7 +19,7 @@ from worker.keys import Keys
 from worker.params import check_value, placeholders
 from worker.redisconn import connect
 from worker.runstate import TERMINAL
-from worker.sink import RECORD_TTL, run_payload
+from worker.sink import run_payload
 
 # `cronsul run --wait` polls the run record this often.
 WAIT_POLL_S = 0.2
@@ -121,7 +121,7 @@ def enqueue_manual(cfg: Config, r: redis.Redis, job: str, params: dict[str, str]
     r.eval(ENQUEUE_MANUAL, 2, keys.run(run.run_id),
            keys.outbox if sqs else keys.stream(spec.queue), job,
            epoch_ms(now), run.run_id, spec.queue,
-           run_payload(run.run_id, job, now, params), int(RECORD_TTL.total_seconds()),
+           run_payload(run.run_id, job, now, params), int(cfg.record_ttl.total_seconds()),
            "outbox" if sqs else "stream")
     return run.run_id
 

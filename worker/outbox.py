@@ -22,6 +22,7 @@ import threading
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import redis
@@ -31,7 +32,7 @@ from scheduler.errors import QueueError
 from worker.config import Config
 from worker.keys import Keys
 from worker.queue import DEAD_LETTER_MAX
-from worker.sink import APPLY, RedisSink
+from worker.sink import APPLY, RECORD_TTL, RedisSink
 from worker.sqs import (
     ERROR_PAUSE_S,
     MAX_BATCH,
@@ -89,8 +90,9 @@ class OutboxSink(RedisSink):
 
     SCRIPT = OUTBOX_APPLY
 
-    def __init__(self, client: redis.Redis, keys: Keys) -> None:
-        super().__init__(client, keys)
+    def __init__(self, client: redis.Redis, keys: Keys,
+                 record_ttl: timedelta = RECORD_TTL) -> None:
+        super().__init__(client, keys, record_ttl)
         self._script_keys = [keys.fence, keys.outbox]
 
 
@@ -257,6 +259,6 @@ class SqsBackend:
         return cls(
             SqsTransport(client, directory, redis_client, keys, node,
                          cfg.worker.visibility_timeout.total_seconds()),
-            OutboxSink(redis_client, keys),
+            OutboxSink(redis_client, keys, cfg.record_ttl),
             OutboxDrainer(client, directory, redis_client, keys, node),
         )

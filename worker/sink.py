@@ -103,7 +103,8 @@ return now - tonumber(first)
 # How long that first sighting is kept: far longer than any settle period.
 REGRESSION_KEEP = timedelta(hours=1)
 
-# Run records are the dedup claims too, so they must outlive any catch-up window by far.
+# Run records live for [worker] history_retention (Config.record_ttl); this is the default, for
+# callers without a config. They are the dedup claims too, so they outlive any catch-up window.
 RECORD_TTL = timedelta(days=7)
 
 
@@ -152,9 +153,11 @@ class RedisSink:
 
     SCRIPT = APPLY
 
-    def __init__(self, client: redis.Redis, keys: Keys) -> None:
+    def __init__(self, client: redis.Redis, keys: Keys,
+                 record_ttl: timedelta = RECORD_TTL) -> None:
         self._r = client
         self._keys = keys
+        self._record_ttl_s = int(record_ttl.total_seconds())
         self._apply = client.register_script(self.SCRIPT)
         self._rebase = client.register_script(REBASE)
         self._regression_seen = client.register_script(REGRESSION_SEEN)
@@ -208,7 +211,7 @@ class RedisSink:
 
     def _encode(self, batch: TickBatch) -> Encoded:
         k = self._keys
-        head: list[Arg] = [int(RECORD_TTL.total_seconds()), k.run(""), k.stream("")]
+        head: list[Arg] = [self._record_ttl_s, k.run(""), k.stream("")]
         times: dict[datetime, tuple[int, str]] = {}  # a pass's runs share a few tick times
         calls: list[list[Arg]] = []
         args: list[Arg] = []

@@ -463,3 +463,24 @@ def test_a_failed_save_fails_the_whole_call_for_the_caller_to_retry(tmp_path: Pa
         assert n1.finish(ref, "t1", "succeeded", 3, {"exit_code": "0"}).recorded
     finally:
         server.stop()
+
+
+def test_run_records_live_as_long_as_the_configured_retention(
+        redis_client: redis.Redis, tmp_path: Path) -> None:
+    """[worker] history_retention sets how long records live: the sink's enqueue used a fixed
+    7 days, so a shorter retention changed nothing (a per-second fan-out of 20 keeps ~24 GB
+    of records for 7 days)."""
+    from worker.config import load_config
+    from worker.opcmds import enqueue_manual
+
+    RedisSink(redis_client, KEYS, timedelta(hours=2)).apply(batch(1), Fence(0, 1))
+    ttl = redis_client.ttl(KEYS.run(Run.for_tick("j", T0 + timedelta(seconds=1)).run_id))
+    assert 7000 < ttl <= 7200, ttl
+    path = tmp_path / "c.toml"
+    port = redis_client.connection_pool.connection_kwargs["port"]
+    path.write_text(f'[redis]\nurl = "redis://127.0.0.1:{port}"\n'
+                    '[worker]\nhistory_retention = "3h"\n'
+                    '[jobs.j]\nschedule = "@daily"\ncommand = ["true"]\n')
+    cfg = load_config(path)
+    run_id = enqueue_manual(cfg, redis_client, "j", {})
+    assert 10_000 < redis_client.ttl(KEYS.run(run_id)) <= 3 * 3600

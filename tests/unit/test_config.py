@@ -175,3 +175,10 @@ def test_python_memory_cap_is_configurable(tmp_path: Path) -> None:
     assert cfg.worker.python_max_memory_mb == 0  # no limit
     with pytest.raises(ConfigError, match="python_max_memory_mb"):
         load_config(write(tmp_path, GOOD + "\n[worker]\npython_max_memory_mb = -1\n"), env={})
+
+
+def test_record_ttl_is_the_retention_but_outlives_every_catch_up_window(tmp_path: Path) -> None:
+    short = GOOD + '\n[worker]\nhistory_retention = "2h"\n'
+    assert load_config(write(tmp_path, short), env={}).record_ttl == timedelta(hours=2)
+    long_window = short.replace('timeout = "10m"', 'timeout = "10m"\ncatchup_window = "3h"')
+    assert load_config(write(tmp_path, long_window), env={}).record_ttl == timedelta(hours=6)
