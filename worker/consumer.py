@@ -650,6 +650,10 @@ class Consumer:
                     a.replaced = True
                     self._log.info("run_replaced", run_id=a.ref.run_id)
                     a.execution.stop()
+            elif a.outcome is not None:
+                # It ended and the finisher recorded it meanwhile (finish deletes the lease),
+                # or will find out itself that the lease was lost (run_finished_lease_lost).
+                continue
             else:
                 self._log.error("run_lease_lost", run_id=a.ref.run_id)
                 a.execution.stop()
