@@ -6,7 +6,7 @@ from __future__ import annotations
 import signal
 from pathlib import Path
 
-from cronsul_testing import Cluster, RedisServer, wait_until
+from cronsul_testing import REPO, Cluster, RedisServer, wait_until
 from devconsul.testing import DevConsul
 
 
@@ -34,16 +34,7 @@ def test_sigusr1_dumps_every_threads_stack_and_the_agent_serves_on(
         cluster.stop()
 
 
-GRACEFUL = """
-import signal, sys, time
-def cleanup(*_):
-    time.sleep(0.5)
-    open(sys.argv[1], "w").write("cleaned up")
-    sys.exit(0)
-signal.signal(signal.SIGTERM, cleanup)
-print("ready", flush=True)
-time.sleep(3600)
-"""
+GRACEFUL = REPO / "tests" / "graceful_job.py"  # cleans up on SIGTERM, then writes its marker
 
 
 def test_sigterm_gives_a_run_still_going_term_and_the_kill_grace_and_leaves_consul(
@@ -57,8 +48,7 @@ def test_sigterm_gives_a_run_still_going_term_and_the_kill_grace_and_leaves_cons
 
     from worker.cli import main
 
-    script = tmp_path / "graceful.py"
-    script.write_text(GRACEFUL)
+    script = GRACEFUL
     marker = tmp_path / "marker"
     jobs = {"long": {"schedule": "@yearly", "timeout": "1h", "allow_root": True,
                      "command": [sys.executable, str(script), str(marker)]}}

@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from cronsul_testing import wait_until
+from cronsul_testing import REPO, wait_until
 from worker.executor import Execution, job_environment
 from worker.watchdog import Watchdog
 
@@ -58,17 +58,7 @@ def test_term_ignoring_job_is_killed_after_grace(tmp_path: Path) -> None:
     assert out.timed_out and out.signal == signal.SIGKILL
 
 
-GRACEFUL = """
-import signal, sys, time
-def cleanup(*_):
-    print("TERM received, cleaning up", flush=True)
-    time.sleep(0.5)
-    open(sys.argv[1], "w").write("done")
-    sys.exit(0)
-signal.signal(signal.SIGTERM, cleanup)
-print("ready", flush=True)
-time.sleep(300)
-"""
+GRACEFUL = REPO / "tests" / "graceful_job.py"  # cleans up on SIGTERM, then writes its marker
 
 
 def test_a_program_under_a_shell_keeps_the_kill_grace_after_the_shell_dies(
@@ -77,14 +67,13 @@ def test_a_program_under_a_shell_keeps_the_kill_grace_after_the_shell_dies(
     still gets the rest of the grace to clean up, and the run ends when its group is done,
     not at the end of the grace."""
     marker = tmp_path / "cleaned"
-    script = tmp_path / "graceful.py"
-    script.write_text(GRACEFUL)
+    script = GRACEFUL
     started = time.monotonic()
     out = Execution(None, 5.0).run(
         ["/bin/sh", "-c", f'echo start; {sys.executable} {script} {marker}; echo after'],
         {"PATH": "/usr/bin:/bin"}, None, 1.0)
     took = time.monotonic() - started
-    assert out.timed_out and marker.read_text() == "done", out.output
+    assert out.timed_out and marker.read_text() == "cleaned up", out.output
     assert "TERM received" in out.output
     assert took < 4.0, took  # reaped once the group closed its output, not after 1 s + 5 s
 
