@@ -68,15 +68,23 @@ RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
+# Compare-and-extend of the drain lock (ARGV: token, ms): 1 while it is still ours.
+HOLD = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
 
 # Outbox items looked at per pass.
 DRAIN_ITEMS = 100
 # An idle drainer checks the outbox this often: it bounds the enqueue-to-SQS delay, for one
 # LRANGE per node per interval.
 DRAIN_IDLE_S = 0.1
-# The drain lock keeps nodes from sending the same head twice; it outlives any pass (ten
-# SendMessageBatch calls within boto3's timeouts). If it lapses anyway, a copy is sent (safe).
-DRAIN_LOCK_MS = 60_000
+# The drain lock keeps nodes from sending the same head twice. It is extended before each
+# SendMessageBatch and a pass stops when it is no longer ours, so it only has to outlive one
+# call; short, because a holder that dies (kill -9, a crash) or freezes stalls every node's
+# enqueues until it lapses (a 60 s lock made each such death a minute without new runs). If it
+# lapses during a call, another node may send a copy (safe: see docs/sqs.md).
+DRAIN_LOCK_MS = 5_000
 # SendMessageBatch accepts at most 256 KiB in total (SQS's long-standing limit; kept even where
 # 1 MiB is accepted, so that older endpoints and localstack work too).
 BATCH_BYTES = 256 * 1024
@@ -116,6 +124,8 @@ class OutboxDrainer:
         self._node = node
         self._remove = redis_client.register_script(REMOVE_SENT)
         self._release = redis_client.register_script(RELEASE)
+        self._hold = redis_client.register_script(HOLD)
+        self._token = ""
         self._trouble = False  # the last pass could not reach SQS: pause before the next
         self._log = structlog.get_logger("cronsul.outbox").bind(node=node)
 
@@ -135,7 +145,7 @@ class OutboxDrainer:
         self._trouble = False
         if not self._r.exists(self._keys.outbox):
             return 0
-        token = uuid.uuid4().hex
+        token = self._token = uuid.uuid4().hex
         if not self._r.set(self._keys.outbox_lock, token, nx=True, px=DRAIN_LOCK_MS):
             return 0  # another node is sending
         try:
@@ -183,6 +193,9 @@ class OutboxDrainer:
         return done
 
     def _send_batch(self, url: str, fifo: bool, batch: list[_Item]) -> list[bytes]:
+        if not self._hold(keys=[self._keys.outbox_lock], args=[self._token, DRAIN_LOCK_MS]):
+            self._trouble = True  # the lock lapsed (this node was slow or frozen): stop here
+            return []
         entries = []
         for i, item in enumerate(batch):
             entry: dict[str, Any] = {"Id": str(i),

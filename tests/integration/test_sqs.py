@@ -652,3 +652,36 @@ def test_status_does_not_show_redis_stream_depths_for_sqs_queues(
     assert view["queues"] == {}
     text = render({"leader": None, "nodes": [], "paused": {}, **view})
     assert "queues: on SQS" in text and "depth 0" not in text
+
+
+def test_the_drain_lock_is_short_and_a_pass_stops_once_it_is_lost(
+        sqs: Any, redis_client: redis.Redis) -> None:
+    """A drainer that dies or freezes holding the lock stalls every node's enqueues until the
+    lock lapses (a chaos run on SQS saw a minute without new runs after each such kill -9 with
+    the old 60 s lock). The lock is short and extended before each batch; a pass whose lock was
+    taken over stops sending and leaves the rest in the outbox."""
+    from worker.outbox import DRAIN_LOCK_MS
+
+    assert DRAIN_LOCK_MS <= 10_000
+    redis_client.flushdb()
+    url = make_queue(sqs)
+    d = drainer(sqs, redis_client, {"default": url})
+    for i in range(15):  # two batches (SendMessageBatch takes 10)
+        redis_client.rpush(KEYS.outbox, b"default|" + json.dumps(run_msg(seconds=i)).encode())
+    real = sqs.send_message_batch
+    ttls: list[int] = []
+
+    def then_taken_over(**kw: Any) -> Any:
+        ttls.append(int(redis_client.pttl(KEYS.outbox_lock)))
+        out = real(**kw)
+        redis_client.set(KEYS.outbox_lock, "another-node", px=DRAIN_LOCK_MS)  # it lapsed
+        return out
+
+    sqs.send_message_batch = then_taken_over
+    try:
+        assert d.drain_once() == 10  # the first batch only
+    finally:
+        sqs.send_message_batch = real
+    assert len(ttls) == 1 and 0 < ttls[0] <= DRAIN_LOCK_MS
+    assert redis_client.llen(KEYS.outbox) == 5 and in_queue(sqs, url) == 10
+    assert redis_client.get(KEYS.outbox_lock) == b"another-node"  # not released by us
