@@ -30,6 +30,9 @@ OUTPUT_LIMIT = 64 * 1024
 PIPE_DRAIN_S = 2.0
 # Without pidfds (Linux < 5.3) a process's exit is polled this often.
 EXIT_POLL_S = 0.05
+# During a kill grace whose leader has exited: how often the rest of the group is looked for
+# (a /proc scan), so the run ends soon after the last process of the group does.
+GROUP_POLL_S = 0.1
 # Signals Python ignores in the agent (SIGPIPE, SIGXFSZ) are reset to their default in a job, as
 # subprocess does (restore_signals), or `yes | head` in a job would not end.
 RESTORED_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ)
@@ -105,7 +108,6 @@ class Execution:
         self._timed_out = False
         self._stopping = False
         self._kill_at: float | None = None  # loop time of the KILL after a TERM (grace end)
-        self._leader_gone = False  # the leader exited during the grace; the rest still may run
         self._timers: list[asyncio.TimerHandle] = []
         self._began = 0.0
 
@@ -196,8 +198,6 @@ class Execution:
             self._tail.feed(chunk)
             return
         self._close_output()
-        if self._leader_gone:  # the group closed its output during the grace: reap now
-            self._reap()
         self._maybe_done()
 
     def _close_output(self) -> None:
@@ -222,16 +222,26 @@ class Execution:
             loop.remove_reader(self._pidfd)
             os.close(self._pidfd)
             self._pidfd = None
-        if (self._kill_at is not None and loop.time() < self._kill_at
-                and self._out_fd is not None):
+        if self._kill_at is not None and loop.time() < self._kill_at:
             # TERM was sent and the leader is gone, but the rest of its group keeps the grace
             # period: `sh -c` or a wrapper script dies at once on TERM while the program it
-            # started is still cleaning up. Reaped (the group KILLed) when the grace ends, or
-            # sooner once the output pipe closes (the group has most likely exited).
-            self._leader_gone = True
+            # started is still cleaning up (its output may go to a file, not to our pipe). The
+            # leader stays unreaped (it holds the group id); the group is KILLed and the leader
+            # reaped when the grace ends, or as soon as nothing else in the group is alive.
             self._timers.append(loop.call_at(self._kill_at, self._reap))
+            self._watch_group()
             return
         self._reap()
+
+    def _watch_group(self) -> None:
+        """During the grace after the leader exited: reap once the group is empty."""
+        assert self._pid is not None and self._reactor is not None
+        if self._exited:
+            return
+        if not _group_alive(self._pid):
+            self._reap()
+            return
+        self._timers.append(self._reactor.loop.call_later(GROUP_POLL_S, self._watch_group))
 
     def _reap(self) -> None:
         assert self._pid is not None and self._reactor is not None
@@ -260,6 +270,8 @@ class Execution:
         self._maybe_done()
 
     def _on_timeout(self) -> None:
+        if self._kill_at is not None:  # already stopping (lost lease, replace): not a timeout
+            return
         self._timed_out = True
         self._terminate()
 
@@ -379,6 +391,22 @@ def identity_of(user: str | None) -> dict[str, Any]:
             return {}
         raise PermissionError(f"cannot run as user {user!r}: the agent is not running as root")
     return {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether a process other than the (zombie) leader is alive in group ``pgid``: a scan of
+    /proc, only during a kill grace whose leader has exited."""
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == pgid:
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        if int(fields[2]) == pgid and fields[0] != b"Z":
+            return True
+    return False
 
 
 def _killpg(pgid: int, sig: int) -> None:

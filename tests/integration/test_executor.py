@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -76,6 +77,39 @@ def test_a_program_under_a_shell_keeps_the_kill_grace_after_the_shell_dies(
     assert out.timed_out and marker.read_text() == "cleaned up", out.output
     assert "TERM received" in out.output
     assert took < 4.0, took  # reaped once the group closed its output, not after 1 s + 5 s
+
+
+def test_the_grace_holds_when_the_program_under_the_shell_writes_to_a_file(
+        tmp_path: Path) -> None:
+    """The usual cron line `sh -c 'job >> /var/log/job.log 2>&1'`: only the shell holds the
+    output pipe, so the pipe closing says nothing about the group; the job still gets its
+    grace (the group is watched in /proc)."""
+    marker = tmp_path / "cleaned"
+    log = tmp_path / "job.log"
+    started = time.monotonic()
+    out = Execution(None, 5.0).run(
+        ["/bin/sh", "-c", f"{sys.executable} {GRACEFUL} {marker} >> {log} 2>&1"],
+        {"PATH": "/usr/bin:/bin"}, None, 1.0)
+    took = time.monotonic() - started
+    assert out.timed_out and marker.read_text() == "cleaned up", log.read_text()
+    assert "TERM received" in log.read_text()
+    assert took < 4.0, took  # ended once the group was empty, not at the grace end
+
+
+def test_a_stopped_run_is_not_recorded_as_timed_out_when_its_timeout_passes_in_the_grace(
+        tmp_path: Path) -> None:
+    from worker.reactor import Reactor
+
+    marker = tmp_path / "cleaned"
+    reactor = Reactor("t").start()
+    try:
+        ex = Execution(None, 3.0, reactor=reactor)
+        threading.Timer(0.6, ex.stop).start()  # a lost lease, a replace: before the timeout
+        out = ex.run(["/bin/sh", "-c", f"{sys.executable} {GRACEFUL} {marker}"],
+                     {"PATH": "/usr/bin:/bin"}, None, 1.0)
+    finally:
+        reactor.stop()
+    assert not out.timed_out and marker.read_text() == "cleaned up", out
 
 
 def test_a_straggler_that_ignores_term_under_a_shell_is_killed_at_the_grace_end(
