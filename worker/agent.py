@@ -250,6 +250,15 @@ class Agent:
         if cfg.redis != self.cfg.redis:
             self._log.warning("reload_redis_needs_restart", detail="[redis] changed: restart the "
                               "agent to apply it (the connection is kept)")
+        if cfg.record_ttl != self.cfg.record_ttl:
+            self._log.warning("reload_needs_restart", detail="history_retention (or the longest "
+                              "catchup_window) changed: run records keep the old lifetime until "
+                              "the agent restarts")
+        if (cfg.worker.python_max_memory_mb, cfg.worker.python_workers) != (
+                self.cfg.worker.python_max_memory_mb, self.cfg.worker.python_workers):
+            self._log.warning("reload_needs_restart", detail="python_max_memory_mb or "
+                              "python_workers changed: the warm pool keeps its settings until "
+                              "the agent restarts")
         self.cfg = cfg
         self.consumer.set_jobs(cfg)
         self.driver.reload([j.scheduled() for j in cfg.jobs.values()])

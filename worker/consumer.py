@@ -21,6 +21,7 @@ from scheduler.errors import MessageError
 from scheduler.runs import epoch_ms, from_epoch_ms, iso_utc
 from worker.config import Config, JobSpec
 from worker.executor import (
+    OUTPUT_LIMIT,
     Execution,
     Outcome,
     account_of,
@@ -372,7 +373,7 @@ class Consumer:
                     execution.start(job.callable or "", msg.params,
                                     self._environment(job, msg, a.attempt),
                                     job.timeout.total_seconds(), done,
-                                    output_limit=job.output_limit)
+                                    output_limit=min(job.output_limit, OUTPUT_LIMIT))
                 else:
                     execution.start(render_argv(job.command, msg.params),
                                     self._environment(job, msg, a.attempt, a.account),
@@ -644,16 +645,17 @@ class Consumer:
         for a, result in zip(active, results, strict=True):
             if result == RENEWED:
                 a.renewed_at = sent
+            elif a.outcome is not None:
+                # It ended: the finisher recorded it meanwhile (finish deletes the lease), or
+                # will find out itself that the lease was lost (run_finished_lease_lost); a
+                # stop request came too late to replace it.
+                continue
             elif result == STOP_REQUESTED:
                 a.renewed_at = sent
                 if not a.replaced:
                     a.replaced = True
                     self._log.info("run_replaced", run_id=a.ref.run_id)
                     a.execution.stop()
-            elif a.outcome is not None:
-                # It ended and the finisher recorded it meanwhile (finish deletes the lease),
-                # or will find out itself that the lease was lost (run_finished_lease_lost).
-                continue
             else:
                 self._log.error("run_lease_lost", run_id=a.ref.run_id)
                 a.execution.stop()
@@ -701,13 +703,18 @@ class Consumer:
             left = list(self._active.values())
         self._log.warning("stopping_runs_at_shutdown", runs=[a.ref.run_id for a in left][:50],
                           count=len(left), kill_grace_s=kill_grace_s)
-        for a in left:
-            a.stopped_at_shutdown = True
-            a.execution.stop()
+        # On the reactor, where runs end: one that ended by itself meanwhile is recorded.
+        self._reactor.call_soon(self._stop_for_shutdown, left)
         deadline = self._clock.monotonic() + kill_grace_s + STOP_SETTLE_S
         while self._busy() and self._clock.monotonic() < deadline:
             threading.Event().wait(0.05)
         return False
+
+    def _stop_for_shutdown(self, runs: list[_Active]) -> None:
+        for a in runs:
+            if a.outcome is None and not a.stopped_at_shutdown:
+                a.stopped_at_shutdown = True
+                a.execution.stop()
 
     def _busy(self) -> bool:
         with self._lock:

@@ -70,13 +70,14 @@ def job_environment(agent_env: Mapping[str, str], job_env: Sequence[tuple[str, s
 
 
 def account_of(user: str | None) -> dict[str, str]:
-    """HOME, USER, LOGNAME and SHELL of the job's ``user``, from its passwd entry, as cron
-    sets them (the agent's would send the job to the agent's home). KeyError: no such user."""
+    """HOME, USER and LOGNAME of the job's ``user`` from its passwd entry, and SHELL=/bin/sh,
+    as cron sets them (the agent's would send the job to the agent's home; the user's login
+    shell may be nologin). KeyError: no such user."""
     if user is None:
         return {}
     entry = pwd.getpwnam(user)
     return {"HOME": entry.pw_dir, "USER": entry.pw_name, "LOGNAME": entry.pw_name,
-            "SHELL": entry.pw_shell or "/bin/sh"}
+            "SHELL": "/bin/sh"}
 
 
 class Execution:

@@ -11,9 +11,10 @@ is one frame each way, so its overhead is tens of microseconds, not a process st
   the run is recorded as timed out and a replacement worker is started.
 * Crash: the run fails with the worker's exit code or signal and whatever it wrote to fds 1/2
   (the faulthandler traceback of a segfault); the worker is replaced.
-* Memory: ``max_rss_mb`` becomes RLIMIT_AS in each worker (address space, not RSS: the closest
-  limit a process can set on itself), so a blow-up raises MemoryError in the job, which fails the
-  run; that worker is then retired. Workers also set ``oom_score_adj`` to 1000 so the kernel's OOM
+* Memory: ``max_rss_mb`` ([worker] python_max_memory_mb) becomes RLIMIT_DATA in each worker
+  (heap, anonymous memory and thread stacks: the closest to RSS a process can cap on itself;
+  RLIMIT_AS would count address space only reserved, as each thread's malloc arena is), so a
+  blow-up raises MemoryError in the job, which fails the run; that worker is then retired. Workers also set ``oom_score_adj`` to 1000 so the kernel's OOM
   killer picks them before the agent.
 * Environment: a worker starts with ``env`` (default: the agent's BASE_ENV variables only, like
   shell jobs, so jobs do not see the agent's secrets); each run's ``env`` is laid over it in

@@ -175,14 +175,15 @@ end
 return out
 """
 
-# FINISH: shared KEYS[1..2] = delayed set, dead-letter stream; ARGV[1..4] = consumer group,
-# node, dead letters kept, history entries kept per job. Per run 5 KEYS (record, lease, lock,
-# stream, history) and ARGV token, entry id, state, finished ms, run id, retry due ms or "",
-# queue, payload, n, then n field/value pairs for the record. Returns per run 1 recorded, 0 the
-# lease was not ours (nothing written), or the Redis error that run's keys caused.
+# FINISH: shared KEYS[1..2] = delayed set, dead-letter stream; ARGV[1..5] = consumer group,
+# node, dead letters kept, history entries kept per job, record ttl s. Per run 5 KEYS (record,
+# lease, lock, stream, history) and ARGV token, entry id, state, finished ms, run id, retry due
+# ms or "", queue, payload, n, then n field/value pairs for the record. Returns per run 1
+# recorded, 0 the lease was not ours (nothing written), or the Redis error that run's keys caused.
 FINISH = EACH + """
 local delayed, dlq = KEYS[1], KEYS[2]
 local group, node, dead_max, hist_keep = ARGV[1], ARGV[2], ARGV[3], -1 - tonumber(ARGV[4])
+local ttl = ARGV[5]
 local out, trim = {}, {}
 local function finish(run, lease, lock, stream, hist, a, n, first)
   local token, entry, state, now = ARGV[a], ARGV[a+1], ARGV[a+2], ARGV[a+3]
@@ -206,6 +207,9 @@ local function finish(run, lease, lock, stream, hist, a, n, first)
       elseif (why['exit_code'] or '') ~= '' then err = 'exit code ' .. why['exit_code'] end
     end
     redis.call(unpack(hset))
+    -- The record may have expired while the run ran (a retention shorter than the run): the
+    -- HSET made it anew, and it must not stay for ever.
+    if redis.call('TTL', run) < 0 then redis.call('EXPIRE', run, ttl) end
     redis.call('DEL', lease)
     if lock_ours then redis.call('DEL', lock) end
     if entry ~= '' then  -- acked and deleted (see BEGIN's ack)
@@ -228,7 +232,7 @@ local function finish(run, lease, lock, stream, hist, a, n, first)
     return 1
   end
 end
-local a = 5
+local a = 6
 for i = 0, (#KEYS - 2) / 5 - 1 do
   local k = 2 + 5 * i
   local n = tonumber(ARGV[a+8])
@@ -418,7 +422,7 @@ class RunState:
             return []
         k = self._keys
         keys: list[str] = [k.delayed, k.dead]
-        args: list[Any] = [GROUP, self._node, DEAD_LETTER_MAX, HISTORY_PER_JOB]
+        args: list[Any] = [GROUP, self._node, DEAD_LETTER_MAX, HISTORY_PER_JOB, self._ttl]
         for f in runs:
             ref = f.ref
             keys += [k.run(ref.run_id), k.lease(ref.run_id), self._lock_key(ref),

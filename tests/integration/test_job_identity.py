@@ -45,7 +45,7 @@ def test_an_unknown_user_fails_the_run_and_the_node_serves_on(
             # As cron: HOME, USER, LOGNAME, SHELL are the job user's, not the agent's; the
             # job's own env still wins.
             "asnobody": {"schedule": "@yearly", "timeout": "5s", "user": "nobody",
-                         "env": {"SHELL": "/bin/sh"},
+                         "env": {"LANG": "C"},
                          "command": ["/bin/sh", "-c", 'echo "$HOME $USER $LOGNAME $SHELL"']}}
     cluster = Cluster(tmp_path, devconsul, redis_proc.url, ["n1"], jobs)
     cluster.start()

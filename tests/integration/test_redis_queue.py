@@ -484,3 +484,15 @@ def test_run_records_live_as_long_as_the_configured_retention(
     cfg = load_config(path)
     run_id = enqueue_manual(cfg, redis_client, "j", {})
     assert 10_000 < redis_client.ttl(KEYS.run(run_id)) <= 3 * 3600
+
+
+def test_a_record_that_expired_mid_run_is_not_made_anew_for_ever(
+        redis_client: redis.Redis, setup: Setup) -> None:
+    """A retention shorter than a run: finish writes the record again, with a TTL."""
+    q, _, _ = setup
+    n1 = RunState(redis_client, KEYS, "n1", 3600)
+    ref = ref_of(fetch_one(q))
+    assert n1.begin(ref, "t1", 60_000, 1).verdict == "start"
+    redis_client.delete(KEYS.run(ref.run_id))  # it expired while the run ran
+    assert n1.finish(ref, "t1", "succeeded", 2, {"exit_code": "0"})
+    assert 3500 < redis_client.ttl(KEYS.run(ref.run_id)) <= 3600
