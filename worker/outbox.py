@@ -126,6 +126,7 @@ class OutboxDrainer:
         self._release = redis_client.register_script(RELEASE)
         self._hold = redis_client.register_script(HOLD)
         self._token = ""
+        self._lock_lost = False  # this pass's lock was taken over: send nothing more
         self._trouble = False  # the last pass could not reach SQS: pause before the next
         self._log = structlog.get_logger("cronsul.outbox").bind(node=node)
 
@@ -146,6 +147,7 @@ class OutboxDrainer:
         if not self._r.exists(self._keys.outbox):
             return 0
         token = self._token = uuid.uuid4().hex
+        self._lock_lost = False
         if not self._r.set(self._keys.outbox_lock, token, nx=True, px=DRAIN_LOCK_MS):
             return 0  # another node is sending
         try:
@@ -179,6 +181,8 @@ class OutboxDrainer:
         done: list[bytes] = []
         batch: list[_Item] = []
         for item in items:
+            if self._lock_lost:  # mid-pass: leave the rest to the lock's new holder
+                break
             if len(item.payload) > BATCH_BYTES:
                 self._dead_letter(item, "oversized", f"{len(item.payload)} bytes > {BATCH_BYTES}")
                 done.append(item.raw)
@@ -188,13 +192,13 @@ class OutboxDrainer:
                 done += self._send_batch(sqs.url, sqs.fifo, batch)
                 batch = []
             batch.append(item)
-        if batch:
+        if batch and not self._lock_lost:
             done += self._send_batch(sqs.url, sqs.fifo, batch)
         return done
 
     def _send_batch(self, url: str, fifo: bool, batch: list[_Item]) -> list[bytes]:
         if not self._hold(keys=[self._keys.outbox_lock], args=[self._token, DRAIN_LOCK_MS]):
-            self._trouble = True  # the lock lapsed (this node was slow or frozen): stop here
+            self._trouble = self._lock_lost = True  # it lapsed (slow or frozen): stop here
             return []
         entries = []
         for i, item in enumerate(batch):

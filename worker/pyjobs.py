@@ -14,8 +14,9 @@ is one frame each way, so its overhead is tens of microseconds, not a process st
 * Memory: ``max_rss_mb`` ([worker] python_max_memory_mb) becomes RLIMIT_DATA in each worker
   (heap, anonymous memory and thread stacks: the closest to RSS a process can cap on itself;
   RLIMIT_AS would count address space only reserved, as each thread's malloc arena is), so a
-  blow-up raises MemoryError in the job, which fails the run; that worker is then retired. Workers also set ``oom_score_adj`` to 1000 so the kernel's OOM
-  killer picks them before the agent.
+  blow-up raises MemoryError in the job, which fails the run; that worker is then retired.
+  Workers also set ``oom_score_adj`` to 1000 so the kernel's OOM killer picks them before the
+  agent.
 * Environment: a worker starts with ``env`` (default: the agent's BASE_ENV variables only, like
   shell jobs, so jobs do not see the agent's secrets); each run's ``env`` is laid over it in
   ``os.environ`` for the run (CRONSUL_* included), see :mod:`worker.pyworker`.
