@@ -13,17 +13,17 @@ import re
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import timedelta
 from typing import Any
 
 import redis
 
+from scheduler.durations import format_duration
 from scheduler.errors import ConfigError, MessageError, QueueError
 from scheduler.runs import JOB_NAME, check_job_name, from_epoch_ms, iso_utc
 from worker.cliargs import MAX_LISTED, count
 from worker.config import Config
 from worker.keys import GROUP, Keys
-from worker.messages import parse_message
+from worker.messages import parse_message, payload_field
 from worker.redisconn import connect
 from worker.secretfiles import redact as redact  # re-exported: tests and callers use it
 
@@ -189,7 +189,7 @@ def _in_flight(r: redis.Redis, keys: Keys, job: str, queue: str,
     entries += undelivered
     ids: list[str] = []
     for _, fields in entries:
-        run_id, of = (_payload_field(fields.get(b"p"), k) for k in ("run_id", "job"))
+        run_id, of = (payload_field(fields.get(b"p"), k) for k in ("run_id", "job"))
         if run_id and of == job and run_id not in finished and run_id not in ids:
             ids.append(run_id)
     views = [_run_view(rec, rid, None) for rec, rid in zip(_records(r, keys, ids), ids,
@@ -204,7 +204,7 @@ def logs(cfg: Config, run_id: str, as_json: bool) -> int:
         raw: Any = r.hgetall(keys.run(run_id))
     if not raw:
         raise ConfigError(f"no run {run_id!r} in Redis at {cfg.redis.where} "
-                          f"(run records are kept {_span(cfg.record_ttl)})")
+                          f"(run records are kept {format_duration(cfg.record_ttl)})")
     view = _run_view(raw, run_id, None)
     output = raw.get(b"output", b"")
     if as_json:
@@ -403,26 +403,12 @@ def _dead_view(entry_id: bytes | str, fields: dict[bytes, bytes]) -> dict[str, A
         "entry_id": eid, "dead_at": iso_utc(from_epoch_ms(int(eid.split("-")[0]))),
         "reason": text.get("reason", ""), "error": text.get("error", ""),
         "queue": text.get("queue") or None, "source_entry_id": text.get("entry_id") or None,
-        "node": text.get("node") or None, "job": _payload_field(payload, "job"),
-        "run_id": _payload_field(payload, "run_id"), "payload_bytes": len(payload),
+        "node": text.get("node") or None, "job": payload_field(payload, "job"),
+        "run_id": payload_field(payload, "run_id"), "payload_bytes": len(payload),
     }
 
 
 # -- small helpers ------------------------------------------------------------------------------
-
-def _span(ttl: timedelta) -> str:
-    hours = ttl.total_seconds() / 3600
-    return f"{hours / 24:g} days" if hours >= 24 else f"{hours:g} hours"
-
-
-def _payload_field(payload: bytes | None, name: str) -> str | None:
-    try:
-        body = json.loads(payload or b"")
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        return None
-    value = body.get(name) if isinstance(body, dict) else None
-    return value if isinstance(value, str) else None
-
 
 def _s(value: bytes | str) -> str:
     return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else value

@@ -45,6 +45,17 @@ class RunMessage:
             object.__setattr__(self, "scheduled_iso", iso_utc(self.scheduled_at))
 
 
+def payload_field(payload: bytes | None, name: str) -> str | None:
+    """A string field of a queued payload, or None when the payload is not a JSON object with
+    it (undecodable, hostile, or not ours): for logs, listings and lookups, never to run."""
+    try:
+        body = json.loads(payload or b"")
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        return None
+    value = body.get(name) if isinstance(body, dict) else None
+    return value if isinstance(value, str) else None
+
+
 def is_version_1(body: Mapping[str, object]) -> bool:
     """``"v": 1`` exactly: the integer (JSON ``true`` and ``1.0`` compare equal to 1 in
     Python, and are not the documented format)."""

@@ -6,7 +6,6 @@ safe is the run state machine in :mod:`worker.runstate`; this module only moves 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -14,6 +13,7 @@ from typing import Any
 import redis
 
 from worker.keys import GROUP, Keys
+from worker.messages import payload_field
 
 # Dead letters kept; older ones are trimmed (approximately) so a poison flood cannot fill Redis.
 DEAD_LETTER_MAX = 10_000
@@ -141,7 +141,7 @@ class RedisQueue:
         entry_id = _s(item["message_id"])
         entries: Any = self._r.xrange(stream, entry_id, entry_id)
         payload = entries[0][1].get(b"p") if entries else None
-        run_id = _run_id_of(payload)
+        run_id = payload_field(payload, "run_id")
         if run_id is not None and self._r.exists(self._keys.lease(run_id)):
             return []  # alive on some node: its lease is being renewed
         claimed: Any = self._r.xclaim(stream, GROUP, self._consumer, min_idle_ms, [entry_id])
@@ -160,12 +160,3 @@ def _queue_of(keys: Keys, stream: bytes | str) -> str:
     return _s(stream)[len(keys.stream("")):]
 
 
-def _run_id_of(payload: bytes | None) -> str | None:
-    if not payload:
-        return None
-    try:
-        value = json.loads(payload)
-    except (ValueError, RecursionError):  # RecursionError: a hostile, deeply nested payload
-        return None
-    run_id = value.get("run_id") if isinstance(value, dict) else None
-    return run_id if isinstance(run_id, str) else None

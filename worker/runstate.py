@@ -19,7 +19,6 @@ unrecorded, or recorded as finished but delivered again.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -27,7 +26,7 @@ from typing import Any
 import redis
 
 from worker.keys import GROUP, Keys
-from worker.messages import MAX_PAYLOAD_BYTES
+from worker.messages import MAX_PAYLOAD_BYTES, payload_field
 
 TERMINAL = ("succeeded", "failed", "dead", "skipped")
 # A run id or job name longer than this in a dead-lettered message is not looked up (the
@@ -440,15 +439,8 @@ class RunState:
         state queued or retrying (see DEAD_ON_ARRIVAL). False when there is none to end."""
         if payload is None or len(payload) > MAX_PAYLOAD_BYTES:  # no record holds such a one
             return False
-        try:
-            body = json.loads(payload or b"")
-        except (ValueError, UnicodeDecodeError, RecursionError):
-            return False
-        if not isinstance(body, dict):
-            return False
-        run_id, job = body.get("run_id"), body.get("job")
-        if not (isinstance(run_id, str) and isinstance(job, str)
-                and 0 < len(run_id) <= MAX_ID_CHARS and 0 < len(job) <= MAX_ID_CHARS):
+        run_id, job = payload_field(payload, "run_id"), payload_field(payload, "job")
+        if not (run_id and job and len(run_id) <= MAX_ID_CHARS and len(job) <= MAX_ID_CHARS):
             return False
         return bool(self._dead_on_arrival(
             keys=[self._keys.run(run_id), self._keys.history(job)],

@@ -18,6 +18,7 @@ from urllib.parse import parse_qs, quote, unquote, urlsplit
 import redis
 import structlog
 
+from scheduler.durations import format_duration
 from worker.config import Config
 from worker.dashboard import actions, pages
 from worker.dashboard.actions import ActionError
@@ -131,8 +132,9 @@ class Dashboard:
         if page is None:
             if api:
                 return _json(404, {"error": "not found"})
+            kept = format_duration(cfg.record_ttl)
             return self._html(Page("Not found", Safe("<p>Nothing here: no such page, job or run "
-                                                     "(run records are kept 7 days).</p>"),
+                                                     f"(run records are kept {kept}).</p>"),
                                    {}, final=True), cfg, viewer, query, status=404)
         if api:
             return _json(200, {"title": page.title, "html": str(page.live), "final": page.final,
