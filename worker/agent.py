@@ -268,9 +268,23 @@ class Agent:
 
     def _install_signals(self) -> None:
         self._signals.install(signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-        # `kill -USR1 <pid>` writes every thread's stack to stderr (the journal), from C: it
-        # works when the agent is stuck, even with the main thread blocked, where a Python
-        # handler would never run. A crash (SIGSEGV, SIGABRT...) leaves the same dump.
+        # A crash (SIGSEGV, SIGABRT...) dumps every thread's stack to stderr (the journal).
         with contextlib.suppress(OSError, ValueError, io.UnsupportedOperation):
             faulthandler.enable(file=sys.stderr, all_threads=True)
-            faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
+        # `kill -USR1 <pid>` dumps them too, from a thread of its own holding the GIL. Not with
+        # faulthandler.register: its C handler reads the other threads' frames while they run,
+        # and a CI run saw the agent segfault in that dump.
+        read_fd, write_fd = os.pipe()
+        os.set_blocking(write_fd, False)
+
+        def dump_stacks() -> None:
+            while os.read(read_fd, 64):
+                with contextlib.suppress(OSError, ValueError, io.UnsupportedOperation):
+                    faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+
+        def asked(signum: int, frame: object) -> None:
+            with contextlib.suppress(OSError):  # a dump already pending is enough
+                os.write(write_fd, b"!")
+
+        threading.Thread(target=dump_stacks, name="stack-dump", daemon=True).start()
+        signal.signal(signal.SIGUSR1, asked)
