@@ -138,3 +138,43 @@ def hold_memory(mb: str, mark: str, seconds: str = "60") -> None:
     with open(mark, "w") as f:
         f.write(str(len(block)))
     time.sleep(float(seconds))
+
+
+def print_then_wait(path: str, seconds: str = "60") -> str:
+    """Prints two lines and a partial one (flushed), then waits up to ``seconds`` for file
+    ``path`` to exist: a test sees the lines arrive while the run is still going, or kills it."""
+    print("step 1: fetched")
+    print("step 2: parsed")
+    print("step 3: uploading...", end="", flush=True)
+    deadline = time.monotonic() + float(seconds)
+    while not os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    print(" done")
+    return "waited"
+
+
+def fork_child_prints() -> None:
+    """A forked child (multiprocessing's default on Linux) prints too."""
+    pid = os.fork()
+    if pid == 0:
+        print("from the child")
+        os._exit(0)
+    os.waitpid(pid, 0)
+    print("from the parent")
+
+
+def fork_then_die(pidfile: str) -> None:
+    """Leaves a forked child holding the worker's socket, then the worker dies."""
+    print("forking")
+    pid = os.fork()
+    if pid == 0:
+        time.sleep(30)
+        os._exit(0)
+    with open(pidfile, "w") as f:
+        f.write(str(pid))
+    os._exit(5)
+
+
+def many_lines(n: str) -> None:
+    for i in range(int(n)):
+        print(f"line {i}")

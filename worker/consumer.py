@@ -286,7 +286,7 @@ class Consumer:
             refusal, identity, account = prepared[msg.job]
             execution: Execution | PyExecution | None = None
             if job.callable is not None and refusal is None and self._py is not None:
-                execution = self._py.execution()
+                execution = self._py.execution(self._log.bind(run_id=msg.run_id))
             if execution is None:
                 execution = Execution(self._watchdog, self._cfg.worker.kill_grace.total_seconds(),
                                       job.output_limit, log=self._log.bind(run_id=msg.run_id),

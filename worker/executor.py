@@ -98,7 +98,7 @@ class Execution:
         self._kill_grace = kill_grace
         self._log = log
         self._reactor = reactor
-        self._tail = _Tail(output_limit, log)
+        self._tail = OutputTail(output_limit, log)
         self._done: Callable[[Outcome], None] | None = None
         self._pid: int | None = None
         self._popen: subprocess.Popen[bytes] | None = None
@@ -415,7 +415,10 @@ def _killpg(pgid: int, sig: int) -> None:
         os.killpg(pgid, sig)
 
 
-class _Tail:
+class OutputTail:
+    """A run's output as it comes: the last ``limit`` bytes kept for its record, the first
+    LOGGED_LINES_MAX lines logged (``run_output``) through ``log`` (bound with the run id)."""
+
     def __init__(self, limit: int, log: Any = None) -> None:
         self._limit = limit
         self._buf = bytearray()

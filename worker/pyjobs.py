@@ -20,9 +20,12 @@ is one frame each way, so its overhead is tens of microseconds, not a process st
 * Environment: a worker starts with ``env`` (default: the agent's BASE_ENV variables only, like
   shell jobs, so jobs do not see the agent's secrets); each run's ``env`` is laid over it in
   ``os.environ`` for the run (CRONSUL_* included), see :mod:`worker.pyworker`.
-* Output: ``sys.stdout``/``sys.stderr`` are captured per run, plus what reached fds 1/2; the
-  return value's repr (if not None) is appended as ``return value: ...``; an exception's type,
-  message and traceback tail become ``Outcome.error`` with exit code 1.
+* Output: what the callable writes to ``sys.stdout``/``sys.stderr`` is streamed to the agent as
+  it is written (``"out"`` frames): logged live as ``run_output`` with the run id bound (the
+  first 200 lines, as for commands) and kept even if the worker is then killed; what reached
+  fds 1/2 (child processes, C code) follows when the run ends or the worker dies. The return
+  value's repr (if not None) is appended as ``return value: ...``; an exception's type, message
+  and traceback tail become ``Outcome.error`` with exit code 1.
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from scheduler.errors import ConfigError, CronsulError
-from worker.executor import BASE_ENV, OUTPUT_LIMIT, Outcome
+from worker.executor import BASE_ENV, OUTPUT_LIMIT, Outcome, OutputTail
 from worker.pyworker import FrameError, Inbox, encode
 from worker.reactor import Reactor
 from worker.watchdog import Watchdog
@@ -283,9 +286,10 @@ class PythonPool:
         with self._cond:
             return sorted(w.pid for w in self._live)
 
-    def execution(self) -> PyExecution:
-        """A handle for one run whose :meth:`PyExecution.stop` works from another thread."""
-        return PyExecution(self)
+    def execution(self, log: Any = None) -> PyExecution:
+        """A handle for one run whose :meth:`PyExecution.stop` works from another thread;
+        ``log`` (bound with the run id) gets its output lines as they come."""
+        return PyExecution(self, log)
 
     def run(self, target: str, kwargs: Mapping[str, str], env: Mapping[str, str],
             timeout: float) -> Outcome:
@@ -387,7 +391,7 @@ class PythonPool:
             self._live.add(w)
         with contextlib.suppress(OSError):  # if it died already, its first run will tell
             w.send(encode({"path": [p for p in sys.path if p], "max_rss_mb": self._max_rss_mb,
-                           "output_limit": OUTPUT_LIMIT}))
+                           "output_limit": OUTPUT_LIMIT, "stream": True}))
         return w
 
     def _acquire(self, run: PyExecution) -> _Worker | None:
@@ -639,6 +643,10 @@ class PythonPool:
                 return answered
             if "ready" in message:  # a replacement saying hello
                 continue
+            if "out" in message:  # output of its running run, always before that run's reply
+                if w.queue:
+                    w.queue[0]._output(message["out"])
+                continue
             if not w.queue:
                 self._lost(w, FrameError("a reply to no request"))
                 return -1
@@ -666,7 +674,7 @@ class PythonPool:
         duration = (float(took) if isinstance(took, int | float) and 0 <= took <= now - run._began
                     else now - run._sent_at)
         self._note_duration(run._target, duration)
-        run._report(_outcome(reply, duration))
+        run._answered(reply, duration)
 
     def _note_duration(self, target: str, duration: float) -> None:
         """Remember how long ``target`` takes: a long run counts at once, short ones bring the
@@ -681,8 +689,11 @@ class PythonPool:
             self._unwatch(w)
             return
         # Replies it sent just before exiting (a recycle, its last run's) are still in the
-        # socket: take them all first (the process is gone, so EOF ends the read).
-        while w in self._live and self._read_replies(w) >= 0:
+        # socket: take them first. Not until EOF: a child the job forked (multiprocessing)
+        # may hold the socket open for as long as it lives, and the reactor would spin here
+        # meanwhile, stalling every run of the node; the process is gone, so what it sent is
+        # all there already.
+        while w in self._live and self._read_replies(w) > 0:
             pass
         if w in self._live:
             self._lost(w, _Died())
@@ -857,8 +868,10 @@ class PyExecution:
     :meth:`start` runs on the reactor thread and calls ``done(outcome)`` there; :meth:`stop`
     may be called from any thread; :meth:`run` is the blocking form."""
 
-    def __init__(self, pool: PythonPool) -> None:
+    def __init__(self, pool: PythonPool, log: Any = None) -> None:
         self._pool = pool
+        self._log = log
+        self._tail = OutputTail(OUTPUT_LIMIT, log)
         self._worker: _Worker | None = None  # the worker it was sent to, until answered
         self._stopped = False
         self._done: Callable[[Outcome], None] | None = None
@@ -898,7 +911,8 @@ class PyExecution:
 
     def _unstarted(self, error: str) -> None:
         """Report the run failed with ``error`` without its callable having been called."""
-        self._report(Outcome(None, None, False, time.monotonic() - self._began, "", 0, error))
+        self._report(Outcome(None, None, False, time.monotonic() - self._began,
+                             self._tail.text(), self._tail.total, error))
 
     def start(self, target: str, kwargs: Mapping[str, str], env: Mapping[str, str],
               timeout: float, done: Callable[[Outcome], None],
@@ -911,6 +925,7 @@ class PyExecution:
         request: dict[str, Any] = {"target": target, "kwargs": dict(kwargs), "env": dict(env)}
         if output_limit is not None:
             request["output_limit"] = output_limit
+            self._tail = OutputTail(min(output_limit, OUTPUT_LIMIT), self._log)
         self._frame = encode(request)
         self._pool._submit(self)
 
@@ -930,14 +945,44 @@ class PyExecution:
             error = f"python worker running {target!r} broke the protocol ({exc}): killed"
         else:
             error = f"python worker running {target!r} died: {status}"
+        output, output_bytes = self._output_end(data, size)
         self._report(Outcome(
             exit_code=code if code is not None and code >= 0 else None,
             signal=-code if code is not None and code < 0 else None,
             timed_out=timed_out,
             duration_s=duration,
-            output=data.decode("utf-8", "replace")[-OUTPUT_LIMIT:],
-            output_bytes=size,
+            output=output,
+            output_bytes=output_bytes,
             error=error,
+        ))
+
+    def _output(self, text: object) -> None:
+        """Output its worker streamed while it runs."""
+        if isinstance(text, str) and not self._reported:
+            self._tail.feed(_utf8(text))
+
+    def _output_end(self, fd_data: bytes, fd_size: int) -> tuple[str, int]:
+        """Its whole output: what was streamed, then the tail of what reached fds 1/2
+        (``fd_data``, the last bytes of ``fd_size``); the last lines are logged."""
+        if fd_data:
+            self._tail.feed(fd_data)
+        self._tail.total += max(0, fd_size - len(fd_data))
+        self._tail.end()
+        return self._tail.text(), self._tail.total
+
+    def _answered(self, reply: Mapping[str, Any], duration: float) -> None:
+        """Its worker's reply (output: what reached fds 1/2, the rest was streamed)."""
+        code, output, count, error = (reply.get(k) for k in ("code", "output", "bytes", "error"))
+        data = _utf8(output) if isinstance(output, str) else b""
+        text, total = self._output_end(data, count if isinstance(count, int) else len(data))
+        self._report(Outcome(
+            exit_code=code if isinstance(code, int) else None,
+            signal=None,
+            timed_out=False,
+            duration_s=duration,
+            output=text,
+            output_bytes=total,
+            error=error if isinstance(error, str) else None,
         ))
 
     def _report(self, outcome: Outcome) -> None:
@@ -953,23 +998,17 @@ class PyExecution:
                 {"message": f"python run callback failed: {exc!r}", "exception": exc})
 
 
+def _utf8(text: str) -> bytes:
+    """``text`` in UTF-8, a lone surrogate (a file name decoded with surrogateescape) as
+    U+FFFD."""
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace").encode()
+
+
 def _signal_name(number: int) -> str:
     try:
         return signal.Signals(number).name
     except ValueError:
         return "unknown signal"
-
-
-def _outcome(reply: Mapping[str, Any], duration: float) -> Outcome:
-    """A run's outcome from its worker's reply (output already includes what reached fds 1/2)."""
-    code, output, count, error = (reply.get(k) for k in ("code", "output", "bytes", "error"))
-    text = output if isinstance(output, str) else ""
-    return Outcome(
-        exit_code=code if isinstance(code, int) else None,
-        signal=None,
-        timed_out=False,
-        duration_s=duration,
-        output=text[-OUTPUT_LIMIT:],
-        output_bytes=count if isinstance(count, int) else 0,
-        error=error if isinstance(error, str) else None,
-    )

@@ -3,14 +3,19 @@
 Started by :class:`worker.pyjobs.PythonPool` in its own session, it talks to the agent over one
 end of a socketpair (the fd number is its last argv element) with length-prefixed JSON frames:
 
-* agent -> worker, first: ``{"path": [sys.path of the agent], "max_rss_mb": int | null}``;
+* agent -> worker, first: ``{"path": [sys.path of the agent], "max_rss_mb": int | null}`` and
+  ``"stream": true`` from an agent that takes streamed output (below);
 * worker -> agent, once ready: ``{"ready": pid}``;
 * agent -> worker, per run: ``{"target": "pkg.mod:fn", "kwargs": {...}, "env": {...}}`` and
   optionally ``"output_limit": int`` (the job's tail size);
+* worker -> agent, during a run (``stream``): ``{"out": str}``, what the callable wrote to
+  ``sys.stdout``/``sys.stderr``, as it writes it (see :class:`StreamWriter`);
 * worker -> agent, per run: ``{"code": int | null, "output": str, "bytes": int,
   "error": str | null, "recycle": bool, "ended": float, "took": float}`` (``ended`` is
   ``time.monotonic()`` when the run ended: CLOCK_MONOTONIC, the same clock in every process, so
   the agent knows when the next request queued here started; ``took`` is the run's duration).
+  With ``stream``, ``output`` and ``bytes`` are only what reached fds 1/2 (the rest was
+  streamed); without (an agent older than streaming, during an upgrade), they are everything.
 
 The agent may send the next requests before a run ends (see ``python_prefetch``); they are
 served in order, one at a time, and each gets its reply the moment it ends. Requests are
@@ -30,8 +35,10 @@ before the next run, so nothing leaks from one run to the next.
 
 The worker exits when the socket reaches EOF (the agent closed it or died). Anything written to
 file descriptors 1 and 2 (C extensions, child processes) lands in a file this process reads (and
-empties) after each run, into that run's reply; what a crash leaves there (the faulthandler
-traceback) the agent reads when it finds the worker dead.
+empties) after each run, into that run's reply; what a crash or a kill leaves there (the
+faulthandler traceback, what a child wrote) the agent reads when it finds the worker dead.
+What the callable prints reaches the agent while it runs, so a run killed by its timeout keeps
+what it printed before, and the agent's log shows it live.
 """
 
 from __future__ import annotations
@@ -47,6 +54,7 @@ import signal
 import socket
 import struct
 import sys
+import threading
 import time
 import traceback
 from collections import deque
@@ -66,6 +74,14 @@ OUTPUT_LIMIT = 64 * 1024
 REPR_LIMIT = 2048
 # Of an exception's traceback, the last this many frames (the callable's own, usually).
 TRACEBACK_FRAMES = 12
+# Streamed output (``"out"`` frames): every write that completes a line is sent at once until
+# STREAM_LINES lines were sent (the agent logs the first 200 lines of a run, as for commands, so
+# those must come live); after that, output is sent in pieces of STREAM_BATCH characters, and
+# the rest when the run ends. A frame holds at most STREAM_FRAME characters (JSON may escape a
+# control character in 6 bytes: well under MAX_FRAME).
+STREAM_LINES = 200
+STREAM_BATCH = 16 * 1024
+STREAM_FRAME = 64 * 1024
 # One receive reads at most this much, into a buffer allocated once: a fresh large buffer per
 # recv() costs an mmap/munmap pair and page faults, which measured as most of a run's overhead.
 RECV_CHUNK = 64 * 1024
@@ -132,7 +148,8 @@ class Inbox:
 
 
 class TailWriter(io.TextIOBase):
-    """A text stream that keeps only the last ``limit`` characters written (sys.stdout/err)."""
+    """A text stream that keeps only the last ``limit`` characters written (sys.stdout/err),
+    for an agent that does not take streamed output (one older than this worker)."""
 
     def __init__(self, limit: int) -> None:
         super().__init__()
@@ -159,6 +176,78 @@ class TailWriter(io.TextIOBase):
 
     def text(self) -> str:
         return "".join(self._parts)[-self._limit:] if self._limit > 0 else ""
+
+
+class StreamWriter(io.TextIOBase):
+    """``sys.stdout``/``sys.stderr`` during a run, for an agent that takes streamed output: the
+    text goes to the agent in ``"out"`` frames as it is written (see STREAM_LINES), so the agent
+    logs it live and keeps it if this process is killed. ``flush()`` (``print(...,
+    flush=True)``, a logging handler) sends what is pending at once. Thread-safe (a callable's
+    threads may print); a child the callable forked writes to fd 1 instead (the channel is not
+    its to write: the agent would read garbage); after :meth:`finish` it writes nothing."""
+
+    def __init__(self, send: Callable[[Mapping[str, Any]], None]) -> None:
+        super().__init__()
+        self._send = send
+        self._pending: list[str] = []
+        self._pending_size = 0
+        self._lines = 0  # newlines sent
+        self._pid = os.getpid()
+        self._lock = threading.Lock()
+        self._finished = False
+        self.total = 0  # bytes (UTF-8) written
+
+    def write(self, s: str) -> int:
+        if not isinstance(s, str):
+            raise TypeError(f"write() argument must be str, not {type(s).__name__}")
+        if not s:
+            return 0
+        if os.getpid() != self._pid:  # a forked child: the output file, as a process would
+            if sys.__stdout__ is not None:
+                with contextlib.suppress(OSError, ValueError):
+                    sys.__stdout__.write(s)
+                    sys.__stdout__.flush()
+            return len(s)
+        with self._lock:
+            if self._finished:
+                return len(s)
+            self.total += len(s.encode("utf-8", "replace"))
+            self._pending.append(s)
+            self._pending_size += len(s)
+            if ((self._lines < STREAM_LINES and "\n" in s)
+                    or self._pending_size >= STREAM_BATCH):
+                self._flush_pending()
+        return len(s)
+
+    def flush(self) -> None:
+        with self._lock:
+            if self._pending and not self._finished and os.getpid() == self._pid:
+                self._flush_pending()
+
+    def finish(self) -> None:
+        """The run ended: send what is pending; write nothing more."""
+        with self._lock:
+            if not self._finished and os.getpid() == self._pid:
+                self._flush_pending()
+            self._finished = True
+
+    def _flush_pending(self) -> None:
+        text = "".join(self._pending)
+        self._pending, self._pending_size = [], 0
+        self._lines += text.count("\n")
+        # A signal handler of the job that raises (an alarm-based timeout) must not interrupt
+        # a frame half sent: the agent would read garbage and kill this worker.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+        try:
+            for at in range(0, len(text), STREAM_FRAME):
+                self._send({"out": text[at:at + STREAM_FRAME]})
+        except OSError:  # the agent is gone: this process ends at EOF; the job goes on
+            self._finished = True
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+    def writable(self) -> bool:
+        return True
 
 
 def resolve(target: str) -> Callable[..., Any]:
@@ -195,8 +284,10 @@ def _traceback_tail(exc: BaseException, skip: int = 0) -> str:
 class Runner:
     """The state of one worker process: resolved callables and the environment it has set."""
 
-    def __init__(self, output_limit: int, out_fd: int | None = None) -> None:
+    def __init__(self, output_limit: int, out_fd: int | None = None,
+                 stream: Callable[[Mapping[str, Any]], None] | None = None) -> None:
         self._output_limit = output_limit
+        self._stream = stream  # sends a frame to an agent that takes streamed output
         self._limit = output_limit  # the current run's (the job's output_limit)
         self._out_fd = out_fd  # a private copy of fd 1 (the output file), or None
         self._callables: dict[str, Callable[..., Any]] = {}
@@ -269,7 +360,8 @@ class Runner:
                 return {"code": None, "output": "", "bytes": 0, "error": str(exc),
                         "recycle": False}
             self._callables[target] = func
-        out = TailWriter(self._limit)
+        out: TailWriter | StreamWriter = (TailWriter(self._limit) if self._stream is None
+                                          else StreamWriter(self._stream))
         saved = sys.stdout, sys.stderr
         sys.stdout = sys.stderr = out
         code: int | None = 0
@@ -291,6 +383,9 @@ class Runner:
             recycle = isinstance(exc, MemoryError)
         finally:
             sys.stdout, sys.stderr = saved
+        if isinstance(out, StreamWriter):
+            out.finish()
+            return {"code": code, "output": "", "bytes": 0, "error": error, "recycle": recycle}
         return {"code": code, "output": out.text(), "bytes": out.total, "error": error,
                 "recycle": recycle}
 
@@ -357,7 +452,7 @@ class _Channel:
         self._sock.sendall(encode(message))
 
 
-def _init(message: Mapping[str, Any]) -> Runner:
+def _init(message: Mapping[str, Any], channel: _Channel) -> Runner:
     path = message.get("path")
     if isinstance(path, list) and all(isinstance(p, str) for p in path):
         sys.path[:] = path
@@ -379,7 +474,8 @@ def _init(message: Mapping[str, Any]) -> Runner:
     except OSError:
         out_fd = None
     return Runner(output_limit if isinstance(output_limit, int) and output_limit > 0
-                  else OUTPUT_LIMIT, out_fd)
+                  else OUTPUT_LIMIT, out_fd,
+                  channel.send if message.get("stream") is True else None)
 
 
 def serve(fd: int) -> int:
@@ -391,7 +487,7 @@ def serve(fd: int) -> int:
     first = channel.receive()
     if first is None:
         return 0
-    runner = _init(first)
+    runner = _init(first, channel)
     channel.send({"ready": os.getpid()})
     while True:
         taken = channel.next_request()

@@ -6,6 +6,7 @@ never overlap."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -117,6 +118,11 @@ def test_execution_guarantees(tmp_path: Path, devconsul: DevConsul,
         added = enqueue_id(cfg, "py-add", ["a=2", "b=40"])
         wait_until(lambda: record(r, added).get("state") == "succeeded", 20, what="py-add")
         assert "42" in record(r, added)["output"]
+        # Its print-out also went to the agent's log, with the run id bound.
+        logged = [json.loads(line) for a in cluster.agents.values()
+                  for line in a.log.read_text().splitlines() if '"run_output"' in line]
+        assert {"event": "run_output", "run_id": added, "line": "adding 2 and 40"}.items() <= \
+            next(e for e in logged if e.get("run_id") == added).items(), logged
         crashed = enqueue_id(cfg, "py-crash")
         wait_until(lambda: record(r, crashed).get("state") == "failed", 20, what="py-crash")
         again = enqueue_id(cfg, "py-add", ["a=1", "b=1"])

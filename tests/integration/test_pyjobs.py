@@ -7,8 +7,10 @@ import os
 import queue
 import re
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -16,8 +18,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from cronsul_testing import wait_until
 
+from cronsul_testing import wait_until
 from scheduler.errors import ConfigError, CronsulError
 from worker.executor import OUTPUT_LIMIT, Outcome
 from worker.pyjobs import PyExecution, PythonPool, validate_target
@@ -530,12 +532,13 @@ def test_a_big_reply_read_late_is_not_taken_for_a_death(one: PythonPool, tmp_pat
                                                         ) -> None:
     marks = tmp_path / "starts"
     assert run(one, "mark_then", path=str(tmp_path / "warm")).ok
-    # 65,536 two-byte characters: the head's reply spans several receives; the run queued
+    # 65,536 two-byte characters: the head's output spans several receives; the run queued
     # behind it dies at once, so by the time the reactor looks the worker is gone.
     boxes = _submit_busy(one, [("big", {"n": "65536", "ch": "é"}, 0.2),
                                ("mark_then", {"path": str(marks), "code": "3"}, 10)], 0.5)
     head, second = boxes[0].get(timeout=20), boxes[1].get(timeout=20)
-    assert head.ok and not head.timed_out and len(head.output) == 65536
+    assert head.ok and not head.timed_out and head.output_bytes == 131072
+    assert head.output == "é" * 32768  # the last 64 KiB, as for a command's output
     assert second.exit_code == 3
     time.sleep(0.3)
     assert len(marks.read_text().splitlines()) == 1  # started once, not again elsewhere
@@ -698,3 +701,116 @@ def test_stopping_the_pool_reaps_a_killed_worker_still_dying(tmp_path: Path) -> 
     finally:
         p.stop()  # right after the kill: its reap may still be pending
     assert not Path(f"/proc/{big_pid}").exists(), "left a zombie"
+
+
+class _LogRecorder:
+    """Stands in for the agent's run logger (bound with the run id): records events."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, dict[str, object]]] = []
+        self._lock = threading.Lock()
+
+    def info(self, event: str, **fields: object) -> None:
+        with self._lock:
+            self.events.append((event, fields))
+
+    def lines(self) -> list[object]:
+        with self._lock:
+            return [f["line"] for e, f in self.events if e == "run_output"]
+
+
+def _start(p: PythonPool, func: str, kwargs: dict[str, str], timeout: float,
+           log: _LogRecorder) -> queue.Queue[Outcome]:
+    box: queue.Queue[Outcome] = queue.Queue()
+    e = p.execution(log)
+    p.reactor.call(lambda: e.start(f"{FIX}:{func}", kwargs, {}, timeout, box.put), 10)
+    return box
+
+
+def test_a_callables_output_reaches_the_log_while_it_runs(pool: PythonPool,
+                                                          tmp_path: Path) -> None:
+    log, go = _LogRecorder(), tmp_path / "go"
+    box = _start(pool, "print_then_wait", {"path": str(go)}, 20, log)
+    wait_until(lambda: log.lines() == ["step 1: fetched", "step 2: parsed"], 5,
+               what="the first lines logged while the callable still runs")
+    assert box.empty()
+    go.touch()
+    out = box.get(timeout=10)
+    assert out.ok
+    assert out.output == ("step 1: fetched\nstep 2: parsed\nstep 3: uploading... done\n"
+                          "return value: 'waited'\n")
+    assert log.lines() == ["step 1: fetched", "step 2: parsed", "step 3: uploading... done",
+                           "return value: 'waited'"]
+
+
+def test_a_callable_killed_by_its_timeout_keeps_what_it_printed(pool: PythonPool,
+                                                                tmp_path: Path) -> None:
+    log = _LogRecorder()
+    out = _start(pool, "print_then_wait", {"path": str(tmp_path / "never")}, 1, log
+                 ).get(timeout=15)
+    assert out.timed_out and out.signal == signal.SIGKILL
+    # The partial line was flushed (print(..., flush=True)), so it is kept too.
+    assert out.output == "step 1: fetched\nstep 2: parsed\nstep 3: uploading..."
+    assert out.output_bytes == len(out.output)
+    assert log.lines() == ["step 1: fetched", "step 2: parsed", "step 3: uploading..."]
+
+
+def test_a_callables_log_gets_its_first_200_lines_then_a_count(pool: PythonPool) -> None:
+    log = _LogRecorder()
+    out = _start(pool, "many_lines", {"n": "5000"}, 20, log).get(timeout=15)
+    assert out.ok and out.output.endswith("line 4999\n")
+    assert log.lines() == [f"line {i}" for i in range(200)]
+    [(_, truncated)] = [(e, f) for e, f in log.events if e == "run_output_truncated"]
+    assert truncated["lines_not_logged"] == 4800
+
+
+def test_what_a_forked_child_of_a_callable_prints_is_kept(pool: PythonPool) -> None:
+    out = run(pool, "fork_child_prints")
+    assert out.ok and sorted(out.output.splitlines()) == ["from the child", "from the parent"]
+
+
+def test_a_worker_dying_while_its_forked_child_lives_does_not_stall_the_pool(
+        one: PythonPool, tmp_path: Path) -> None:
+    """The child holds the worker's socket open: the pool must not wait for its EOF."""
+    pidfile = tmp_path / "child"
+    began = time.monotonic()
+    out = run(one, "fork_then_die", pidfile=str(pidfile), timeout=20)
+    assert time.monotonic() - began < 5  # before: the reactor spun until the child exited
+    assert out.exit_code == 5 and out.output == "forking\n"
+    assert out.error is not None and "died: exit code 5" in out.error
+    child = int(pidfile.read_text())
+    wait_until(lambda: not pid_alive(child), 5, what="the child killed with the worker's group")
+    assert run(one, "add", a="1", b="1").ok
+
+
+def test_a_worker_started_by_an_agent_that_does_not_stream_replies_with_all_its_output() -> None:
+    """During an upgrade, an agent still running the old code starts workers from the new
+    files: without ``"stream"`` in the first frame they must speak the old protocol (the
+    output in the reply, no ``"out"`` frames the old agent would take for replies)."""
+    from worker.pyjobs import BOOTSTRAP
+    from worker.pyworker import Inbox, encode
+
+    ours, theirs = socket.socketpair()
+    out_file = tempfile.TemporaryFile()  # noqa: SIM115  # fds 1/2, as the pool gives them
+    proc = subprocess.Popen([sys.executable, "-c", BOOTSTRAP, str(theirs.fileno())],
+                            pass_fds=(theirs.fileno(),), stdout=out_file, stderr=out_file,
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)})
+    theirs.close()
+    try:
+        ours.settimeout(20)
+        inbox = Inbox(ours)
+
+        def receive() -> dict[str, object]:
+            while (frame := inbox.frame()) is None:
+                assert inbox.fill(), "the worker closed its socket"
+            return frame
+
+        ours.sendall(encode({"path": sys.path, "max_rss_mb": None, "output_limit": 1000}))
+        assert "ready" in receive()
+        ours.sendall(encode({"target": f"{FIX}:say", "kwargs": {"text": "hi"}, "env": {}}))
+        reply = receive()
+        assert reply["code"] == 0 and reply["output"] == "py:hi\nfd:hi\n", reply
+    finally:
+        ours.close()
+        proc.wait(10)
+        out_file.close()
