@@ -261,10 +261,13 @@ class Agent:
                               "the agent restarts")
         self.cfg = cfg
         self.consumer.set_jobs(cfg)
+        # New job code (a deploy) is imported by the next callable runs, as new config is used.
+        renewed = self.consumer.renew_python()
         self.driver.reload([j.scheduled() for j in cfg.jobs.values()])
         self.publisher.wake.set()
         self.membership.update_meta(self._meta(cfg))
-        self._log.info("config_reloaded", jobs=len(cfg.jobs), config_hash=cfg.config_hash)
+        self._log.info("config_reloaded", jobs=len(cfg.jobs), config_hash=cfg.config_hash,
+                       python_workers_renewed=renewed)
 
     def _install_signals(self) -> None:
         self._signals.install(signal.SIGTERM, signal.SIGINT, signal.SIGHUP)

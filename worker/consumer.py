@@ -141,6 +141,15 @@ class Consumer:
     def set_jobs(self, cfg: Config) -> None:
         self._cfg = cfg
 
+    def renew_python(self) -> int:
+        """Replace the warm Python processes (a reload): the next callable runs import the
+        jobs' code afresh. The number of processes the pool keeps (0: no pool started)."""
+        pool = self._py
+        if pool is None:
+            return 0
+        pool.renew()
+        return len(pool.pids())
+
     # -- fetch loop -------------------------------------------------------------------------
 
     def run(self, stop: threading.Event) -> None:

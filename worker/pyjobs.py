@@ -141,6 +141,7 @@ class _Worker:
     timer: asyncio.TimerHandle | None = None  # fires at or before queue[0]'s deadline
     poll: asyncio.TimerHandle | None = None  # liveness check where there are no pidfds
     outbuf: bytearray = field(default_factory=bytearray)  # not yet accepted by the socket
+    generation: int = 0  # the pool's generation it was started in (see PythonPool.renew)
 
     def alive(self) -> bool:
         """Whether the process still runs, without reaping it (its pid, the process group id,
@@ -229,6 +230,7 @@ class PythonPool:
         self._early_deaths = 0  # workers in a row that died young (reactor thread)
         self._reaping: set[_Worker] = set()  # killed, still dying, reaped when gone (reactor)
         self._respawn_timer: asyncio.TimerHandle | None = None
+        self._generation = 0  # raised by renew(): older workers are replaced once idle
         self._own_reactor = reactor is None
         self.reactor = reactor or Reactor("python-pool")
 
@@ -294,6 +296,28 @@ class PythonPool:
     def run(self, target: str, kwargs: Mapping[str, str], env: Mapping[str, str],
             timeout: float) -> Outcome:
         return PyExecution(self).run(target, kwargs, env, timeout)
+
+    def renew(self) -> None:
+        """Replace every worker so that the next runs import the jobs' code afresh (a reload
+        after a deploy): idle ones now, busy ones when their runs end (never killed for it).
+        Any thread."""
+        self.reactor.call_soon(self._renew_here)
+
+    def _renew_here(self) -> None:
+        with self._cond:
+            if self._closed:
+                return
+            self._generation += 1
+            idle = list(self._idle)
+            self._idle.clear()
+        for w in idle:
+            self._retire(w)
+
+    def _retire(self, w: _Worker) -> None:
+        """Replace ``w``, idle and of an older generation (reactor thread). Not through
+        _refill: retiring a young worker is no sign that workers die young."""
+        self._discard(w)
+        self._respawn()
 
     def stop(self) -> None:
         """Retire every worker: idle ones exit at EOF, busy ones are killed (their runs fail)."""
@@ -386,7 +410,8 @@ class PythonPool:
         poller.register(ours.fileno(), select.POLLIN)
         if pidfd is not None:
             poller.register(pidfd, select.POLLIN)
-        w = _Worker(proc, ours, out_fd, pidfd, poller, Inbox(ours), spawned_at=time.monotonic())
+        w = _Worker(proc, ours, out_fd, pidfd, poller, Inbox(ours), spawned_at=time.monotonic(),
+                    generation=self._generation)
         with self._cond:
             self._live.add(w)
         with contextlib.suppress(OSError):  # if it died already, its first run will tell
@@ -515,6 +540,9 @@ class PythonPool:
 
     def _release(self, w: _Worker) -> None:
         """``w`` has nothing queued (reactor thread): give it waiting runs, or make it idle."""
+        if w.generation != self._generation and w in self._live:
+            self._retire(w)  # its replacement takes the waiting runs
+            return
         self._top_up(w)
         if w.queue or w not in self._live:
             return

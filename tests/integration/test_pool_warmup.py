@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import signal
 
 from pathlib import Path
 
@@ -72,6 +73,14 @@ def test_the_pool_is_warm_before_the_first_callable_run(tmp_path: Path, devconsu
         assert "42" in r.hget(KEYS.run(run_id), "output").decode()
         # The run used the warm processes; none was started for it.
         assert sorted(pool_children(agent.pid)) == warm
+        # A reload (after a deploy of new job code) replaces them, so the next runs import
+        # the code afresh; the pool keeps its size.
+        agent.signal(signal.SIGHUP)
+        wait_until(lambda: len(pool_children(agent.pid)) == 2
+                   and not set(warm) & set(pool_children(agent.pid)), 20,
+                   what="the warm processes replaced by the reload")
+        again = enqueue_id(cfg, "py", ["a=1", "b=2"])
+        wait_until(lambda: state(r, again) == "succeeded", 20, what="a run after the reload")
     finally:
         cluster.stop()
 

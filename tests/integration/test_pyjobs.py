@@ -814,3 +814,36 @@ def test_a_worker_started_by_an_agent_that_does_not_stream_replies_with_all_its_
         ours.close()
         proc.wait(10)
         out_file.close()
+
+
+def test_renew_makes_the_next_runs_import_new_job_code(tmp_path: Path) -> None:
+    """A deploy replaces a job's module, then `systemctl reload cronsul` renews the pool: idle
+    workers are replaced at once, a busy one when its run ends (that run is not killed)."""
+    module = tmp_path / "deployed_job.py"
+    module.write_text("import time\n"
+                      "def version():\n    return 'v1'\n"
+                      "def slow(seconds):\n    time.sleep(float(seconds))\n    return 'slow v1'\n")
+    sys.path.insert(0, str(tmp_path))  # the pool hands its workers this process's sys.path
+    p = PythonPool(2, watchdog=None)
+    try:
+        p.start()
+        assert p.run("deployed_job:version", {}, {}, 10).output == "return value: 'v1'\n"
+        box: queue.Queue[Outcome] = queue.Queue()
+        busy = p.execution()
+        p.reactor.call(lambda: busy.start("deployed_job:slow", {"seconds": "1"}, {}, 10,
+                                          box.put), 10)
+        module.write_text("def version():\n    return 'v2 (deployed)'\n")
+        old = set(p.pids())
+        p.renew()
+        # The idle worker was replaced; the busy one finishes its run with the old code.
+        assert p.run("deployed_job:version", {}, {}, 10).output == \
+            "return value: 'v2 (deployed)'\n"
+        slow = box.get(timeout=10)
+        assert slow.ok and slow.output == "return value: 'slow v1'\n"
+        wait_until(lambda: not old & set(p.pids()) and len(p.pids()) == 2, 10,
+                   what="every worker of the old generation replaced")
+        outs = [p.run("deployed_job:version", {}, {}, 10) for _ in range(4)]
+        assert {o.output for o in outs} == {"return value: 'v2 (deployed)'\n"}
+    finally:
+        p.stop()
+        sys.path.remove(str(tmp_path))
