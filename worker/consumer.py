@@ -126,6 +126,11 @@ class Consumer:
         watchdog.defer_writes(self._reactor.call_soon)
         self.accepting = threading.Event()
         self.accepting.set()
+        # Held by the fetch loop from a fetch (or reclaim) until its runs are claimed and
+        # handed to the reactor: drain() takes it after clearing ``accepting``, so runs a fetch
+        # returns during a shutdown are counted in flight (and run) before drain looks, never
+        # claimed after the reactor stopped.
+        self._fetching = threading.Lock()
         self._py: PythonPool | None = None  # started on first use by a callable job
         self.hooks = RunHooks()  # metrics; the agent plugs its AgentMetrics in
         # Script calls and the runs they carried (logged at shutdown: how well batching works).
@@ -172,10 +177,13 @@ class Consumer:
                 free = self._free_slots()
                 if self._clock.monotonic() >= next_reclaim and free > 0:
                     next_reclaim = self._clock.monotonic() + self._vis_s / 2
-                    reclaimed = self._q.reclaim(queues, self._lease_ms, free)
-                    for d in reclaimed:
-                        self._log.info("run_reclaimed", entry_id=d.entry_id, queue=d.queue)
-                    self._start(reclaimed)
+                    with self._fetching:
+                        if not self.accepting.is_set():
+                            continue
+                        reclaimed = self._q.reclaim(queues, self._lease_ms, free)
+                        for d in reclaimed:
+                            self._log.info("run_reclaimed", entry_id=d.entry_id, queue=d.queue)
+                        self._start(reclaimed)
                     free = self._free_slots()
                 if self._clock.monotonic() >= next_promote:
                     next_promote = self._clock.monotonic() + PROMOTE_EVERY_S
@@ -195,7 +203,10 @@ class Consumer:
                     self._slot_freed.clear()
                     continue
                 refill_waited = False
-                self._start(self._q.fetch(queues, free, FETCH_BLOCK_MS, self._queue_room()))
+                with self._fetching:
+                    if not self.accepting.is_set():
+                        continue
+                    self._start(self._q.fetch(queues, free, FETCH_BLOCK_MS, self._queue_room()))
             except redis.RedisError as exc:
                 self._log.warning("redis_error", error=str(exc)[:200])
                 stop.wait(0.5)
@@ -703,6 +714,10 @@ class Consumer:
         their leases lapse and another node takes them over (``on_lost``), as if this node
         had died, which is what a run cut short by a shutdown is."""
         self.accepting.clear()
+        # A fetch under way (it blocks up to FETCH_BLOCK_MS) claims and starts what it got
+        # first: those runs are this node's now, and run within the grace like the others.
+        if self._fetching.acquire(timeout=FETCH_BLOCK_MS / 1000 + CLOSE_WAIT_S):
+            self._fetching.release()
         deadline = self._clock.monotonic() + timeout_s
         while self._busy() and self._clock.monotonic() < deadline:
             threading.Event().wait(0.1)
