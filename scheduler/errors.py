@@ -37,3 +37,8 @@ class QueueError(CronsulError):
 
 class MessageError(QueueError):
     """A queued message cannot be run (undecodable, unknown job, bad parameters)."""
+
+
+class NotRunnableHere(MessageError):
+    """A queued message this node's config cannot run (an unknown job, a parameter the job does
+    not declare) but another node's may: while a config change rolls out, nodes disagree."""

@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from queue import Empty, SimpleQueue
 from typing import Any
 
@@ -17,7 +18,7 @@ import redis
 import structlog
 
 from scheduler.clock import Clock
-from scheduler.errors import MessageError
+from scheduler.errors import MessageError, NotRunnableHere
 from scheduler.runs import epoch_ms, from_epoch_ms, iso_utc
 from worker.config import Config, JobSpec
 from worker.executor import (
@@ -31,7 +32,7 @@ from worker.executor import (
     root_refusal,
     seal_inherited_fds,
 )
-from worker.messages import RunMessage, parse_message
+from worker.messages import RunMessage, parse_message, payload_field
 from worker.metrics import RunHooks
 from worker.params import render_argv
 from worker.pyjobs import PyExecution, PythonPool
@@ -62,6 +63,13 @@ CLOSE_WAIT_S = 5.0
 # After the kill grace of runs stopped at shutdown: time for their KILL, reaping and output
 # drain to reach the consumer before the watchdog kills whatever is left.
 STOP_SETTLE_S = 1.0
+# A run this node's config cannot run (an unknown job, an undeclared parameter: see
+# NotRunnableHere) is handed back, queued again HAND_BACK_DELAY_S later for any node, while it
+# was scheduled less than HAND_BACK_WINDOW_S ago: a config change rolled out one node at a time
+# leaves nodes disagreeing for minutes, and a run must reach one that knows its job, not the
+# dead letters. After the window (the job was removed, or never existed) it is dead-lettered.
+HAND_BACK_DELAY_S = 5.0
+HAND_BACK_WINDOW_S = 600.0
 # Most results one ``finish`` script call records: bounds the script's run time (Redis serves
 # nobody else meanwhile) while a busy node still records many results per round trip.
 FINISH_BATCH_MAX = 256
@@ -258,6 +266,10 @@ class Consumer:
         for d in deliveries:
             try:
                 msg = parse_message(d.payload, jobs)
+            except NotRunnableHere as exc:
+                if not self._hand_back(d, exc):
+                    self._dead_letter(d, exc)
+                continue
             except MessageError as exc:
                 self._dead_letter(d, exc)
                 continue
@@ -342,6 +354,33 @@ class Consumer:
             return None, identity_of(job.user), account_of(job.user)
         except (KeyError, PermissionError) as exc:
             return identity_error(exc), None, None
+
+    def _hand_back(self, d: Delivery, exc: NotRunnableHere) -> bool:
+        """Queue a run this node cannot run again for the other nodes (see HAND_BACK_WINDOW_S);
+        False when it is too old for that, or the hand-back failed (it is dead-lettered)."""
+        when = payload_field(d.payload, "scheduled_at")
+        try:
+            scheduled_ms = epoch_ms(datetime.fromisoformat((when or "").replace("Z", "+00:00")))
+        except (ValueError, TypeError):
+            return False
+        now_ms = epoch_ms(self._clock.now())
+        run_id = payload_field(d.payload, "run_id") or ""
+        if d.payload is None or now_ms - scheduled_ms > HAND_BACK_WINDOW_S * 1000:
+            return False
+        until = iso_utc(from_epoch_ms(scheduled_ms + int(HAND_BACK_WINDOW_S * 1000)))
+        try:
+            self._runs.hand_back(d.queue, d.payload, run_id,
+                                 now_ms + int(HAND_BACK_DELAY_S * 1000),
+                                 f"{self._node} cannot run it ({exc}); queued again for the "
+                                 f"other nodes until {until}, then dead-lettered")
+        except redis.RedisError as err:
+            self._log.warning("run_redis_error", entry_id=d.entry_id, error=str(err)[:200])
+            return False
+        self._settle(d)  # a settle lost leaves a second copy, which begin runs at most once
+        self._free([d])
+        self._log.info("run_handed_back", entry_id=d.entry_id, queue=d.queue, run_id=run_id,
+                       reason=str(exc), retry_in_s=HAND_BACK_DELAY_S, dead_letter_after=until)
+        return True
 
     def _dead_letter(self, d: Delivery, exc: MessageError) -> None:
         reason = str(exc).split(":", 1)[0]

@@ -221,7 +221,8 @@ def logs(cfg: Config, run_id: str, as_json: bool) -> int:
           f"scheduled {view['scheduled_at'] or '-'}, exit {_exit(view)}, "
           f"duration {_ms(view['duration_ms'])}, lag {_ms(view['start_lag_ms'])}, "
           f"output {view['output_bytes'] if view['output_bytes'] is not None else 0} bytes"
-          + (f", error: {view['error']}" if view["error"] else ""), file=sys.stderr)
+          + (f", error: {view['error']}" if view["error"] else "")
+          + (f", waiting: {view['waiting']}" if view["waiting"] else ""), file=sys.stderr)
     return 0
 
 
@@ -249,6 +250,10 @@ def _run_view(raw: dict[bytes, bytes], run_id: str, finished_ms: int | None) -> 
         "start_lag_ms": started - sched if started is not None and sched is not None else None,
         "output_bytes": _int(rec.get("output_bytes")), "error": rec.get("error") or None,
         "manual": rec.get("manual") == "1",
+        # Why it still waits, while it does: a node whose config could not run it handed it
+        # back for the others (a config change rolling out).
+        "waiting": (rec.get("handed_back") or None) if rec.get("state") in ("queued",
+                                                                            "retrying") else None,
     }
 
 

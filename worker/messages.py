@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 
-from scheduler.errors import ConfigError, MessageError
+from scheduler.errors import ConfigError, MessageError, NotRunnableHere
 from scheduler.runs import iso_utc
 from worker.config import JobSpec
 from worker.params import check_value, placeholders
@@ -79,7 +79,7 @@ def parse_message(payload: bytes | None, jobs: Mapping[str, JobSpec]) -> RunMess
         raise MessageError("malformed: not a version 1 run message (\"v\": 1, an integer)")
     run_id, job, when, params = (body.get(k) for k in ("run_id", "job", "scheduled_at", "params"))
     if not isinstance(job, str) or job not in jobs:
-        raise MessageError(f"unknown job: {job!r} is not defined in this node's config")
+        raise NotRunnableHere(f"unknown job: {job!r} is not defined in this node's config")
     if not isinstance(run_id, str) or not run_id.startswith(f"{job}@"):
         raise MessageError(f"malformed: run_id {str(run_id)[:200]!r} does not start with "
                            f"{job + '@'!r}")
@@ -101,7 +101,8 @@ def parse_message(payload: bytes | None, jobs: Mapping[str, JobSpec]) -> RunMess
     spec = jobs[job]
     undeclared = sorted(set(params) - spec.param_names)
     if undeclared:
-        raise MessageError(f"bad params: {undeclared[0]!r} is not a parameter of job {job!r}")
+        raise NotRunnableHere(f"bad params: {undeclared[0]!r} is not a parameter of job "
+                              f"{job!r}")
     try:
         for k, v in params.items():
             check_value(k, v, f"job {job!r}")
@@ -109,6 +110,6 @@ def parse_message(payload: bytes | None, jobs: Mapping[str, JobSpec]) -> RunMess
         raise MessageError(f"bad params: {exc}") from exc
     missing = sorted(placeholders(spec.command, job) - set(params))
     if missing:
-        raise MessageError(f"bad params: command needs {missing[0]!r}")
+        raise NotRunnableHere(f"bad params: command needs {missing[0]!r}")
     iso = when if isinstance(when, str) and CANONICAL_TIME.fullmatch(when) else ""
     return RunMessage(run_id, job, scheduled, params, iso)

@@ -128,7 +128,7 @@ def enqueue_manual(cfg: Config, r: redis.Redis, job: str, params: dict[str, str]
 
 def _follow(r: redis.Redis, keys: Keys, run_id: str, timeout_s: float) -> int:
     deadline = time.monotonic() + timeout_s
-    last = ""
+    last = note = ""
     while time.monotonic() < deadline:
         raw: dict[bytes, bytes] = r.hgetall(keys.run(run_id))  # type: ignore[assignment]
         record = {k.decode(): v.decode(errors="replace") for k, v in raw.items()}
@@ -137,6 +137,9 @@ def _follow(r: redis.Redis, keys: Keys, run_id: str, timeout_s: float) -> int:
             print(f"{run_id}: {state}" + (f" on {record['node']}" if record.get("node") else ""),
                   flush=True)
             last = state
+        if record.get("handed_back", note) != note and state not in TERMINAL:
+            note = record["handed_back"]
+            print(f"{run_id}: waiting: {note}", flush=True)
         if state in TERMINAL:
             if record.get("output"):
                 print(record["output"], end="" if record["output"].endswith("\n") else "\n")

@@ -266,6 +266,19 @@ end
 return 1
 """
 
+# A run handed back by a node whose config cannot run it (worker.consumer.HAND_BACK_WINDOW_S):
+# queued again in the delayed set, and its record, if it holds this very payload and waits,
+# says which node could not run it and why (`cronsul run --wait` and `logs` show it). KEYS:
+# delayed set, record; ARGV: member ("<queue>|<payload>"), due ms, payload, note.
+HAND_BACK = """
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
+local rec = redis.call('HMGET', KEYS[2], 'state', 'payload')
+if (rec[1] == 'queued' or rec[1] == 'retrying') and rec[2] == ARGV[3] then
+  redis.call('HSET', KEYS[2], 'handed_back', ARGV[4])
+end
+return 1
+"""
+
 # Delayed runs (retries, waiting overlap runs) due by now go to their queue stream: atomic, so
 # any number of nodes may promote at once without duplicating a run.
 PROMOTE = """
@@ -362,6 +375,7 @@ class RunState:
         self._renew = client.register_script(RENEW)
         self._finish = client.register_script(FINISH)
         self._promote = client.register_script(PROMOTE)
+        self._hand_back = client.register_script(HAND_BACK)
         self._promote_outbox = client.register_script(PROMOTE_OUTBOX)
         self._dead_on_arrival = client.register_script(DEAD_ON_ARRIVAL)
 
@@ -445,6 +459,14 @@ class RunState:
         return bool(self._dead_on_arrival(
             keys=[self._keys.run(run_id), self._keys.history(job)],
             args=[payload, error[:4096], now_ms, self._node, HISTORY_PER_JOB]))
+
+    def hand_back(self, queue: str, payload: bytes, run_id: str, due_ms: int,
+                  note: str) -> None:
+        """Queue ``payload`` on ``queue`` again at ``due_ms`` (the delayed set, promoted by any
+        node), for a run this node cannot run and another may; ``note`` (why) goes to its
+        record while it waits."""
+        self._hand_back(keys=[self._keys.delayed, self._keys.run(run_id)],
+                        args=[queue.encode() + b"|" + payload, due_ms, payload, note])
 
     def promote(self, now_ms: int, limit: int = 500) -> int:
         if self._outbox:
