@@ -41,6 +41,7 @@ from worker.metrics import AgentMetrics
 from worker.ops import Ops
 from worker.queue import RedisQueue
 from worker.redisconn import AGENT_RETRIES, RedisSection, is_auth_error, redis_client
+from worker.reloading import settle_reload
 from worker.runstate import RunState
 from worker.scheduling import SchedulerDriver
 from worker.secretfiles import exposure_warnings, redact
@@ -247,18 +248,13 @@ class Agent:
         except ConfigError as exc:
             self._log.error("reload_refused", error=str(exc))
             return
-        if cfg.redis != self.cfg.redis:
-            self._log.warning("reload_redis_needs_restart", detail="[redis] changed: restart the "
-                              "agent to apply it (the connection is kept)")
-        if cfg.record_ttl != self.cfg.record_ttl:
-            self._log.warning("reload_needs_restart", detail="history_retention (or the longest "
-                              "catchup_window) changed: run records keep the old lifetime until "
-                              "the agent restarts")
-        if (cfg.worker.python_max_memory_mb, cfg.worker.python_workers) != (
-                self.cfg.worker.python_max_memory_mb, self.cfg.worker.python_workers):
-            self._log.warning("reload_needs_restart", detail="python_max_memory_mb or "
-                              "python_workers changed: the warm pool keeps its settings until "
-                              "the agent restarts")
+        cfg, needs_restart = settle_reload(self.cfg, cfg)
+        if cfg.record_ttl != self.cfg.record_ttl:  # the longest catchup_window changed
+            needs_restart.append("the longest catchup_window (run records' lifetime)")
+        if needs_restart:
+            self._log.warning("reload_needs_restart", settings=needs_restart,
+                              detail="changed, but kept at their running values until the "
+                                     "agent restarts; the rest of the config is applied")
         self.cfg = cfg
         self.consumer.set_jobs(cfg)
         # New job code (a deploy) is imported by the next callable runs, as new config is used.

@@ -122,7 +122,6 @@ class Consumer:
         self._agent_env = dict(os.environ)
         self._watchdog_sent: float | None = None  # the deadline the watchdog last got
         self._per_queue: dict[str, int] = {}  # in flight per queue, for queue_concurrency
-        self._refill_at = max(1, cfg.worker.concurrency // REFILL_DIVISOR)
         self._active: dict[str, _Active] = {}
         self._lock = threading.Lock()
         self._ready: list[_Active] = []  # ended runs to record (reactor thread only)
@@ -201,7 +200,7 @@ class Consumer:
                     self._slot_freed.wait(1.0)
                     self._slot_freed.clear()
                     continue
-                if free < self._refill_at and not refill_waited:
+                if free < self._refill_at() and not refill_waited:
                     # Runs are in flight and few slots are free: give the running ones up to
                     # REFILL_WAIT_S to free more (woken as soon as half are free), so that one
                     # fetch and one claim serve several runs; never longer, so a free slot does
@@ -221,6 +220,10 @@ class Consumer:
             except Exception:  # a bug must not stop this node from consuming
                 self._log.exception("fetch_loop_error")
                 stop.wait(0.5)
+
+    def _refill_at(self) -> int:
+        """Free slots worth a fetch while runs are in flight (concurrency applies on reload)."""
+        return max(1, self._cfg.worker.concurrency // REFILL_DIVISOR)
 
     def _free_slots(self) -> int:
         with self._lock:
@@ -250,7 +253,7 @@ class Consumer:
             # Wake the fetch loop when it waits for a first free slot or for a batch's worth
             # (see run), not on every run: a wake-up per run costs.
             wake = (full or self._inflight == 0
-                    or self._cfg.worker.concurrency - self._inflight >= self._refill_at)
+                    or self._cfg.worker.concurrency - self._inflight >= self._refill_at())
         if wake:
             self._slot_freed.set()
 
