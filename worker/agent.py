@@ -22,6 +22,7 @@ import structlog
 
 from scheduler.clock import Clock, SystemClock
 from scheduler.errors import ConfigError, ConnectionFailure
+from scheduler.runs import iso_utc
 from scheduler.ticker import TickLoop
 from worker.config import Config, load_config
 from worker.consulapi import (
@@ -78,6 +79,7 @@ class Agent:
         self._threads: list[threading.Thread] = []
         self._signals = SignalInbox()  # set only by the main thread, never by a handler
         self._reload_requested = False
+        self.reload_refused: str | None = None  # when and why the last reload was refused
 
         self.metrics = AgentMetrics()
         self.redis = agent_redis(cfg.redis)
@@ -247,6 +249,8 @@ class Agent:
             cfg = load_config(self.cfg.path)
         except ConfigError as exc:
             self._log.error("reload_refused", error=str(exc))
+            self.metrics.config_reloaded(False)
+            self.reload_refused = f"{iso_utc(self.clock.now())}: {exc}"
             return
         cfg, needs_restart = settle_reload(self.cfg, cfg)
         if cfg.record_ttl != self.cfg.record_ttl:  # the longest catchup_window changed
@@ -262,6 +266,8 @@ class Agent:
         self.driver.reload([j.scheduled() for j in cfg.jobs.values()])
         self.publisher.wake.set()
         self.membership.update_meta(self._meta(cfg))
+        self.metrics.config_reloaded(True)
+        self.reload_refused = None
         self._log.info("config_reloaded", jobs=len(cfg.jobs), config_hash=cfg.config_hash,
                        python_workers_renewed=renewed)
 

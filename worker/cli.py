@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     ck.add_argument("-n", type=count(MAX_FIRE_TIMES), default=5,
                     help=f"fire times per job (default 5, at most {MAX_FIRE_TIMES})")
     ck.add_argument("--json", action="store_true")
+    ck.add_argument("-q", "--quiet", action="store_true",
+                    help="print one line, no fire times (what `systemctl reload` runs first)")
     nx = with_config(sub.add_parser("next", help="next fire times of one job"))
     nx.add_argument("job")
     nx.add_argument("-n", type=count(MAX_FIRE_TIMES), default=20,
@@ -117,7 +119,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         configure(args.log_level)
         return Agent(cfg).run()
     if args.command == "check":
-        return _check(cfg, args.n, args.json)
+        return _check(cfg, args.n, args.json, args.quiet)
     if args.command == "next":
         return _next(cfg, args.job, args.n, args.json)
     if args.command == "status":
@@ -169,7 +171,11 @@ def _local(when: datetime, tz: str) -> str:
     return when.astimezone(ZoneInfo(tz)).isoformat()
 
 
-def _check(cfg: Config, n: int, as_json: bool) -> int:
+def _check(cfg: Config, n: int, as_json: bool, quiet: bool = False) -> int:
+    if quiet:  # the config loaded: that is the check
+        print(f"{cfg.path}: OK, {len(cfg.jobs)} job(s), config hash {cfg.config_hash}")
+        _warn_secrets(cfg)
+        return EXIT_OK
     report: dict[str, Any] = {"config": str(cfg.path), "config_hash": cfg.config_hash, "jobs": {}}
     for name, spec in sorted(cfg.jobs.items()):
         report["jobs"][name] = {

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -104,6 +104,16 @@ class AgentMetrics(RunHooks):
                                     ["kind"], registry=r)
         for outcome in ("enqueued", "deduplicated", "missed", "skipped_paused"):
             self.ticks.labels(outcome)
+        self.reloads = Counter("cronsul_config_reloads",
+                               "Config reloads (SIGHUP) by result: applied, refused (an invalid "
+                               "file: the agent keeps running the config it had)", ["result"],
+                               registry=r)
+        self.reload_ok = Gauge("cronsul_config_last_reload_successful",
+                               "1 unless the last reload was refused (alert on 0: the file on "
+                               "disk is not what runs, and a restart would fail)", registry=r)
+        self.reload_ok.set(1)
+        for result in ("applied", "refused"):
+            self.reloads.labels(result)
         self._counters: dict[tuple[str, str], Counter] = {}  # cronsul_runs children
         self._durations: dict[str, Histogram] = {}  # cronsul_run_duration_seconds children
         self._live = _LiveCollector()
@@ -116,6 +126,10 @@ class AgentMetrics(RunHooks):
         self._live.keys = keys
 
     # -- hooks ------------------------------------------------------------------------------
+
+    def config_reloaded(self, applied: bool) -> None:
+        self.reloads.labels("applied" if applied else "refused").inc()
+        self.reload_ok.set(1 if applied else 0)
 
     def leadership(self, leading: bool) -> None:
         (self.elections if leading else self.losses).inc()

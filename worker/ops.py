@@ -178,5 +178,8 @@ class Ops:
             "redis": redis_ok,
             "running": a.consumer.running,
             "reasons": reasons,
+            # Not unhealthy, but an operator should know: the file on disk is not what runs.
+            "warnings": ([f"config reload refused at {a.reload_refused}"]
+                         if a.reload_refused else []),
         }
         return not reasons, body

@@ -139,6 +139,32 @@ def test_agent_under_systemd_notify_metrics_and_health(
                 f"http://127.0.0.1:{port}/metrics").headers["Content-Type"].startswith(
                 "text/plain")
 
+            # A refused reload: the agent keeps its config, /healthz warns (still 200: it
+            # runs), the metric says 0; the next good reload clears both. `check --quiet`
+            # (what the unit's ExecReload runs first) fails on the same file.
+            assert m[("cronsul_config_last_reload_successful", ())] == 1
+            good_text = config.read_text()
+            config.write_text(good_text + "\n[jobs.broken]\nschedule = 5\n")
+            assert main(["check", "--quiet", "-c", str(config)]) == 2
+            agent.signal(signal.SIGHUP)
+            wait_until(lambda: scrape(port)[("cronsul_config_last_reload_successful", ())] == 0,
+                       10, what="the refused reload in /metrics")
+            code, body = healthz(port)
+            assert code == 200 and body["status"] == "ok", body
+            [warning] = body["warnings"]
+            assert "config reload refused" in warning and "broken" in warning, warning
+            config.write_text(good_text)
+            capsys.readouterr()
+            assert main(["check", "--quiet", "-c", str(config)]) == 0
+            assert capsys.readouterr().out.count("\n") == 1  # one line, no fire times
+            agent.signal(signal.SIGHUP)
+            wait_until(lambda: scrape(port)[("cronsul_config_last_reload_successful", ())] == 1,
+                       10, what="the good reload in /metrics")
+            assert healthz(port)[1]["warnings"] == []
+            m = scrape(port)
+            assert m[("cronsul_config_reloads_total", (("result", "refused"),))] == 1
+            assert m[("cronsul_config_reloads_total", (("result", "applied"),))] == 1
+
             # Node maintenance: STATUS=draining, the lock released, no longer leader.
             node_http = f"http://{consul_addr}"
             requests.put(f"{node_http}/v1/agent/maintenance",

@@ -1,10 +1,10 @@
 """The systemd unit passes `systemd-analyze verify`; the sysusers/tmpfiles snippets apply; every
 directive is commented; the settings the agent relies on are there.
 
-`systemd-analyze verify` also checks that ExecStart's binary exists. The unit names the
-production path (/opt/cronsul/venv/bin/cronsul), so the test verifies a temporary copy whose
-ExecStart points at this checkout's `cronsul` entry point (or, failing that, the Python running
-the tests); nothing else is changed.
+`systemd-analyze verify` also checks that ExecStart's (and ExecReload's) binary exists. The
+unit names the production path (/opt/cronsul/venv/bin/cronsul), so the test verifies a
+temporary copy whose ExecStart and ExecReload point at this checkout's `cronsul` entry point (or,
+failing that, the Python running the tests); nothing else is changed.
 """
 
 from __future__ import annotations
@@ -44,7 +44,8 @@ def test_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
     text = UNIT.read_text()
     assert f"ExecStart={PROD_EXEC} " in text
     copy = tmp_path / "cronsul.service"
-    copy.write_text(text.replace(f"ExecStart={PROD_EXEC} ", f"ExecStart={exe} "))
+    copy.write_text(text.replace(f"ExecStart={PROD_EXEC} ", f"ExecStart={exe} ")
+                    .replace(f"ExecReload={PROD_EXEC} ", f"ExecReload={exe} "))
     result = subprocess.run([analyze, "verify", str(copy)], capture_output=True, text=True,
                             timeout=60)
     assert result.returncode == 0, result.stderr
@@ -78,7 +79,9 @@ def test_the_settings_the_agent_relies_on() -> None:
     assert d["Type"] == "notify" and d["NotifyAccess"] == "main"
     assert parse_duration(d["WatchdogSec"] + "s") >= timedelta(seconds=10)
     assert d["Restart"] == "on-failure" and d["RestartPreventExitStatus"] == "2"
-    assert d["ExecReload"] == "/bin/kill -HUP $MAINPID"
+    reloads = [value for _, key, value in directives(UNIT.read_text()) if key == "ExecReload"]
+    assert reloads == ["/opt/cronsul/venv/bin/cronsul check --quiet -c /etc/cronsul/cronsul.toml",
+                       "/bin/kill -HUP $MAINPID"]  # a bad file fails `systemctl reload`
     assert d["EnvironmentFile"] == "-/etc/default/cronsul"
     assert d["User"] == "cronsul" and d["NoNewPrivileges"] == "yes"
     # Longer than the default shutdown_grace (30 s) plus kill_grace (10 s).
