@@ -205,7 +205,8 @@ class Agent:
         self._spawn("lease-heartbeat", self.consumer.heartbeat, run_stop)
         self._spawn("maintenance", self.maintenance.run, self.stop)
         self._log.info("agent_started", jobs=len(self.cfg.jobs), pid=os.getpid(),
-                       eligible=self.cfg.agent.leader_eligible, config_hash=self.cfg.config_hash)
+                       eligible=self._eligible(), draining=self.maintenance.reason,
+                       config_hash=self.cfg.config_hash)
         self.ops.start()
         while True:
             self._take_signals(0.5)

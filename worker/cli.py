@@ -116,7 +116,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         from worker.agent import Agent
         from worker.logs import configure
 
-        configure(args.log_level)
+        configure(args.log_level, node=cfg.agent.node)
         return Agent(cfg).run()
     if args.command == "check":
         return _check(cfg, args.n, args.json, args.quiet)

@@ -70,6 +70,10 @@ STOP_SETTLE_S = 1.0
 # dead letters. After the window (the job was removed, or never existed) it is dead-lettered.
 HAND_BACK_DELAY_S = 5.0
 HAND_BACK_WINDOW_S = 600.0
+# The level of a run's canonical line (run_finished) by its state: what failed is a warning
+# (journalctl -p warning shows it), what is dead (retries exhausted) an error.
+LOG_LEVEL_OF = {"succeeded": "info", "skipped": "info", "retrying": "warning",
+                "failed": "warning", "lost": "warning", "dead": "error"}
 # Most results one ``finish`` script call records: bounds the script's run time (Redis serves
 # nobody else meanwhile) while a busy node still records many results per round trip.
 FINISH_BATCH_MAX = 256
@@ -92,6 +96,17 @@ class _Active:
     replaced: bool = False
     stopped_at_shutdown: bool = False  # ended by the agent's shutdown: not recorded (on_lost)
     outcome: Outcome | None = None
+
+
+def why_failed(outcome: Outcome) -> str | None:
+    """How a run that failed without an error text ended, as its dead letter says it."""
+    if outcome.timed_out:
+        return "timed out" + (f" (killed by signal {outcome.signal})" if outcome.signal else "")
+    if outcome.signal:
+        return f"killed by signal {outcome.signal}"
+    if outcome.exit_code not in (None, 0):
+        return f"exit code {outcome.exit_code}"
+    return None
 
 
 class Consumer:
@@ -189,7 +204,9 @@ class Consumer:
                             continue
                         reclaimed = self._q.reclaim(queues, self._lease_ms, free)
                         for d in reclaimed:
-                            self._log.info("run_reclaimed", entry_id=d.entry_id, queue=d.queue)
+                            self._log.info("run_reclaimed", entry_id=d.entry_id, queue=d.queue,
+                                           run_id=payload_field(d.payload, "run_id"),
+                                           deliveries=d.deliveries)
                         self._start(reclaimed)
                     free = self._free_slots()
                 if self._clock.monotonic() >= next_promote:
@@ -583,14 +600,16 @@ class Consumer:
                 self._log.error("run_unrecordable", job=a.msg.job, run_id=a.ref.run_id,
                                 attempt=a.attempt, state=rec.state, redis_error=error[:500])
                 continue
-            self.hooks.run_finished(a.msg.job, rec.state if ok else "lost", outcome.duration_s)
-            self._log.info(
+            state = rec.state if ok else "lost"
+            self.hooks.run_finished(a.msg.job, state, outcome.duration_s)
+            getattr(self._log, LOG_LEVEL_OF.get(state, "warning"))(
                 "run_finished" if ok else "run_finished_lease_lost",
                 job=a.msg.job, run_id=a.ref.run_id, attempt=a.attempt,
-                scheduled_at=a.msg.scheduled_iso, state=rec.state if ok else "lost",
+                scheduled_at=a.msg.scheduled_iso, state=state,
                 exit_code=outcome.exit_code, signal=outcome.signal, timed_out=outcome.timed_out,
                 duration_ms=round(outcome.duration_s * 1000, 1), start_lag_ms=a.start_lag_ms,
-                output_bytes=outcome.output_bytes, error=rec.fields["error"] or None,
+                output_bytes=outcome.output_bytes,
+                error=rec.fields["error"] or (None if outcome.ok else why_failed(outcome)),
                 retry_at=iso_utc(from_epoch_ms(rec.retry_at_ms)) if rec.retry_at_ms else None,
             )
 
@@ -652,11 +671,22 @@ class Consumer:
             "skipped": "run_skipped",  # overlap: a previous run holds the lock
             "wait": "run_waiting",  # overlap = queue | replace: parked until the lock frees
         }
-        self._log.info(events.get(verdict, "run_not_started"), job=ref.job, run_id=ref.run_id,
-                       detail=detail)
-        if verdict in ("skipped", "lost"):  # ended here: its record says skipped or failed
-            self.hooks.run_ended_unstarted(ref.job, "skipped" if verdict == "skipped" else
-                                           "failed")
+        if verdict not in ("skipped", "lost"):
+            self._log.info(events.get(verdict, "run_not_started"), job=ref.job,
+                           run_id=ref.run_id, detail=detail)
+            return
+        # Ended here, never started: its record says skipped or failed, and it gets the same
+        # canonical line as a run that ran.
+        state = "skipped" if verdict == "skipped" else "failed"
+        self.hooks.run_ended_unstarted(ref.job, state)
+        getattr(self._log, LOG_LEVEL_OF[state])(
+            "run_finished", job=ref.job, run_id=ref.run_id, attempt=None,
+            scheduled_at=iso_utc(from_epoch_ms(ref.scheduled_ms)), state=state, exit_code=None,
+            signal=None, timed_out=False, duration_ms=0.0, start_lag_ms=None, output_bytes=0,
+            error=(f"skipped: {detail or 'the run before'} still holds the overlap lock"
+                   if state == "skipped" else detail or "lost: its node stopped renewing its "
+                   "lease (on_lost = fail)"),
+            retry_at=None)
 
     def _verdict(self, job: JobSpec, outcome: Outcome, attempt: int,
                  replaced: bool) -> tuple[str, int | None]:

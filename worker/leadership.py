@@ -46,6 +46,9 @@ CONTEND_WAIT_S = 5.0
 LOCK_DELAY_RETRY_S = 0.25
 # Pause after a Consul error before trying again, so an outage is not a tight loop.
 ERROR_BACKOFF_S = 1.0
+# The reason logged when this node gave the lock up itself (it became ineligible: draining,
+# maintenance): a hand-over, logged at info as leadership_released, not a loss.
+STEPPED_DOWN = "stepped down: no longer eligible"
 
 
 @dataclass(frozen=True)
@@ -181,7 +184,7 @@ class Elector:
         wait = f"{int(self._monitor_wait_s * 1000)}ms"
         while not stop.is_set():
             if not self._eligible():
-                self._lost("no longer eligible")
+                self._lost(STEPPED_DOWN)
                 return
             self._maybe_renew(sid)
             sent = self._clock.monotonic()
@@ -190,7 +193,10 @@ class Elector:
             if stop.is_set():
                 return
             if not entry or entry.get("Session") != sid:
-                self._lost("key released or taken" if entry else "key deleted")
+                if not self._eligible():  # step_down released it: deliberate, not a loss
+                    self._lost(STEPPED_DOWN)
+                else:
+                    self._lost("key released or taken" if entry else "key deleted")
                 return
             self.lease.confirm(sent)
             new_index = int(new_index)
@@ -247,8 +253,9 @@ class Elector:
             was, self._term = self._term, None
             sid, self._session = self._session, None
         if was is not None:
-            level = self._log.info if reason == "shutdown" else self._log.warning
-            level("leadership_lost" if reason != "shutdown" else "leadership_released",
+            deliberate = reason in ("shutdown", STEPPED_DOWN)
+            level = self._log.info if deliberate else self._log.warning
+            level("leadership_released" if deliberate else "leadership_lost",
                   reason=reason, session=was.session)
             self._on_change(None)
         if sid is not None:

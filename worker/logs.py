@@ -24,10 +24,14 @@ def _dumps(event: Any, **kw: Any) -> bytes:
         return json.dumps(event, default=kw.get("default"), separators=(",", ":")).encode()
 
 
-def configure(level: str = "info", *, json_output: bool | None = None) -> None:
+def configure(level: str = "info", *, json_output: bool | None = None,
+              node: str | None = None) -> None:
+    """``node``: named on every line (lines from the scheduler, the elector, ... too, so one
+    query per node finds all of its lines in a central log store)."""
     as_json = (not sys.stderr.isatty()) if json_output is None else json_output
     processors: list[structlog.typing.Processor] = [
         structlog.contextvars.merge_contextvars,
+        *([_with_node(node)] if node else []),
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         structlog.processors.StackInfoRenderer(),
@@ -52,3 +56,11 @@ def configure(level: str = "info", *, json_output: bool | None = None) -> None:
         logger_factory=logger_factory,
         cache_logger_on_first_use=True,
     )
+
+
+def _with_node(node: str) -> structlog.typing.Processor:
+    def add_node(_: Any, __: str, event: structlog.typing.EventDict) -> structlog.typing.EventDict:
+        event.setdefault("node", node)
+        return event
+
+    return add_node

@@ -123,6 +123,12 @@ def test_execution_guarantees(tmp_path: Path, devconsul: DevConsul,
                   for line in a.log.read_text().splitlines() if '"run_output"' in line]
         assert {"event": "run_output", "run_id": added, "line": "adding 2 and 40"}.items() <= \
             next(e for e in logged if e.get("run_id") == added).items(), logged
+        # Every line names its node, the scheduler's and the elector's too.
+        for a in cluster.agents.values():
+            entries = [json.loads(x) for x in a.log.read_text().splitlines()
+                       if x.startswith("{")]
+            assert entries and all(e.get("node") == a.node for e in entries), \
+                [e for e in entries if e.get("node") != a.node][:3]
         crashed = enqueue_id(cfg, "py-crash")
         wait_until(lambda: record(r, crashed).get("state") == "failed", 20, what="py-crash")
         again = enqueue_id(cfg, "py-add", ["a=1", "b=1"])
