@@ -188,6 +188,10 @@ def parse_cron_line(line: str, *, job: str, timezone: str, zone: ZoneInfo) -> Cr
             # table never applies): crc32 of the job name, stable across processes.
             hash_id=job.encode("utf-8"),
             second_at_beginning=len(fields) == SECOND_FIELDS,
+            # Both day fields restricted: a day matches either (OR), except when one of them
+            # starts with '*' (`*/2`), which Vixie cron and cronie count as unrestricted (AND):
+            # `0 0 */2 * 1` is the odd-numbered Mondays there, and crontabs move here as written.
+            implement_cron_bug=True,
         )
     except (CroniterError, ValueError, KeyError, IndexError, TypeError) as exc:
         reason = _bad_field(fields, job) or _croniter_reason(exc)

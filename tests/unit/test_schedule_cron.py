@@ -42,6 +42,11 @@ CASES: list[tuple[str, str, datetime, datetime]] = [
     ("0 0 * * 7", "UTC", utc(2026, 3, 2, 10), utc(2026, 3, 8)),
     # day-of-month OR day-of-week (classic cron): 1st of month or any Monday -> Mon 03-09
     ("0 9 1 * MON", "UTC", utc(2026, 3, 2, 10), utc(2026, 3, 9, 9)),
+    # ... but a day field that starts with * (*/2) counts as unrestricted, as in Vixie cron and
+    # cronie: AND. Odd-numbered days that are Mondays: after Tue 2026-11-24 -> Mon 12-07
+    ("0 0 */2 * 1", "UTC", utc(2026, 11, 24), utc(2026, 12, 7)),
+    # the 1st to the 7th that are Sun, Tue, Thu or Sat: after Thu 2026-01-01 -> Sat 01-03
+    ("0 0 1-7 * */2", "UTC", utc(2026, 1, 1), utc(2026, 1, 3)),
     # ? is accepted as * in day fields
     ("0 9 ? * MON", "UTC", utc(2026, 3, 2, 10), utc(2026, 3, 9, 9)),
     # L: last day of the month (February 2026 has 28 days)
