@@ -2,8 +2,12 @@
 
 Each job line becomes a job whose command is ``["/bin/sh", "-c", <the line's command>]`` (crontab
 commands are shell strings; cronsul runs argv lists, so the shell is made explicit). Environment
-lines apply to the jobs below them; ``CRON_TZ``/``TZ`` becomes the job's ``timezone``. What cronsul
-cannot express is refused with the reason, as a comment in the output and on stderr:
+lines apply to the jobs below them; ``CRON_TZ`` becomes the job's ``timezone`` (any zone, UTC
+too: a job without one takes the agent's), while ``TZ``, as in cronie, only goes into the job's
+environment (cron schedules by ``CRON_TZ`` or its host's local time). In a system crontab
+(``--system``) the user column becomes ``user = "..."`` (``allow_root = true`` for root, which
+an agent running as root otherwise refuses). What cronsul cannot express is refused with the
+reason, as a comment in the output and on stderr:
 
 * ``@reboot``: cronsul has no boot trigger (it runs on a cluster, not one host): use a systemd
   unit on the hosts that need it.
@@ -72,6 +76,7 @@ def convert(text: str, *, system: bool = False, prefix: str = "cron",
     timezone = "UTC"
     zone_set = False  # a CRON_TZ / TZ line came before the first job
     shell = "/bin/sh"
+    users_warned = False
     names: set[str] = set()
     result.toml.append(f"# converted from {source} by `cronsul import-crontab`")
     for number, raw in enumerate(text.splitlines(), 1):
@@ -82,7 +87,7 @@ def convert(text: str, *, system: bool = False, prefix: str = "cron",
         m = ENV_LINE.match(line)
         if m and not line.startswith("@") and not line.split()[0][0].isdigit():
             name, value = m.group(1), _unquote(m.group(2))
-            if name in ("CRON_TZ", "TZ"):
+            if name == "CRON_TZ":
                 timezone = value
                 zone_set = True
             elif name == "SHELL":
@@ -136,19 +141,25 @@ def convert(text: str, *, system: bool = False, prefix: str = "cron",
         names.add(name)
         result.toml.append("")
         result.toml.append(f"# {where}: {raw.strip()}")
-        if user is not None:
-            result.toml.append(f"# cron ran this as user {user!r}; cronsul runs jobs as the "
-                               "agent's user")
+        if user is not None and not users_warned:
+            users_warned = True
+            result.warnings.append(
+                f"{where}: jobs with a user column get user = \"...\": the agent must run as "
+                "root to switch users (docs/operations.md); an unprivileged agent refuses them")
         if not zone_set and not names - {name}:  # the first job, and no zone given
             result.warnings.append(
-                f"{where}: no CRON_TZ or TZ line before it: the jobs take [agent] timezone "
+                f"{where}: no CRON_TZ line before it: the jobs take [agent] timezone "
                 f"(UTC unless set), while cron ran them in its host's local time "
                 f"(this host's: {host_zone()}); add timezone = \"...\" if that was not UTC")
         result.toml.append(f"[jobs.{name}]")
         result.toml.append(f"schedule = {json.dumps(schedule)}")
-        if timezone != "UTC":
+        if zone_set:
             result.toml.append(f"timezone = {json.dumps(timezone)}")
         result.toml.append(f"command = {json.dumps([shell, '-c', command])}")
+        if user is not None:
+            result.toml.append(f"user = {json.dumps(user)}")
+            if user == "root":
+                result.toml.append("allow_root = true  # cron ran it as root")
         if env:
             pairs = ", ".join(f"{k} = {json.dumps(v)}" for k, v in env.items())
             result.toml.append(f"env = {{ {pairs} }}")

@@ -45,12 +45,29 @@ def test_reboot_and_percent_stdin_are_refused_with_reasons() -> None:
     assert "#   @reboot /opt/start.sh" in "\n".join(result.toml)
 
 
-def test_system_crontab_user_column_is_kept_as_a_comment() -> None:
-    result = convert("17 * * * * root cd / && run-parts --report /etc/cron.hourly\n",
+def test_system_crontab_user_column_becomes_the_jobs_user() -> None:
+    result = convert("17 * * * * root cd / && run-parts --report /etc/cron.hourly\n"
+                     "*/5 * * * * www-data php /var/www/cron.php\n",
                      system=True, source="/etc/crontab")
-    text = "\n".join(result.toml)
-    assert "user 'root'" in text
-    assert tomllib.loads(text)["jobs"]["cron-1-cd"]["command"][2].startswith("cd / &&")
+    jobs = tomllib.loads("\n".join(result.toml))["jobs"]
+    root, www = jobs["cron-1-cd"], jobs["cron-2-php"]
+    assert root["command"][2].startswith("cd / &&")
+    # Root as cron ran it: a root agent refuses a job as root without allow_root.
+    assert (root["user"], root["allow_root"]) == ("root", True)
+    assert www["user"] == "www-data" and "allow_root" not in www
+    [warning] = [w for w in result.warnings if "user column" in w]
+    assert "must run as root" in warning
+
+
+def test_cron_tz_is_the_zone_even_utc_and_tz_only_the_environment() -> None:
+    """cronie schedules by CRON_TZ (else its host's local time); TZ only reaches the job."""
+    jobs = tomllib.loads("\n".join(convert(
+        "CRON_TZ=UTC\n0 8 * * * /bin/true\n").toml))["jobs"]
+    assert jobs["cron-2-true"]["timezone"] == "UTC"  # not left to [agent] timezone
+    result = convert("TZ=Asia/Kolkata\n0 7 * * * date\n")
+    job = tomllib.loads("\n".join(result.toml))["jobs"]["cron-2-date"]
+    assert "timezone" not in job and job["env"] == {"TZ": "Asia/Kolkata"}
+    assert [w for w in result.warnings if "no CRON_TZ line" in w]
 
 
 def test_invalid_lines_are_errors_naming_the_line() -> None:
@@ -64,7 +81,7 @@ def test_a_crontab_without_a_time_zone_is_warned_about_once(
     """Classic cron ran it in its host's local time; cronsul would take [agent] timezone."""
     monkeypatch.setenv("TZ", "America/New_York")
     result = convert("*/5 * * * * /usr/bin/a\n0 1 * * * /usr/bin/b\n", source="crontab")
-    zone = [w for w in result.warnings if "no CRON_TZ or TZ line" in w]
+    zone = [w for w in result.warnings if "no CRON_TZ line" in w]
     assert len(zone) == 1 and "America/New_York" in zone[0], result.warnings
     assert "timezone" not in "\n".join(result.toml).replace("# converted", "")
     assert not [w for w in convert(CRONTAB).warnings if "no CRON_TZ" in w]
