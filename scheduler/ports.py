@@ -60,3 +60,9 @@ class CursorStore(Protocol):
     """Reads each job's cursor: the newest scheduled time already handled (None: never seen)."""
 
     def load_cursors(self, jobs: Sequence[str]) -> Mapping[str, datetime | None]: ...
+
+    def load_schedules(self, jobs: Sequence[str]) -> Mapping[str, str | None]:
+        """The schedule each job's cursor was kept under (``ScheduledJob.schedule_key``), or
+        None when unknown."""
+
+    def save_schedules(self, schedules: Mapping[str, str]) -> None: ...

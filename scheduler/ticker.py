@@ -54,6 +54,11 @@ class ScheduledJob:
     jitter: timedelta = timedelta(0)
     params: tuple[Mapping[str, str], ...] = ()
 
+    @property
+    def schedule_key(self) -> str:
+        """What decides which ticks the job has: its expression and time zone."""
+        return f"{self.schedule.expression}|{self.schedule.timezone}"
+
     def fire_at(self, tick: datetime) -> datetime:
         if not self.jitter:
             return tick
@@ -137,6 +142,7 @@ class TickLoop:
                 cursor = now
                 self._unsaved.add(name)
             self._cursors[name] = cursor
+        self._restart_changed_schedules(set(self._jobs), {}, now)
 
     def end_term(self) -> None:
         self._fence = None
@@ -145,6 +151,7 @@ class TickLoop:
 
     def set_jobs(self, jobs: Sequence[ScheduledJob], now: datetime) -> None:
         """Apply a reloaded configuration without a restart and without double-firing a tick."""
+        before = self._jobs
         self._jobs = {j.name: j for j in jobs}
         self._next = {}  # schedules may have changed
         self._changed()
@@ -160,6 +167,30 @@ class TickLoop:
             cursors[name] = cursor
         self._cursors = cursors
         self._unsaved &= set(cursors)
+        self._restart_changed_schedules(set(self._jobs), before, now)
+
+    def _restart_changed_schedules(self, names: set[str], before: Mapping[str, ScheduledJob],
+                                   now: datetime) -> None:
+        """A job whose schedule changed (a reload here, or the last leader ran another config)
+        starts its new schedule now: its cursor was kept under the old one, and catching up
+        from it would run ticks the new schedule "had" before it existed (a daily job changed
+        to every minute ran the last catchup_window of minutes at once, and logged hundreds
+        of ticks missed)."""
+        stored = self._store.load_schedules(sorted(names))
+        changed: dict[str, str] = {}
+        for name in sorted(names):
+            key = self._jobs[name].schedule_key
+            old = before[name].schedule_key if name in before else stored.get(name)
+            if old is not None and old != key and name in self._cursors:
+                self._log.info("schedule_changed", job=name, old=old, new=key,
+                               cursor=self._cursors[name].isoformat(), starts=now.isoformat())
+                self._cursors[name] = now
+                self._unsaved.add(name)
+                self._next.pop(name, None)
+            if stored.get(name) != key:
+                changed[name] = key
+        if changed:
+            self._store.save_schedules(changed)
 
     def set_paused(self, paused: frozenset[str]) -> None:
         if paused != self._paused:

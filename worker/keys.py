@@ -25,6 +25,11 @@ class Keys:
         """String: the executing node's token, with a PX expiry renewed by heartbeat."""
         return f"{self.prefix}:lease:{run_id}"
 
+    @property
+    def schedules(self) -> str:
+        """Hash: job -> the schedule its cursor was kept under (expression|zone)."""
+        return f"{self.prefix}:schedules"
+
     def cursor(self, job: str) -> str:
         """String: epoch ms of the newest scheduled tick of ``job`` already handled."""
         return f"{self.prefix}:cursor:{job}"

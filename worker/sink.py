@@ -7,6 +7,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
+from typing import Any
 
 import redis
 
@@ -231,6 +232,18 @@ class RedisSink:
                 cursors += (k.cursor(job), epoch_ms(when_))
             calls.append([*head, 0, *cursors])
         return Encoded(self._owner, tuple(calls))
+
+    def load_schedules(self, jobs: Sequence[str]) -> Mapping[str, str | None]:
+        if not jobs:
+            return {}
+        values: Any = self._r.hmget(self._keys.schedules, list(jobs))
+        return {job: (v.decode() if isinstance(v, bytes) else v)
+                for job, v in zip(jobs, values, strict=True)}
+
+    def save_schedules(self, schedules: Mapping[str, str]) -> None:
+        if schedules:
+            mapping: dict[Any, Any] = dict(schedules)
+            self._r.hset(self._keys.schedules, mapping=mapping)
 
     def load_cursors(self, jobs: Sequence[str]) -> Mapping[str, datetime | None]:
         if not jobs:

@@ -53,6 +53,16 @@ def test_lower_fence_is_refused_and_writes_nothing(redis_client: redis.Redis) ->
     assert sink.load_cursors(["j"])["j"] == T0
 
 
+def test_the_schedule_of_each_cursor_is_kept(redis_client: redis.Redis) -> None:
+    redis_client.flushdb()
+    sink = RedisSink(redis_client, KEYS)
+    assert sink.load_schedules(["j", "k"]) == {"j": None, "k": None}
+    sink.save_schedules({"j": "0 * * * *|UTC", "k": "@daily|Europe/Berlin"})
+    sink.save_schedules({"j": "* * * * *|UTC"})
+    assert sink.load_schedules(["j", "k", "x"]) == {
+        "j": "* * * * *|UTC", "k": "@daily|Europe/Berlin", "x": None}
+
+
 def test_epoch_rebase_outranks_a_higher_index(redis_client: redis.Redis) -> None:
     sink = RedisSink(redis_client, KEYS)
     sink.apply(batch(0), Fence(0, 5000))  # before Consul lost its state

@@ -29,6 +29,7 @@ class MemorySink:
         self.cursors: dict[str, datetime] = {}
         self.batches = 0
         self.prepared_applied = 0  # batches that came through prepare()
+        self.schedules: dict[str, str] = {}
 
     def prepare(self, batch: TickBatch) -> TickBatch:
         return replace(batch, encoded=PREPARED)
@@ -53,6 +54,12 @@ class MemorySink:
 
     def load_cursors(self, jobs: Sequence[str]) -> Mapping[str, datetime | None]:
         return {j: self.cursors.get(j) for j in jobs}
+
+    def load_schedules(self, jobs: Sequence[str]) -> Mapping[str, str | None]:
+        return {j: self.schedules.get(j) for j in jobs}
+
+    def save_schedules(self, schedules: Mapping[str, str]) -> None:
+        self.schedules.update(schedules)
 
 
 class Lease:
@@ -185,6 +192,42 @@ def test_reload_keeps_cursors_so_no_tick_fires_twice() -> None:
     assert sink.batches == 2
     assert len(scheduled_seconds(sink, "every-second")) == 5
     assert scheduled_seconds(sink, "new-job") == [T0 + timedelta(seconds=4)]
+
+
+def test_a_schedule_changed_by_a_reload_starts_now_without_back_filling() -> None:
+    """An hourly job changed to every minute: the minutes before the change are not ticks it
+    had (a review saw them all run at once, within catchup_window)."""
+    clock, sink = FakeClock(T0), MemorySink()
+    loop = TickLoop([job("j", "0 * * * *")], sink, sink)
+    loop.start_term(Fence(0, 1), clock.now())
+    clock.advance(180)
+    loop.tick(clock.now(), Lease())
+    changed_at = clock.now()
+    loop.set_jobs([job("j", "* * * * *")], changed_at)
+    clock.advance(125)
+    loop.tick(clock.now(), Lease())
+    fired = scheduled_seconds(sink, "j")
+    assert fired and all(t > changed_at for t in fired), fired
+    assert len(fired) == 2  # the two minutes since the change
+
+
+def test_a_leader_with_another_schedule_for_a_job_starts_it_now() -> None:
+    """The last leader kept the job's cursor under another schedule (a config roll, then a
+    failover): the new leader does not back-fill its schedule from that cursor."""
+    clock, sink = FakeClock(T0), MemorySink()
+    old = TickLoop([job("j", "0 * * * *"), job("same", "* * * * *")], sink, sink)
+    old.start_term(Fence(0, 1), clock.now())
+    clock.advance(60)
+    old.tick(clock.now(), Lease())
+    old.end_term()
+    clock.advance(185)  # a few minutes without a leader
+    taken_at = clock.now()
+    new = TickLoop([job("j", "* * * * *"), job("same", "* * * * *")], sink, sink)
+    new.start_term(Fence(0, 2), taken_at)
+    new.tick(clock.now(), Lease())
+    assert scheduled_seconds(sink, "j") == []  # nothing back-filled for the changed job
+    assert len(scheduled_seconds(sink, "same")) >= 4  # the unchanged one catches up as ever
+    assert sink.schedules["j"] == "* * * * *|UTC"
 
 
 # -- the next pass prepared ahead of its deadline ------------------------------------------------
