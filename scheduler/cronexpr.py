@@ -226,6 +226,8 @@ def _bad_field(fields: list[str], job: str) -> str | None:
 
 
 def _croniter_reason(exc: Exception) -> str:
-    """croniter's message without the traceback it sometimes embeds."""
+    """croniter's message without the traceback it sometimes embeds, nor the expression it
+    quotes ("[* 24 * * *] is not acceptable": the probe _bad_field built, not the user's)."""
     lines = [part.strip() for part in str(exc).strip().splitlines() if part.strip()]
-    return lines[-1] if lines else type(exc).__name__
+    reason = lines[-1] if lines else type(exc).__name__
+    return re.sub(r"^\[[^\]]*\]\s*", "", reason) or reason

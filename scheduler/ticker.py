@@ -88,6 +88,7 @@ class _Pass:
     adopted: dict[str, datetime] = field(default_factory=dict)  # jobs that had no cursor yet
     missed: int = 0
     skipped_paused: int = 0
+    pause_logged: set[str] = field(default_factory=set)  # paused jobs whose skips it logs
     events: list[tuple[str, str, dict[str, object]]] = field(default_factory=list)  # log lines
     # The catch-up decisions hold while now < valid_until (None: no kept tick can age out).
     valid_until: datetime | None = None
@@ -117,6 +118,7 @@ class TickLoop:
         self._next: dict[str, tuple[datetime, datetime | None]] = {}
         self._shared: dict[tuple[str, str, datetime], datetime | None] = {}  # this pass only
         self._paused: frozenset[str] = frozenset()
+        self._pause_logged: set[str] = set()  # paused jobs whose skipped ticks were logged
         # The next pass worked out ahead (prepare), and the deadline the last pass returned:
         # both None whenever something they were computed from changed (_changed).
         self._prepared: _Pass | None = None
@@ -195,6 +197,7 @@ class TickLoop:
     def set_paused(self, paused: frozenset[str]) -> None:
         if paused != self._paused:
             self._paused = paused
+            self._pause_logged &= paused  # a job paused again is logged again
             self._changed()
 
     def prepare(self, at: datetime) -> None:
@@ -224,6 +227,7 @@ class TickLoop:
         report = TickReport(missed=plan.missed, skipped_paused=plan.skipped_paused)
         for level, event, fields in plan.events:
             getattr(self._log, level)(event, **fields)
+        self._pause_logged |= plan.pause_logged & self._paused
         for name, cursor in plan.adopted.items():
             self._cursors.setdefault(name, cursor)
         if plan.cursors:
@@ -258,9 +262,17 @@ class TickLoop:
             plan.cursors[job.name] = due[-1]
             if job.name in self._paused:
                 plan.skipped_paused += len(due)
-                plan.events.append(("info", "ticks_skipped_paused", {
+                # At info the first time in a pause, then at debug: a paused per-second job
+                # would log a line a second (cronsul_ticks_total{outcome="skipped_paused"}
+                # counts them all).
+                level = "debug" if job.name in self._pause_logged else "info"
+                plan.events.append((level, "ticks_skipped_paused", {
                     "job": job.name, "count": len(due), "first": iso_utc(due[0]),
-                    "last": iso_utc(due[-1])}))
+                    "last": iso_utc(due[-1]),
+                    **({} if level == "debug" else {
+                        "detail": "the job is paused; further skips are counted in "
+                                  "cronsul_ticks_total{outcome=\"skipped_paused\"}"})}))
+                plan.pause_logged.add(job.name)
                 continue
             keep, missed, until = self._admit(job, due, now)
             if until is not None and (plan.valid_until is None or until < plan.valid_until):

@@ -146,7 +146,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         draining = args.command == "drain"
         svc = set_drain(cfg, draining, args.reason if draining else None)
         print(f"{svc}: " + ("draining (service maintenance on): no new runs, running ones "
-                            "finish, leadership handed over" if draining else
+                            "finish; if it leads, another node takes over" if draining else
                             "maintenance off: eligible and taking runs again"))
         return EXIT_OK
     raise ConfigError(f"unknown command {args.command!r}")  # argparse prevents this
@@ -252,7 +252,7 @@ def _run(cfg: Config, job: str, local: bool, params: list[str]) -> int:
     if refusal is not None:
         print(f"cronsul: {job}: {refusal}", file=sys.stderr)
         return EXIT_FAILURE
-    run_id = f"{job}@manual-{uuid.uuid4().hex}"
+    run_id = f"{job}@local-{uuid.uuid4().hex}"  # never a cluster run's id
     env = {"CRONSUL_JOB": job, "CRONSUL_RUN_ID": run_id,
            "CRONSUL_SCHEDULED_AT": iso_utc(datetime.now(UTC)), "CRONSUL_ATTEMPT": "1",
            "CRONSUL_NODE": cfg.agent.node}
@@ -272,8 +272,13 @@ def _run(cfg: Config, job: str, local: bool, params: list[str]) -> int:
     sys.stdout.write(outcome.output)
     if outcome.error:
         print(f"cronsul: {outcome.error}", file=sys.stderr)
-    print(f"cronsul: {run_id} exit_code={outcome.exit_code} signal={outcome.signal} "
-          f"timed_out={outcome.timed_out} duration={outcome.duration_s:.3f}s", file=sys.stderr)
+    from worker.consumer import why_failed
+
+    how = "succeeded" if outcome.ok else f"failed: {why_failed(outcome) or 'see the error'}"
+    print(f"cronsul: {run_id} (run here, not recorded): {how}, exit_code="
+          f"{outcome.exit_code if outcome.exit_code is not None else '-'} signal="
+          f"{outcome.signal or '-'} timed_out={'yes' if outcome.timed_out else 'no'} "
+          f"duration={outcome.duration_s:.3f}s", file=sys.stderr)
     return EXIT_OK if outcome.ok else EXIT_FAILURE
 
 

@@ -97,6 +97,8 @@ def convert(text: str, *, system: bool = False, prefix: str = "cron",
             else:
                 env[name] = value
             continue
+        if line.startswith("-"):  # cronie: "-" before the times only turns off syslog
+            line = line[1:].lstrip()
         fields = line.split(None, 1) if line.startswith("@") else line.split(None, 5)
         if line.startswith("@"):
             alias = fields[0]
@@ -178,6 +180,13 @@ def host_zone(localtime: Path = Path("/etc/localtime")) -> str:
     return target.split("zoneinfo/", 1)[1] if "zoneinfo/" in target else "unknown"
 
 
+def is_system_crontab(path: str) -> bool:
+    """/etc/crontab and the files of /etc/cron.d have a user column between times and
+    command."""
+    p = Path(path)
+    return str(p) == "/etc/crontab" or p.parent == Path("/etc/cron.d")
+
+
 def import_crontab(path: str, *, system: bool, prefix: str) -> int:
     try:
         if path == "-":
@@ -188,6 +197,10 @@ def import_crontab(path: str, *, system: bool, prefix: str) -> int:
     except OSError as exc:
         print(f"cronsul: cannot read {path}: {exc.strerror}", file=sys.stderr)
         return 2
+    if not system and is_system_crontab(path):
+        system = True  # these files have a user column; without it "root" became the command
+        print(f"cronsul: {path} is a system crontab: reading its user column (--system)",
+              file=sys.stderr)
     result = convert(text, system=system, prefix=prefix,
                      source="stdin" if path == "-" else path)
     for w in result.warnings:

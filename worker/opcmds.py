@@ -133,10 +133,10 @@ def _follow(r: redis.Redis, keys: Keys, run_id: str, timeout_s: float) -> int:
         raw: dict[bytes, bytes] = r.hgetall(keys.run(run_id))  # type: ignore[assignment]
         record = {k.decode(): v.decode(errors="replace") for k, v in raw.items()}
         state = record.get("state", "")
-        if state != last:
+        if state != last and state not in TERMINAL:  # the end has its own line, below
             print(f"{run_id}: {state}" + (f" on {record['node']}" if record.get("node") else ""),
                   flush=True)
-            last = state
+        last = state
         if record.get("handed_back", note) != note and state not in TERMINAL:
             note = record["handed_back"]
             print(f"{run_id}: waiting: {note}", flush=True)
@@ -145,7 +145,8 @@ def _follow(r: redis.Redis, keys: Keys, run_id: str, timeout_s: float) -> int:
                 print(record["output"], end="" if record["output"].endswith("\n") else "\n")
             how = (" timed out" if record.get("timed_out") in ("1", "True") else "") + (
                 f" signal={record['signal']}" if record.get("signal") else "")
-            print(f"{run_id}: {state} exit_code={record.get('exit_code') or '-'}{how} "
+            print(f"{run_id}: {state}" + (f" on {record['node']}" if record.get("node") else "")
+                  + f" exit_code={record.get('exit_code') or '-'}{how} "
                   f"duration_ms={record.get('duration_ms', '-')}")
             if record.get("error"):
                 print(f"{run_id}: error: {record['error']}")

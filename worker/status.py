@@ -57,7 +57,9 @@ def gather(cfg: Config, redis_client: redis.Redis) -> dict[str, Any]:
     report: dict[str, Any] = {
         "leader": leader,
         "schedule_config_hash": reference,
-        "paused": {e["Key"].rsplit("/", 1)[-1]: (e.get("Value") or b"").decode(errors="replace")
+        # Each pause as the object `cronsul pause` wrote ({"reason": ..., ...}), not a string
+        # of JSON inside the JSON; a value that is not JSON stays its text.
+        "paused": {e["Key"].rsplit("/", 1)[-1]: _pause_value(e.get("Value"))
                    for e in paused or [] if not e["Key"].endswith("/")},
         "nodes": [],
     }
@@ -109,7 +111,7 @@ def _redis_view(cfg: Config, r: redis.Redis) -> dict[str, Any]:
         ids: Any = r.zrevrange(keys.history(job), 0, RUNS_PER_JOB - 1)
         for run_id in ids:
             rec: Any = r.hmget(keys.run(run_id.decode()), "state", "finished_ms", "node",
-                               "exit_code", "error")
+                               "exit_code", "error", "signal", "timed_out")
             state = (rec[0] or b"").decode()
             if state in ("failed", "dead"):
                 failures.append({
@@ -117,6 +119,8 @@ def _redis_view(cfg: Config, r: redis.Redis) -> dict[str, Any]:
                     "finished": iso_utc(from_epoch_ms(int(rec[1]))) if rec[1] else None,
                     "node": (rec[2] or b"").decode(), "exit_code": (rec[3] or b"").decode(),
                     "error": (rec[4] or b"").decode()[:200],
+                    "signal": (rec[5] or b"").decode(),
+                    "timed_out": (rec[6] or b"").decode() in ("1", "True"),
                 })
     failures.sort(key=lambda f: f["finished"] or "", reverse=True)
     return {"queues": stats, "in_flight": in_flight, "dead_letters": int(r.xlen(keys.dead)),
@@ -156,16 +160,24 @@ def render(report: dict[str, Any]) -> str:
     if failures:
         out.append("recent failures:")
         for f in failures:
-            out.append(f"  {f['finished']}  {f['run_id']}  {f['state']} on {f['node']} "
-                       f"exit={f['exit_code'] or '-'} {f['error']}")
+            how = ("timed out" if f.get("timed_out") else
+                   f"signal {f['signal']}" if f.get("signal") else
+                   f"exit {f['exit_code']}" if f["exit_code"] else "")
+            out.append("  " + "  ".join(x for x in (
+                f["finished"] or "-", f["run_id"], f"{f['state']} on {f['node'] or '-'}", how,
+                f["error"]) if x))
     return "\n".join(out)
 
 
-def _reason(text: str) -> str:
+def _pause_value(raw: bytes | None) -> Any:
+    text = (raw or b"").decode(errors="replace")
     try:
-        body = json.loads(text)
+        return json.loads(text)
     except ValueError:
-        return text or "no reason"
-    if isinstance(body, dict):
-        return str(body.get("reason") or "no reason")
-    return text
+        return text
+
+
+def _reason(value: Any) -> str:
+    if isinstance(value, dict):
+        return str(value.get("reason") or "no reason")
+    return str(value) if value else "no reason"

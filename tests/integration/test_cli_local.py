@@ -46,7 +46,7 @@ def test_a_callable_past_its_timeout_is_killed(
     began = time.monotonic()
     assert main(["run", "j", "--local", "-c", cfg, "--param", "seconds=60"]) == 1
     assert time.monotonic() - began < 20
-    assert "timed_out=True" in capfd.readouterr().err
+    assert "timed_out=yes" in capfd.readouterr().err
 
 
 def test_an_unknown_callable_is_a_failed_run_not_a_traceback(

@@ -358,4 +358,4 @@ def test_run_wait_says_a_run_timed_out_and_by_which_signal(
         "duration_ms": "5001", "node": "n1"})
     assert _follow(redis_client, KEYS, "tick@9", 5) == 1
     out = capsys.readouterr().out
-    assert "tick@9: failed exit_code=- timed out signal=9 duration_ms=5001" in out, out
+    assert "tick@9: failed on n1 exit_code=- timed out signal=9 duration_ms=5001\n" == out, out

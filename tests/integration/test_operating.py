@@ -108,7 +108,7 @@ def test_pause_fanout_reload_manual_run_and_catchup(
         assert sorted(n["node"] for n in report["nodes"]) == ["n1", "n2"]
         assert all(n["healthy"] and n["eligible"] and not n["draining"] for n in report["nodes"])
         assert "default" in report["queues"] and report["dead_letters"] == 0
-        assert "fan" in report["paused"]
+        assert report["paused"]["fan"]["reason"] == "db upgrade"  # an object, not JSON text
         text = cli("status", "-c", cfg).stdout
         assert "leader: " in text and "paused jobs: fan (db upgrade)" in text
         assert cli("resume", "fan", "-c", cfg).returncode == 0

@@ -99,3 +99,22 @@ def test_host_zone_reads_tz_then_the_localtime_link(
     assert host_zone(tmp_path / "missing") == "unknown"
     monkeypatch.setenv("TZ", ":Asia/Tokyo")
     assert host_zone(link) == "Asia/Tokyo"
+
+
+def test_cronie_dash_prefix_is_dropped() -> None:
+    """cronie's "-" before the times only turns off syslogging of the job."""
+    jobs = tomllib.loads("\n".join(convert("-*/10 * * * * /usr/bin/quiet\n").toml))["jobs"]
+    assert jobs["cron-1-quiet"]["schedule"] == "*/10 * * * *"
+
+
+def test_a_system_crontab_path_reads_the_user_column(tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    from worker.crontab import import_crontab, is_system_crontab
+
+    assert is_system_crontab("/etc/crontab") and is_system_crontab("/etc/cron.d/backup")
+    assert not is_system_crontab(str(tmp_path / "crontab")) and not is_system_crontab("-")
+    user_tab = tmp_path / "mine"
+    user_tab.write_text("0 1 * * * root-cause --fix\n")  # a user crontab: no user column
+    assert import_crontab(str(user_tab), system=False, prefix="cron") == 0
+    job = tomllib.loads(capsys.readouterr().out)["jobs"]["cron-1-root-cause"]
+    assert job["command"][2] == "root-cause --fix" and "user" not in job

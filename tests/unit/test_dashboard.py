@@ -98,3 +98,4 @@ def test_markup_escapes_values_not_safe_markup() -> None:
     assert html("<td>{v}</td>", v="<script>") == "<td>&lt;script&gt;</td>"
     assert html("<td>{v}</td>", v=Safe("<b>ok</b>")) == "<td><b>ok</b></td>"
     assert url("runs", "job@1#ab") == "/runs/job%401%23ab"
+

@@ -58,6 +58,8 @@ def test_refused_with_job_expression_and_reason(expression: str, zone: str, prob
     assert problem in message
     assert repr(expression.strip().splitlines()[-1] if expression.strip() else expression)[1:-1] \
         in message
+    # Never the probe expression built to find the bad field (the user never wrote it).
+    assert "[* " not in message and "* *]" not in message, message
 
 
 def test_schedule_error_is_a_config_error() -> None:

@@ -169,6 +169,26 @@ def test_paused_job_ticks_are_counted_not_enqueued() -> None:
     assert loop.last_report.skipped_paused == 5
 
 
+def test_a_pause_is_logged_at_info_once_then_at_debug() -> None:
+    """A paused per-second job must not log a line a second (the metric counts the skips)."""
+    clock, sink = FakeClock(T0), MemorySink()
+    loop = TickLoop([job()], sink, sink)
+    loop.start_term(Fence(0, 1), clock.now())
+
+    def levels(passes: int) -> list[str]:
+        with capture_logs() as logs:
+            for _ in range(passes):
+                clock.advance(1)
+                loop.tick(clock.now(), Lease())
+        return [e["log_level"] for e in logs if e["event"] == "ticks_skipped_paused"]
+
+    loop.set_paused(frozenset({"every-second"}))
+    assert levels(3) == ["info", "debug", "debug"]
+    loop.set_paused(frozenset())
+    loop.set_paused(frozenset({"every-second"}))  # paused again: said again
+    assert levels(2) == ["info", "debug"]
+
+
 def test_fan_out_enqueues_one_run_per_parameter_set() -> None:
     clock, sink = FakeClock(T0), MemorySink()
     params = tuple({"app": f"app{i}"} for i in range(50))

@@ -205,12 +205,15 @@ class Dashboard:
             '<main><h1><span class="crumbs">{crumbs}</span>{title}</h1>'
             '<div id="flash" role="status">{flash}</div>'
             '<div id="live">{live}</div>{static}</main>'
-            '<footer>updated <span id="updated">now</span> · live: polls <code>{api}</code> '
-            'every {secs} s · <a href="/metrics">metrics</a> · <a href="/healthz">healthz</a>'
+            '<footer>updated <span id="updated">now</span>{live_note} · '
+            '<a href="/metrics">metrics</a> · <a href="/healthz">healthz</a>'
             '</footer></body></html>',
             title=page.title, node=v.node, api="/api" + v.path, poll=POLL_MS,
             final="1" if page.final else "", nav=nav, who=who, crumbs=crumbs, flash=flash,
-            live=page.live, static=page.static, secs=POLL_MS // 1000)
+            live=page.live, static=page.static,
+            # A final page (a finished run, a 404) is not polled: it does not say it is.
+            live_note=html(' · live: polls <code>{api}</code> every {secs} s',
+                           api="/api" + v.path, secs=POLL_MS // 1000) if not page.final else "")
         return Response(status, body.encode())
 
     # -- POST ---------------------------------------------------------------------------------
