@@ -96,8 +96,8 @@ class Agent:
         c = cfg.consul
         self.membership = Membership(
             make_clients(c, CALL_TIMEOUT_S, self.metrics.consul_error).call, cfg.agent.node,
-            cfg.agent.address,
-            c.check_ttl.total_seconds(), self._meta(cfg),
+            cfg.agent.address, c.check_ttl.total_seconds(), self._meta(cfg),
+            known_key=f"{c.prefix}/nodes/{cfg.agent.node}",
         )
         self.elector = Elector(
             make_clients(c, CONTEND_WAIT_S, self.metrics.consul_error), c, self.membership,

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
 import threading
 import time
+from datetime import UTC, datetime
 
 import structlog
 
@@ -17,8 +20,11 @@ class Membership:
     """Registers ``cronsul-<node>`` with a TTL check and passes it every check_ttl/3."""
 
     def __init__(self, client: consul.Consul, node: str, address: str, check_ttl_s: float,
-                 meta: dict[str, str]) -> None:
+                 meta: dict[str, str], known_key: str | None = None) -> None:
         self._c = client
+        # <prefix>/nodes/<node>: this node's record of itself, kept when it stops (a stopped
+        # service leaves the catalog, and `cronsul status` would not know it is missing).
+        self._known_key = known_key
         self.node = node
         self.service_id = f"{SERVICE_NAME}-{node}"
         self.check_id = f"service:{self.service_id}"
@@ -56,6 +62,19 @@ class Membership:
         self.last_ok = time.monotonic()
         self.registered.set()
         self._log.info("service_registered", service_id=self.service_id)
+        self._record_known(None)
+
+    def _record_known(self, stopped_at: str | None) -> None:
+        """Best effort: a node missing from `status`'s known nodes is only less visible."""
+        if self._known_key is None:
+            return
+        body = {"node": self.node, "address": self._address, "pid": os.getpid(),
+                "at": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
+                "stopped": stopped_at is not None}
+        try:
+            self._c.kv.put(self._known_key, json.dumps(body, separators=(",", ":")))
+        except CONSUL_ERRORS as exc:
+            self._log.warning("known_node_record_failed", error=str(exc)[:200])
 
     def update_meta(self, meta: dict[str, str]) -> None:
         """New service Meta (the config hash after a reload); re-registering keeps the check."""
@@ -106,6 +125,7 @@ class Membership:
             except CONSUL_ERRORS as exc:
                 self._log.warning("deregister_failed", error=str(exc)[:200])
             self.registered.clear()
+        self._record_known("stopped")
 
     def run(self, stop: threading.Event) -> None:
         """The heartbeat loop (its own thread)."""

@@ -48,6 +48,7 @@ def gather(cfg: Config, redis_client: redis.Redis) -> dict[str, Any]:
         _, nodes = c.health.service("cronsul")
         _, published = c.kv.get(f"{prefix}/schedule")
         _, paused = c.kv.get(f"{prefix}/paused/", recurse=True)
+        _, known = c.kv.get(f"{prefix}/nodes/", recurse=True)
     except CONSUL_ERRORS as exc:
         raise ConnectionFailure(f"cannot reach Consul at {cfg.consul.host}:{cfg.consul.port}: "
                                 f"{exc}") from exc
@@ -83,6 +84,18 @@ def gather(cfg: Config, redis_client: redis.Redis) -> dict[str, Any]:
             "drift": meta.get("config_hash") != reference,
             "checks": checks,
         })
+    # Nodes that ran here once and are not registered now: stopped (cleanly: "stopped"), or
+    # gone without deregistering long enough for Consul to drop the service (24 h critical).
+    # `consul kv delete <prefix>/nodes/<node>` forgets a decommissioned one.
+    registered = {n["node"] for n in report["nodes"]}
+    report["absent_nodes"] = []
+    for e in known or []:
+        body = _json(e.get("Value"))
+        name = e["Key"].rsplit("/", 1)[-1]
+        if name and name not in registered and isinstance(body, dict):
+            report["absent_nodes"].append({
+                "node": name, "address": body.get("address"), "since": body.get("at"),
+                "stopped_cleanly": bool(body.get("stopped"))})
     try:
         report.update(_redis_view(cfg, redis_client))
     except redis.RedisError as exc:
@@ -143,6 +156,11 @@ def render(report: dict[str, Any]) -> str:
         ]
         out.append(f"  {n['node']:<20} {n['address'] or '':<16} "
                    f"running {in_flight.get(n['node'], 0):<4} {', '.join(flags)}")
+    for n in report.get("absent_nodes") or []:
+        how = "stopped" if n["stopped_cleanly"] else "not registered (last registered"
+        out.append(f"  {n['node']:<20} {n['address'] or '':<16} NOT RUNNING: {how} "
+                   f"{'at ' if n['stopped_cleanly'] else ''}{n['since'] or '?'}"
+                   + ("" if n["stopped_cleanly"] else ")"))
     if "redis_error" in report:
         out.append(f"redis: UNREACHABLE ({report['redis_error']})")
     else:

@@ -119,7 +119,13 @@ def test_pause_fanout_reload_manual_run_and_catchup(
         for agent in cluster.agents.values():
             assert agent.wait(20) == 0
         down_from = datetime.now(UTC)
-        time.sleep(6)
+        # Stopped nodes leave the catalog; status still lists them, as not running.
+        down = json.loads(cli("status", "-c", cfg, "--json").stdout)
+        assert down["nodes"] == [], down["nodes"]
+        assert sorted((n["node"], n["stopped_cleanly"]) for n in down["absent_nodes"]) == [
+            ("n1", True), ("n2", True)], down["absent_nodes"]
+        assert cli("status", "-c", cfg).stdout.count("NOT RUNNING: stopped at") == 2
+        time.sleep(max(0.0, 6 - (datetime.now(UTC) - down_from).total_seconds()))
         down_to = datetime.now(UTC)
         cluster.start()
         wait_until(lambda: max(stamps(tick)) > down_to + timedelta(seconds=2), 30,
