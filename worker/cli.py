@@ -12,7 +12,7 @@ import os
 import sys
 import uuid
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from scheduler.errors import ConfigError, ConnectionFailure, CronsulError
@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     nx.add_argument("-n", type=count(MAX_FIRE_TIMES), default=20,
                     help=f"fire times (default 20, at most {MAX_FIRE_TIMES})")
     nx.add_argument("--json", action="store_true")
+    nx.add_argument("--from", dest="start", type=start_time, default=None, metavar="TIME",
+                    help="list from this time instead of now: ISO 8601, e.g. 2027-03-28T00:00 "
+                         "(in the job's time zone unless it names one), to see a DST day")
     st = with_config(sub.add_parser("status", help="leader and nodes, from Consul"))
     st.add_argument("--json", action="store_true")
     rn = with_config(sub.add_parser("run", help="enqueue a run now (or --local: run it here)"))
@@ -121,7 +124,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "check":
         return _check(cfg, args.n, args.json, args.quiet)
     if args.command == "next":
-        return _next(cfg, args.job, args.n, args.json)
+        return _next(cfg, args.job, args.n, args.json, args.start)
     if args.command == "status":
         return _status(cfg, args.json)
     if args.command == "run":
@@ -152,10 +155,10 @@ def _dispatch(args: argparse.Namespace) -> int:
     raise ConfigError(f"unknown command {args.command!r}")  # argparse prevents this
 
 
-def _upcoming(cfg: Config, job: str, n: int) -> list[datetime]:
+def _upcoming(cfg: Config, job: str, n: int, start: datetime | None = None) -> list[datetime]:
     spec = cfg.jobs[job]
     out: list[datetime] = []
-    after = datetime.now(UTC)
+    after = datetime.now(UTC) if start is None else start
     while len(out) < n:
         nxt = spec.schedule.next_fire(after)
         if nxt is None:
@@ -209,18 +212,42 @@ def _warn_secrets(cfg: Config) -> None:
         print(f"cronsul: warning: {problem}", file=sys.stderr)
 
 
-def _next(cfg: Config, job: str, n: int, as_json: bool) -> int:
+def _next(cfg: Config, job: str, n: int, as_json: bool, start: datetime | None = None) -> int:
+    from zoneinfo import ZoneInfo
+
     if job not in cfg.jobs:
         raise ConfigError(f"{cfg.path}: no job named {job!r} (jobs: {', '.join(sorted(cfg.jobs))})")
     spec = cfg.jobs[job]
-    times = _upcoming(cfg, job, n)
+    after = None
+    if start is not None:  # a wall time is the job's own zone's, unless it names one
+        if start.tzinfo is None:
+            start = start.replace(tzinfo=ZoneInfo(spec.timezone))
+        after = start.astimezone(UTC) - timedelta(microseconds=1)  # "from" includes it
+    times = _upcoming(cfg, job, n, after)
+    # Jitter is a function of the job and the tick: the fire times are known ahead too.
+    scheduled = spec.scheduled()
+    fires = [scheduled.fire_at(t) for t in times]
     if as_json:
         print(json.dumps({"job": job, "timezone": spec.timezone,
-                          "next": [iso_utc(t) for t in times]}))
+                          "next": [iso_utc(t) for t in times],
+                          **({"fires": [iso_utc(f) for f in fires]} if scheduled.jitter else {})}))
     else:
-        for t in times:
-            print(f"{_local(t, spec.timezone)}  ({iso_utc(t)})")
+        for t, f in zip(times, fires, strict=True):
+            print(f"{_local(t, spec.timezone)}  ({iso_utc(t)})"
+                  + (f"  fires {iso_utc(f)} (jitter +{(f - t).total_seconds():g}s)"
+                     if f != t else ""))
     return EXIT_OK
+
+
+def start_time(text: str) -> datetime:
+    """`next --from`: an ISO 8601 date or time, with an offset (or Z) or without (then read in
+    the job's zone). ArgumentTypeError (exit 2) naming what is wrong otherwise."""
+    try:
+        return datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not an ISO 8601 time (e.g. 2027-03-28, 2027-03-28T01:30 or "
+            "2027-03-28T01:30+01:00)") from None
 
 
 def _status(cfg: Config, as_json: bool) -> int:

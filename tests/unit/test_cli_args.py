@@ -3,6 +3,7 @@ quiet stop, never a traceback or a command that computes for minutes."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -58,3 +59,32 @@ def test_a_reader_that_goes_away_is_not_a_traceback(cfg: str) -> None:
     err = proc.stderr.read().decode()
     assert proc.wait(30) == 1
     assert "Traceback" not in err and "BrokenPipeError" not in err, err
+
+
+def test_next_from_a_date_in_the_jobs_zone_shows_a_dst_day(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "dst.toml"
+    path.write_text('[jobs.b]\nschedule = "30 2 * * *"\ntimezone = "Europe/Berlin"\n'
+                    'command = ["true"]\n[jobs.j]\nschedule = "*/15 * * * *"\n'
+                    'jitter = "5m"\ncommand = ["true"]\n')
+    assert main(["next", "b", "-c", str(path), "-n", "3", "--from", "2027-03-27"]) == 0
+    # 02:30 does not exist on 2027-03-28 in Berlin: it runs once, at the end of the gap.
+    assert capsys.readouterr().out.splitlines() == [
+        "2027-03-27T02:30:00+01:00  (2027-03-27T01:30:00Z)",
+        "2027-03-28T03:00:00+02:00  (2027-03-28T01:00:00Z)",
+        "2027-03-29T02:30:00+02:00  (2027-03-29T00:30:00Z)"]
+    # A time with an offset is that instant; with jitter, the fire time is shown too (it is a
+    # function of the job and the tick, the same on every node).
+    assert main(["next", "j", "-c", str(path), "-n", "1", "--from", "2027-03-28T00:00Z",
+                 "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["next"] == ["2027-03-28T00:00:00Z"]
+    assert out["fires"][0] > out["next"][0]
+
+
+def test_next_from_refuses_what_is_not_a_time(cfg: str,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["next", "j0", "-c", cfg, "--from", "yesterday"])
+    assert exit_.value.code == 2
+    assert "argument --from: 'yesterday' is not an ISO 8601 time" in capsys.readouterr().err
