@@ -671,21 +671,24 @@ class Consumer:
             "skipped": "run_skipped",  # overlap: a previous run holds the lock
             "wait": "run_waiting",  # overlap = queue | replace: parked until the lock frees
         }
-        if verdict not in ("skipped", "lost"):
+        if verdict not in ("skipped", "lost", "superseded"):
             self._log.info(events.get(verdict, "run_not_started"), job=ref.job,
                            run_id=ref.run_id, detail=detail)
             return
         # Ended here, never started: its record says skipped or failed, and it gets the same
-        # canonical line as a run that ran.
+        # canonical line as a run that ran. "superseded": a retry that a newer run made moot
+        # (overlap = replace); its failed attempt stays its result.
         state = "skipped" if verdict == "skipped" else "failed"
         self.hooks.run_ended_unstarted(ref.job, state)
         getattr(self._log, LOG_LEVEL_OF[state])(
             "run_finished", job=ref.job, run_id=ref.run_id, attempt=None,
             scheduled_at=iso_utc(from_epoch_ms(ref.scheduled_ms)), state=state, exit_code=None,
             signal=None, timed_out=False, duration_ms=0.0, start_lag_ms=None, output_bytes=0,
-            error=(f"skipped: {detail or 'the run before'} still holds the overlap lock"
-                   if state == "skipped" else detail or "lost: its node stopped renewing its "
-                   "lease (on_lost = fail)"),
+            error=(f"skipped for the overlap lock held or awaited by {detail or 'another run'}"
+                   if state == "skipped" else
+                   f"failed, not retried: superseded by the newer run {detail} (overlap = "
+                   "replace)" if verdict == "superseded" else
+                   "lost: its node stopped renewing its lease (on_lost = fail)"),
             retry_at=None)
 
     def _verdict(self, job: JobSpec, outcome: Outcome, attempt: int,

@@ -9,7 +9,10 @@ unrecorded, or recorded as finished but delivered again.
   another token -> leave it (alive elsewhere). Record ``running`` without a lease -> its node died:
   ``on_lost = "fail"`` records it failed, ``"retry"`` runs it again. Overlap lock held by another
   run -> ``skip`` records it skipped; ``queue``/``replace`` park it in the delayed set (at most one
-  waiting run per lock; more are skipped), ``replace`` also asks the holder to stop.
+  waiting run per lock; more are skipped), ``replace`` also asks the holder to stop. ``replace``
+  keeps the newest run: a run older than the one holding or awaiting the lock is superseded
+  (skipped), and a newer one takes the waiting place of an older. A run with an attempt behind
+  it (a retry) is never skipped for the lock: it waits for it (or, superseded, stays failed).
 * ``renew``: extends each lease (and overlap lock) still ours; reports lost leases and stop
   requests.
 * ``finish``: only while the lease is ours: record the result, drop lease and lock
@@ -105,22 +108,50 @@ local function begin(run, lease, lock, waiting, stream, delayed, hist, a)
     local cur = redis.call('GET', lock)
     local w = redis.call('GET', waiting)
     local mine = run_id .. ' '
+    -- An attempt of this run ran already (a retry, a run taken over, a `dlq retry`): it is
+    -- never skipped for the lock (its failure would vanish as "skipped"); it waits for it.
+    local retry = (tonumber(tries) or 0) > 0
+    local base = string.sub(run, 1, #run - #run_id)  -- the record key of another run id
+    local function newer(id)  -- is run `id` scheduled after this one?
+      local t = tonumber(redis.call('HGET', base .. id, 'scheduled_ms'))
+      return t ~= nil and t > tonumber(sched)
+    end
+    -- overlap = replace keeps the newest run: this one, older than the run holding or
+    -- awaiting the lock, is superseded (a late catch-up tick, the retry of an older run).
+    local function superseded(by, how)
+      meta()
+      if retry then  -- its last attempt failed and stays the record's result
+        redis.call('HSET', run, 'state', 'failed', 'finished_ms', now, 'error',
+                   'failed, not retried: the newer run ' .. by .. ' ' .. how
+                   .. ' (overlap = replace)')
+        ended(); ack(); return 'superseded', by
+      end
+      redis.call('HSET', run, 'state', 'skipped', 'finished_ms', now,
+                 'error', 'skipped: the newer run ' .. by .. ' ' .. how .. ' (overlap = replace)')
+      ended(); ack(); return 'skipped', by
+    end
     if cur and string.sub(cur, 1, #mine) ~= mine then
       local other = string.match(cur, '^(%S+)')
-      if overlap == 'skip' then
+      if overlap == 'replace' and newer(other) then return superseded(other, 'is running') end
+      if overlap == 'skip' and not retry then
         meta()
         redis.call('HSET', run, 'state', 'skipped', 'finished_ms', now,
                    'error', 'skipped: previous run ' .. other .. ' still running (overlap = skip)')
         ended(); ack(); return 'skipped', other
       end
-      if w and w ~= run_id then
+      local slot = not w or w == run_id
+      if not slot and overlap == 'replace' then
+        if newer(w) then return superseded(w, 'is waiting') end
+        slot = true  -- the older waiting run is superseded when it comes back
+      end
+      if not slot and not retry then
         meta()
         redis.call('HSET', run, 'state', 'skipped', 'finished_ms', now,
                    'error', 'skipped: run ' .. w .. ' is already waiting (overlap = '
                    .. overlap .. ')')
         ended(); ack(); return 'skipped', w
       end
-      redis.call('SET', waiting, run_id, 'PX', lease_ms)
+      if slot then redis.call('SET', waiting, run_id, 'PX', lease_ms) end
       if overlap == 'replace' then
         redis.call('SET', stop_prefix .. other, run_id, 'PX', lease_ms)
       end
@@ -128,6 +159,9 @@ local function begin(run, lease, lock, waiting, stream, delayed, hist, a)
       redis.call('HSET', run, 'state', 'queued', 'waiting_for', other)
       redis.call('ZADD', delayed, tonumber(now) + wait_ms, queue .. '|' .. payload)
       ack(); return 'wait', other
+    end
+    if overlap == 'replace' and w and w ~= run_id and newer(w) then
+      return superseded(w, 'is waiting')
     end
     redis.call('SET', lock, run_id .. ' ' .. token, 'PX', lease_ms)
     if w == run_id then redis.call('DEL', waiting) end

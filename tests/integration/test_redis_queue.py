@@ -297,6 +297,93 @@ def test_overlap_replace_asks_the_holder_to_stop(redis_client: redis.Redis, setu
     assert n1.renew([(first, "t1")], 5000) == [2]  # renewed, and asked to stop
 
 
+def timed(redis_client: redis.Redis, q: RedisQueue, second: int, overlap: str) -> RunRef:
+    """The run of tick T0 + ``second`` (its real scheduled time), fetched."""
+    RedisSink(redis_client, KEYS).apply(batch(second), Fence(0, 1))
+    d = fetch_one(q)
+    assert d.payload is not None
+    when = datetime.fromisoformat(json.loads(d.payload)["scheduled_at"].replace("Z", "+00:00"))
+    return RunRef(json.loads(d.payload)["run_id"], "j", int(when.timestamp() * 1000), d.queue,
+                  d.payload, d.entry_id, overlap=overlap, lock_name="j")
+
+
+def fail_then_refetch(n: RunState, q: RedisQueue, ref: RunRef, token: str) -> RunRef:
+    """``ref``'s attempt fails with a retry due at once; its retry, fetched."""
+    assert n.finish(ref, token, "retrying", 2, {"exit_code": "1"}, retry_at_ms=1)
+    assert n.promote(now_ms=10**15) == 1
+    d = fetch_one(q)
+    return RunRef(ref.run_id, "j", ref.scheduled_ms, d.queue, d.payload or b"", d.entry_id,
+                  overlap=ref.overlap, lock_name="j")
+
+
+@pytest.mark.parametrize("overlap", ["skip", "queue"])
+def test_a_retry_waits_for_the_lock_instead_of_being_skipped(
+        redis_client: redis.Redis, setup: Setup, overlap: str) -> None:
+    """A review saw a failed run whose retry found the lock held recorded "skipped": its
+    failure and its remaining retries vanished (also after `dlq retry`)."""
+    q, n1, n2 = setup
+    fetch_one(q)  # the setup's own run, out of the way
+    old, new = timed(redis_client, q, 10, overlap), timed(redis_client, q, 20, overlap)
+    assert n1.begin(old, "t1", 5000, 1).verdict == "start"
+    retry = fail_then_refetch(n1, q, old, "t1")
+    assert n2.begin(new, "t2", 5000, 2).verdict == "start"  # the lock is free: the next tick
+    if overlap == "queue":  # and another run takes the one waiting place first
+        other = timed(redis_client, q, 30, overlap)
+        assert n2.begin(other, "t4", 5000, 2).verdict == "wait"
+    begun = n1.begin(retry, "t3", 5000, 3)
+    assert (begun.verdict, begun.detail) == ("wait", new.run_id)
+    assert n1.record(old.run_id)["state"] == "queued"
+    assert n2.finish(new, "t2", "succeeded", 4, {})
+    assert n1.promote(now_ms=10**15) >= 1
+    again = [d for d in q.fetch(["default"], 5, 100)
+             if json.loads(d.payload or b"{}")["run_id"] == old.run_id]
+    assert again
+    second = RunRef(old.run_id, "j", old.scheduled_ms, "default", again[0].payload or b"",
+                    again[0].entry_id, overlap=overlap, lock_name="j")
+    assert n1.begin(second, "t5", 5000, 5).attempt == 2
+
+
+def test_replace_never_stops_a_newer_run_for_an_older_one(
+        redis_client: redis.Redis, setup: Setup) -> None:
+    """A review saw the retry of an older run stop the newer run that was running."""
+    q, n1, n2 = setup
+    fetch_one(q)
+    old, new = timed(redis_client, q, 10, "replace"), timed(redis_client, q, 20, "replace")
+    assert n1.begin(old, "t1", 5000, 1).verdict == "start"
+    retry = fail_then_refetch(n1, q, old, "t1")
+    assert n2.begin(new, "t2", 5000, 2).verdict == "start"
+    begun = n1.begin(retry, "t3", 5000, 3)
+    assert (begun.verdict, begun.detail) == ("superseded", new.run_id)
+    record = n1.record(old.run_id)
+    assert record["state"] == "failed" and "not retried" in record["error"], record
+    assert n2.renew([(new, "t2")], 5000) == [1]  # not asked to stop
+    # A late tick older than the running one (a catch-up) is skipped, not run in its place.
+    late = timed(redis_client, q, 15, "replace")
+    assert n1.begin(late, "t4", 5000, 3).verdict == "skipped"
+    assert n2.renew([(new, "t2")], 5000) == [1]
+
+
+def test_replace_keeps_the_newest_waiting_run(redis_client: redis.Redis, setup: Setup) -> None:
+    """After an outage the catch-up tick waited and the newer ticks were skipped; the newest
+    must win."""
+    q, n1, n2 = setup
+    fetch_one(q)
+    running = timed(redis_client, q, 10, "replace")
+    assert n1.begin(running, "t1", 5000, 1).verdict == "start"
+    older, newer = timed(redis_client, q, 20, "replace"), timed(redis_client, q, 30, "replace")
+    assert n2.begin(older, "t2", 5000, 2).verdict == "wait"
+    assert n2.begin(newer, "t3", 5000, 3).verdict == "wait"  # takes the waiting place
+    assert redis_client.get(KEYS.waiting("j")) == newer.run_id.encode()
+    assert n1.finish(running, "t1", "failed", 4, {})
+    # The older one comes back first: superseded by the newer one waiting.
+    again = RunRef(older.run_id, "j", older.scheduled_ms, "default", older.payload, "",
+                   overlap="replace", lock_name="j")
+    assert n2.begin(again, "t5", 5000, 5).verdict == "skipped"
+    later = RunRef(newer.run_id, "j", newer.scheduled_ms, "default", newer.payload, "",
+                   overlap="replace", lock_name="j")
+    assert n2.begin(later, "t6", 5000, 6).verdict == "start"
+
+
 def test_retry_goes_to_the_delayed_set_and_attempts_count_up(
         redis_client: redis.Redis, setup: Setup) -> None:
     q, n1, _ = setup
