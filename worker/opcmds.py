@@ -87,12 +87,44 @@ def parse_params(cfg: Config, job: str, pairs: list[str]) -> dict[str, str]:
             declared = ", ".join(sorted(spec.param_names)) or "none"
             raise ConfigError(f"--param {key}: job {job!r} has no such parameter "
                               f"(declared: {declared})")
+        if key in values:
+            raise ConfigError(f"--param {key} is given twice ({values[key]!r} and {value!r})")
         check_value(key, value, f"--param {key}")
         values[key] = value
+    if spec.params:
+        values = _declared_set(spec.params, values, job)
     missing = sorted(placeholders(spec.command, job) - set(values))
     if missing:
         raise ConfigError(f"job {job!r} needs --param {missing[0]}=VALUE")
     return values
+
+
+def _declared_set(sets: tuple[dict[str, str], ...], given: dict[str, str],
+                  job: str) -> dict[str, str]:
+    """A manual run of a job with parameter sets: the one declared set the given values pick
+    (completed from it: --param tenant=acme brings acme's region too), or values for every
+    parameter the sets declare (an ad-hoc set). Otherwise ConfigError: a run with no or half
+    its parameters may mean "everything" to the script (a sync with an empty tenant)."""
+    matching = [s for s in sets if all(s.get(k) == v for k, v in given.items())]
+    listing = "; ".join(" ".join(f"{k}={v}" for k, v in s.items()) for s in sets[:10]) + (
+        f"; ... ({len(sets)} sets)" if len(sets) > 10 else "")
+    if len(matching) == 1:
+        return dict(matching[0])
+    names = sorted({k for s in sets for k in s})
+    if not given:
+        raise ConfigError(f"job {job!r} runs once per parameter set: name one with --param "
+                          f"(declared: {listing})")
+    if len(matching) > 1:
+        raise ConfigError(f"--param {' '.join(f'{k}={v}' for k, v in given.items())} matches "
+                          f"{len(matching)} declared sets of job {job!r}: add --param to pick "
+                          f"one (declared: {listing})")
+    missing = [n for n in names if n not in given]
+    if missing:
+        raise ConfigError(f"job {job!r}: no declared parameter set has "
+                          f"{' '.join(f'{k}={v}' for k, v in given.items())}; give every "
+                          f"parameter for a set of your own (missing --param {missing[0]}=...) "
+                          f"or pick a declared one ({listing})")
+    return given
 
 
 def enqueue(cfg: Config, job: str, pairs: list[str], wait: bool,

@@ -41,10 +41,16 @@ def normalise_sets(raw: Any, where: str) -> tuple[dict[str, str], ...]:
         if not isinstance(item, dict) or not item:
             raise ConfigError(f"{where}: item {i} must be a non-empty table of name = value")
         clean: dict[str, str] = {}
+        upper: dict[str, str] = {}
         for name, value in item.items():
             if not PARAM_NAME.match(name):
                 raise ConfigError(f"{where}: item {i}: parameter name {name!r} must match "
                                   "[A-Za-z_][A-Za-z0-9_]*")
+            if name.upper() in upper:  # both would be CRONSUL_PARAM_<NAME>: one value lost
+                raise ConfigError(f"{where}: item {i}: parameters {upper[name.upper()]!r} and "
+                                  f"{name!r} differ only in case; both would be "
+                                  f"CRONSUL_PARAM_{name.upper()}")
+            upper[name.upper()] = name
             text = _scalar(value)
             if text is None:
                 raise ConfigError(f"{where}: item {i}: {name} must be a string, number or "
@@ -93,8 +99,11 @@ def placeholders(command: Sequence[str], where: str) -> set[str]:
         if m:
             names.add(m.group(1))
         elif "{param." in arg:
-            raise ConfigError(f"{where}: command item {i} {arg!r}: {{param.NAME}} must be a "
-                              "whole argv element")
+            raise ConfigError(
+                f"{where}: command item {i} {arg!r}: {{param.NAME}} must be a whole argv "
+                "element (values are never spliced into strings); for --name=value write two "
+                "elements [\"--name\", \"{param.name}\"] if the program takes that, or read "
+                "$CRONSUL_PARAM_NAME in a script")
     return names
 
 
