@@ -210,6 +210,12 @@ def _warn_secrets(cfg: Config) -> None:
 
     for problem in exposure_warnings(cfg.secret_files):
         print(f"cronsul: warning: {problem}", file=sys.stderr)
+    for name, spec in sorted(cfg.jobs.items()):
+        for key, value in spec.env:
+            if "$" in value:  # a crontab habit: PATH=$PATH:/opt/bin
+                print(f"cronsul: warning: job {name!r}: env {key} = {value!r} is used as "
+                      "written: cronsul does not expand $VARIABLES in env values",
+                      file=sys.stderr)
 
 
 def _next(cfg: Config, job: str, n: int, as_json: bool, start: datetime | None = None) -> int:

@@ -207,6 +207,10 @@ def logs(cfg: Config, run_id: str, as_json: bool) -> int:
                           f"(run records are kept {format_duration(cfg.record_ttl)})")
     view = _run_view(raw, run_id, None)
     output = raw.get(b"output", b"")
+    kept, total = len(output), view["output_bytes"] or 0
+    if not as_json and total > kept:  # the tail starts mid-way: say so before it
+        print(f"[cronsul: output was {total} bytes; the last {kept} are kept "
+              f"(output_limit)]", file=sys.stderr, flush=True)
     if as_json:
         print(json.dumps({**view, "output": output.decode("utf-8", errors="replace")}, indent=2))
         return 0
@@ -252,9 +256,18 @@ def _run_view(raw: dict[bytes, bytes], run_id: str, finished_ms: int | None) -> 
         "manual": rec.get("manual") == "1",
         # Why it still waits, while it does: a node whose config could not run it handed it
         # back for the others (a config change rolling out).
-        "waiting": (rec.get("handed_back") or None) if rec.get("state") in ("queued",
-                                                                            "retrying") else None,
+        "waiting": _waiting(rec),
     }
+
+
+def _waiting(rec: dict[str, str]) -> str | None:
+    """Why a run not started yet waits, if it says: for the overlap lock another run holds, or
+    for a node that can run it (handed back during a config roll)."""
+    if rec.get("state") not in ("queued", "retrying"):
+        return None
+    if rec.get("waiting_for"):
+        return f"for the overlap lock held by {rec['waiting_for']}"
+    return rec.get("handed_back") or None
 
 
 # -- dead letters -------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 import structlog
 
 import consul
+from scheduler.runs import iso_utc
 from worker.consulapi import CONSUL_ERRORS
 
 SERVICE_NAME = "cronsul"
@@ -69,7 +70,7 @@ class Membership:
         if self._known_key is None:
             return
         body = {"node": self.node, "address": self._address, "pid": os.getpid(),
-                "at": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
+                "at": iso_utc(datetime.now(UTC)),
                 "stopped": stopped_at is not None}
         try:
             self._c.kv.put(self._known_key, json.dumps(body, separators=(",", ":")))

@@ -189,6 +189,20 @@ def test_logs_prints_output_raw_and_metadata_to_stderr(config: str, redis_client
     assert view["output_bytes"] == len(output)
 
 
+def test_logs_says_when_the_output_kept_is_only_a_tail_and_what_a_run_waits_for(
+        config: str, redis_client: redis.Redis, capsys: Capture) -> None:
+    redis_client.hset(KEYS.run("tick@5"), mapping={
+        "state": "failed", "job": "tick", "output": "ne 18751 of noisy output\n",
+        "output_bytes": 991932})
+    code, out, err = cli(capsys, "logs", "tick@5", "-c", config)
+    assert code == 0 and out == "ne 18751 of noisy output\n"
+    assert err.startswith("[cronsul: output was 991932 bytes; the last 25 are kept"), err
+    redis_client.hset(KEYS.run("tick@6"), mapping={"state": "queued", "job": "tick",
+                                                   "waiting_for": "tick@5"})
+    code, _, err = cli(capsys, "logs", "tick@6", "-c", config)
+    assert "waiting: for the overlap lock held by tick@5" in err, err
+
+
 def test_logs_of_unknown_run_is_a_usage_error(config: str, capsys: Capture) -> None:
     code, out, err = cli(capsys, "logs", "tick@123", "-c", config)
     assert code == 2 and out == ""

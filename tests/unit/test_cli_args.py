@@ -88,3 +88,13 @@ def test_next_from_refuses_what_is_not_a_time(cfg: str,
         main(["next", "j0", "-c", cfg, "--from", "yesterday"])
     assert exit_.value.code == 2
     assert "argument --from: 'yesterday' is not an ISO 8601 time" in capsys.readouterr().err
+
+
+def test_check_warns_that_env_values_are_not_expanded(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "env.toml"
+    path.write_text('[jobs.j]\nschedule = "@daily"\ncommand = ["true"]\n'
+                    'env = { PATH = "$PATH:/opt/bin", MODE = "full" }\n')
+    assert main(["check", "--quiet", "-c", str(path)]) == 0
+    err = capsys.readouterr().err
+    assert "env PATH = '$PATH:/opt/bin' is used as written" in err and "MODE" not in err
