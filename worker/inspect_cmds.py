@@ -92,6 +92,8 @@ def add_parsers(sub: Any, with_config: Callable[[argparse.ArgumentParser],
     hi.add_argument("-n", type=count(MAX_LISTED), default=20,
                     help="finished runs to show (default 20)")
     hi.add_argument("--json", action="store_true")
+    hi.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                    help="only runs with this parameter value (repeatable): one tenant's runs")
     lg = with_config(sub.add_parser("logs", help="one run's record and output tail",
                                     epilog=LOGS_EPILOG, formatter_class=fmt))
     lg.add_argument("run_id")
@@ -120,7 +122,7 @@ def add_parsers(sub: Any, with_config: Callable[[argparse.ArgumentParser],
 
 def dispatch(cfg: Config, args: argparse.Namespace) -> int:
     if args.command == "history":
-        return history(cfg, args.job, args.n, args.json)
+        return history(cfg, args.job, args.n, args.json, _param_filter(args.param))
     if args.command == "logs":
         return logs(cfg, args.run_id, args.json)
     if args.dlq_command == "list":
@@ -140,32 +142,59 @@ def _connect(cfg: Config) -> Iterator[redis.Redis]:
 
 # -- history and logs ---------------------------------------------------------------------------
 
-def history(cfg: Config, job: str, n: int, as_json: bool) -> int:
+def _param_filter(pairs: list[str]) -> dict[str, str]:
+    wanted: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--param {pair!r}: expected NAME=VALUE")
+        wanted[key] = value
+    return wanted
+
+
+def history(cfg: Config, job: str, n: int, as_json: bool,
+            params: dict[str, str] | None = None) -> int:
     check_job_name(job)
     keys = Keys(cfg.redis.key_prefix)
+
+    def wanted(view: dict[str, Any]) -> bool:
+        return all(view["params"].get(k) == v for k, v in (params or {}).items())
+
     with _connect(cfg) as r:
         if job not in cfg.jobs and not r.exists(keys.history(job)):
             raise ConfigError(f"{cfg.path}: no job named {job!r} and no history for it "
                               f"(jobs: {', '.join(sorted(cfg.jobs)) or 'none'})")
-        finished: Any = r.zrevrange(keys.history(job), 0, n - 1, withscores=True)
+        # Filtered: the whole index (at most HISTORY_PER_JOB), then the newest n that match.
+        finished: Any = r.zrevrange(keys.history(job), 0, -1 if params else n - 1,
+                                    withscores=True)
         ids = [_s(rid) for rid, _ in finished]
-        views = [_run_view(rec, rid, int(score))
-                 for rec, rid, (_, score) in zip(_records(r, keys, ids), ids, finished,
-                                                 strict=True)]
+        views = [v for v in (_run_view(rec, rid, int(score))
+                             for rec, rid, (_, score) in zip(_records(r, keys, ids), ids,
+                                                             finished, strict=True))
+                 if wanted(v)][:n]
         if job in cfg.jobs:
-            views = _in_flight(r, keys, job, cfg.jobs[job].queue, set(ids))[:n] + views
+            views = [v for v in _in_flight(r, keys, job, cfg.jobs[job].queue, set(ids))
+                     if wanted(v)][:n] + views
     if as_json:
         print(json.dumps({"job": job, "runs": views}, indent=2))
         return 0
     if not views:
-        print(f"no runs of {job} recorded")
+        print(f"no runs of {job} recorded" + (" with " + " ".join(
+            f"{k}={v}" for k, v in params.items()) if params else ""))
         return 0
+    with_params = any(v["params"] for v in views)
     rows = [[v["run_id"], v["scheduled_at"] or "-", v["state"], v["node"] or "-",
-             str(v["attempt"]), _exit(v), _ms(v["duration_ms"]), _ms(v["start_lag_ms"])]
+             str(v["attempt"]), _exit(v), _ms(v["duration_ms"]), _ms(v["start_lag_ms"]),
+             *([_params_text(v["params"])] if with_params else [])]
             for v in views]
-    _table(["RUN", "SCHEDULED (UTC)", "STATE", "NODE", "ATTEMPT", "EXIT", "DURATION", "LAG"],
-           rows)
+    _table(["RUN", "SCHEDULED (UTC)", "STATE", "NODE", "ATTEMPT", "EXIT", "DURATION", "LAG",
+            *(["PARAMS"] if with_params else [])], rows)
     return 0
+
+
+def _params_text(params: dict[str, str], width: int = 60) -> str:
+    text = " ".join(f"{k}={v}" for k, v in params.items()) or "-"
+    return text if len(text) <= width else text[:width - 3] + "..."
 
 
 def _in_flight(r: redis.Redis, keys: Keys, job: str, queue: str,
@@ -257,7 +286,18 @@ def _run_view(raw: dict[bytes, bytes], run_id: str, finished_ms: int | None) -> 
         # Why it still waits, while it does: a node whose config could not run it handed it
         # back for the others (a config change rolling out).
         "waiting": _waiting(rec),
+        "params": _params_of(rec.get("payload")),
     }
+
+
+def _params_of(payload: str | None) -> dict[str, str]:
+    """A run's parameters, from the payload its record keeps ({} when it has none)."""
+    try:
+        body = json.loads(payload or "{}")
+    except ValueError:
+        return {}
+    params = body.get("params") if isinstance(body, dict) else None
+    return {str(k): str(v) for k, v in params.items()} if isinstance(params, dict) else {}
 
 
 def _waiting(rec: dict[str, str]) -> str | None:

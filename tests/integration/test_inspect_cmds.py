@@ -16,7 +16,7 @@ from cronsul_testing import RedisServer, free_port, render_config
 
 from scheduler.errors import MessageError
 from scheduler.ports import Fence, TickBatch
-from scheduler.runs import Run, epoch_ms
+from scheduler.runs import Run, epoch_ms, iso_utc
 from worker.cli import main
 from worker.inspect_cmds import redact
 from worker.keys import Keys
@@ -154,6 +154,31 @@ def test_history_shows_queued_and_running_runs_above_finished(
     assert [(r["run_id"], r["state"]) for r in runs] == [
         (queued, "queued"), (running, "running"), (done, "succeeded")]
     assert runs[1]["node"] == "n1" and runs[1]["finished_at"] is None
+
+
+def test_history_shows_each_runs_parameters_and_filters_by_them(
+        config: str, redis_client: redis.Redis, capsys: Capture) -> None:
+    """"Show me initech's runs from last night": a fan-out run's id does not say whose it is."""
+    q = RedisQueue(redis_client, KEYS, "n1")
+    q.ensure_groups(["default"])
+    runs = [Run.for_tick("tick", T0 + timedelta(seconds=s), {"tenant": t})
+            for s in (0, 1) for t in ("acme", "initech")]
+    RedisSink(redis_client, KEYS).apply(TickBatch([(run, "default") for run in runs],
+                                                  {"tick": T0 + timedelta(seconds=1)}),
+                                        Fence(0, 1))
+    for d in fetch(q):
+        run_to_end(redis_client, d)
+    code, out, _ = cli(capsys, "history", "tick", "-c", config, "--param", "tenant=initech",
+                       "--json")
+    assert code == 0
+    listed = json.loads(out)["runs"]
+    assert [(v["params"], v["scheduled_at"]) for v in listed] == [
+        ({"tenant": "initech"}, iso_utc(T0 + timedelta(seconds=1))),
+        ({"tenant": "initech"}, iso_utc(T0))], listed
+    code, out, _ = cli(capsys, "history", "tick", "-c", config, "-n", "2")
+    assert "PARAMS" in out.splitlines()[0] and "tenant=" in out
+    code, out, _ = cli(capsys, "history", "tick", "-c", config, "--param", "tenant=hooli")
+    assert code == 0 and out.strip() == "no runs of tick recorded with tenant=hooli"
 
 
 def test_history_of_unknown_job_is_a_usage_error(config: str, capsys: Capture) -> None:
