@@ -70,6 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     pa.add_argument("--reason", default="")
     rs = with_config(sub.add_parser("resume", help="resume a paused job"))
     rs.add_argument("job")
+    sp = with_config(sub.add_parser("stop", help="stop a running run (recorded failed, not "
+                                                 "retried)"))
+    sp.add_argument("run_id")
+    sp.add_argument("--reason", default="")
     ic = sub.add_parser("import-crontab", help="turn a crontab into [jobs.*] TOML")
     ic.add_argument("file", nargs="?", default="-", help="crontab file, or - for stdin")
     ic.add_argument("--system", action="store_true",
@@ -133,6 +137,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from worker import opcmds
 
         return opcmds.enqueue(cfg, args.job, args.param, args.wait)
+    if args.command == "stop":
+        from worker import opcmds
+
+        return opcmds.stop(cfg, args.run_id, args.reason)
     if args.command in ("pause", "resume"):
         from worker import opcmds
 

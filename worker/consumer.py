@@ -43,7 +43,7 @@ from worker.transport import Transport
 from worker.watchdog import TOKEN_ENV, Watchdog
 
 # RunState.renew results.
-LOST, RENEWED, STOP_REQUESTED = 0, 1, 2
+LOST, RENEWED, STOP_REQUESTED, OPERATOR_STOPPED = 0, 1, 2, 3
 # How long one XREADGROUP blocks; bounds how long shutdown waits for the fetch loop.
 FETCH_BLOCK_MS = 1000
 # Recording a result is retried through a Redis restart with this backoff, bounded by the lease.
@@ -93,7 +93,8 @@ class _Active:
     refusal: str | None = None  # why it must not start (recorded as a failed attempt)
     identity: dict[str, Any] | None = None  # command jobs: the user to run as, resolved
     account: dict[str, str] | None = None  # and that user's HOME, USER, LOGNAME, SHELL
-    replaced: bool = False
+    replaced: bool = False  # stopped: by a newer run (replace), or an operator (stopped_by)
+    stopped_by: str | None = None  # `cronsul stop`: who and why
     stopped_at_shutdown: bool = False  # ended by the agent's shutdown: not recorded (on_lost)
     outcome: Outcome | None = None
 
@@ -565,7 +566,9 @@ class Consumer:
             outcome = a.outcome or Outcome(None, None, False, 0.0, "", 0, "no outcome")
             state, retry_at = self._verdict(a.job, outcome, a.attempt, a.replaced)
             fields = _record_fields(outcome)
-            if a.replaced:
+            if a.stopped_by is not None:
+                fields["error"] = f"stopped by an operator (cronsul stop): {a.stopped_by}"
+            elif a.replaced:
                 fields["error"] = "stopped: replaced by a newer run (overlap = replace)"
             records.append(Finished(a.ref, a.token, state, epoch_ms(self._clock.now()), fields,
                                     retry_at))
@@ -745,11 +748,19 @@ class Consumer:
                 # will find out itself that the lease was lost (run_finished_lease_lost); a
                 # stop request came too late to replace it.
                 continue
-            elif result == STOP_REQUESTED:
+            elif result in (STOP_REQUESTED, OPERATOR_STOPPED):
                 a.renewed_at = sent
                 if not a.replaced:
-                    a.replaced = True
-                    self._log.info("run_replaced", run_id=a.ref.run_id)
+                    a.replaced = True  # not retried either way
+                    if result == OPERATOR_STOPPED:
+                        try:
+                            a.stopped_by = self._runs.stop_reason(a.ref.run_id) or "no reason"
+                        except redis.RedisError:
+                            a.stopped_by = "no reason"
+                        self._log.warning("run_stopped_by_operator", run_id=a.ref.run_id,
+                                          reason=a.stopped_by)
+                    else:
+                        self._log.info("run_replaced", run_id=a.ref.run_id)
                     a.execution.stop()
             else:
                 self._log.error("run_lease_lost", run_id=a.ref.run_id)

@@ -18,7 +18,7 @@ from worker.consulapi import CALL_TIMEOUT_S, CONSUL_ERRORS, make_clients
 from worker.keys import Keys
 from worker.params import check_value, placeholders
 from worker.redisconn import connect
-from worker.runstate import TERMINAL
+from worker.runstate import TERMINAL, RunState
 from worker.sink import run_payload
 
 # `cronsul run --wait` polls the run record this often.
@@ -65,6 +65,28 @@ def resume(cfg: Config, job: str) -> int:
     except CONSUL_ERRORS as exc:
         raise ConnectionFailure(f"cannot reach Consul: {exc}") from exc
     print(f"resumed {job}" if entry is not None else f"{job} was not paused (nothing to do)")
+    return 0
+
+
+def stop(cfg: Config, run_id: str, reason: str) -> int:
+    """`cronsul stop RUN_ID`: ask the node running it to stop it, as a timeout does (TERM to
+    its process group, KILL after kill_grace; a callable's worker is killed). It is recorded
+    failed with who stopped it and why, and not retried."""
+    who = f"{getpass.getuser()}@{socket.gethostname()}"
+    why = f"{who}: {reason}" if reason else who
+    ttl_ms = int(cfg.worker.visibility_timeout.total_seconds() * 2000)  # seen by a renewal
+    with connect(cfg.redis, cfg.path) as r:
+        state = RunState(r, Keys(cfg.redis.key_prefix), "cli", 0).request_stop(run_id, why,
+                                                                              ttl_ms)
+    if state is None:
+        raise ConfigError(f"no run {run_id!r} in Redis at {cfg.redis.where}")
+    if state != "running":
+        print(f"{run_id} is {state}, not running: nothing to stop")
+        return 1
+    renew_s = cfg.worker.visibility_timeout.total_seconds() / 3
+    print(f"asked the node running {run_id} to stop it: it sees this within about "
+          f"{renew_s:.0f}s (TERM, then KILL after kill_grace); `cronsul logs {run_id}` shows "
+          "the result")
     return 0
 
 

@@ -32,6 +32,8 @@ from worker.keys import GROUP, Keys
 from worker.messages import MAX_PAYLOAD_BYTES, payload_field
 
 TERMINAL = ("succeeded", "failed", "dead", "skipped")
+# The value `cronsul stop` writes to a run's stop key starts with this (then who and why).
+OPERATOR_STOP = "operator:"
 # A run id or job name longer than this in a dead-lettered message is not looked up (the
 # longest a valid one can be is far shorter: see worker.messages.RUN_ID_TAIL).
 MAX_ID_CHARS = 1024
@@ -188,7 +190,9 @@ return out
 """
 
 # KEYS: per run (lease, lock or the lease key again when no lock, stop); ARGV[1] = lease ms,
-# then per run: token, run id. Returns per run 1 renewed, 0 lost, 2 renewed but asked to stop.
+# then per run: token, run id. Returns per run 1 renewed, 0 lost, 2 renewed but asked to stop
+# by a newer run (replace), 3 renewed but asked to stop by an operator (`cronsul stop`: the
+# stop key's value starts with OPERATOR_STOP).
 RENEW = """
 local out = {}
 local n = #KEYS / 3
@@ -200,7 +204,10 @@ for i = 1, n do
     if lock ~= lease and redis.call('GET', lock) == run_id .. ' ' .. token then
       redis.call('PEXPIRE', lock, ARGV[1])
     end
-    if redis.call('EXISTS', stop) == 1 then out[i] = 2 else out[i] = 1 end
+    local asked = redis.call('GET', stop)
+    if not asked then out[i] = 1
+    elseif string.sub(asked, 1, 9) == 'operator:' then out[i] = 3
+    else out[i] = 2 end
   else
     out[i] = 0
   end
@@ -445,8 +452,26 @@ class RunState:
                 results.append(BeginResult(verdict, detail=_s(out[i + 1])))
         return results
 
+    def request_stop(self, run_id: str, why: str, ttl_ms: int) -> str | None:
+        """An operator asks the node running ``run_id`` to stop it (its next lease renewal
+        sees it). The run's state, or None when there is no record; only a running run is
+        asked."""
+        state: Any = self._r.hget(self._keys.run(run_id), "state")
+        if state is None:
+            return None
+        if _s(state) == "running":
+            self._r.set(self._keys.stop(run_id), OPERATOR_STOP + why, px=ttl_ms)
+        return _s(state)
+
+    def stop_reason(self, run_id: str) -> str:
+        """Why an operator asked a run to stop (what follows OPERATOR_STOP), or ""."""
+        value: Any = self._r.get(self._keys.stop(run_id))
+        text = _s(value) if value is not None else ""
+        return text[len(OPERATOR_STOP):] if text.startswith(OPERATOR_STOP) else ""
+
     def renew(self, runs: Sequence[tuple[RunRef, str]], lease_ms: int) -> list[int]:
-        """Extend each (run, token) lease still ours: 1 ok, 0 lost, 2 ok but asked to stop."""
+        """Extend each (run, token) lease still ours: 1 ok, 0 lost, 2 ok but asked to stop by
+        a newer run, 3 ok but asked to stop by an operator."""
         if not runs:
             return []
         keys: list[str] = []
