@@ -605,7 +605,11 @@ class Consumer:
                 continue
             state = rec.state if ok else "lost"
             self.hooks.run_finished(a.msg.job, state, outcome.duration_s)
-            getattr(self._log, LOG_LEVEL_OF.get(state, "warning"))(
+            # A run replaced by a newer one (overlap = replace) did what the policy says: no
+            # warning for it (it is recorded failed, and says why).
+            level = ("info" if a.replaced and a.stopped_by is None
+                     else LOG_LEVEL_OF.get(state, "warning"))
+            getattr(self._log, level)(
                 "run_finished" if ok else "run_finished_lease_lost",
                 job=a.msg.job, run_id=a.ref.run_id, attempt=a.attempt,
                 scheduled_at=a.msg.scheduled_iso, state=state,

@@ -126,7 +126,9 @@ def _redis_view(cfg: Config, r: redis.Redis) -> dict[str, Any]:
             rec: Any = r.hmget(keys.run(run_id.decode()), "state", "finished_ms", "node",
                                "exit_code", "error", "signal", "timed_out")
             state = (rec[0] or b"").decode()
-            if state in ("failed", "dead"):
+            # A run replaced by a newer one (overlap = replace) is the policy working, not a
+            # failure to look into.
+            if state in ("failed", "dead") and not (rec[4] or b"").startswith(b"stopped: replaced"):
                 failures.append({
                     "run_id": run_id.decode(), "job": job, "state": state,
                     "finished": iso_utc(from_epoch_ms(int(rec[1]))) if rec[1] else None,
