@@ -74,6 +74,9 @@ HAND_BACK_WINDOW_S = 600.0
 # (journalctl -p warning shows it), what is dead (retries exhausted) an error.
 LOG_LEVEL_OF = {"succeeded": "info", "skipped": "info", "retrying": "warning",
                 "failed": "warning", "lost": "warning", "dead": "error"}
+# Results Redis could not take before their leases lapsed are recorded late (if nobody took
+# the runs over meanwhile) for up to this long; a longer outage drops them (logged, counted).
+LATE_FINISH_MAX_S = 600.0
 # Most results one ``finish`` script call records: bounds the script's run time (Redis serves
 # nobody else meanwhile) while a busy node still records many results per round trip.
 FINISH_BATCH_MAX = 256
@@ -154,6 +157,7 @@ class Consumer:
         # returns during a shutdown are counted in flight (and run) before drain looks, never
         # claimed after the reactor stopped.
         self._fetching = threading.Lock()
+        self._closing = threading.Event()  # close() began: a late finish gives up
         self._py: PythonPool | None = None  # started on first use by a callable job
         self.hooks = RunHooks()  # metrics; the agent plugs its AgentMetrics in
         # Script calls and the runs they carried (logged at shutdown: how well batching works).
@@ -543,7 +547,8 @@ class Consumer:
             self._log.exception("run_finisher_crashed", runs=len(batch))
             records = [Finished(a.ref, a.token, "failed", epoch_ms(self._clock.now()),
                                 _record_fields(Outcome(None, None, False, 0.0, "", 0,
-                                                       "cronsul could not record the result")))
+                                                       "cronsul could not record the result")),
+                                None, a.attempt)
                        for a in batch]
         # Still in _active: the heartbeat keeps the leases alive while the results are written.
         self.batches["finish_calls"] += 1
@@ -553,10 +558,14 @@ class Consumer:
             recorded = self._record(batch, records)
         except Exception as exc:
             # The entries stay pending; another node (or we) reclaims them once their leases
-            # lapse, and ``begin`` tells a finished run from one to run again.
+            # lapse, and runs them again: say so, and count it.
             for a in batch:
-                self._log.warning("run_redis_error", run_id=a.ref.run_id,
-                                  error=f"{type(exc).__name__}: {exc}"[:200])
+                self._log.error("run_result_dropped", job=a.msg.job, run_id=a.ref.run_id,
+                                attempt=a.attempt, error=f"{type(exc).__name__}: {exc}"[:200],
+                                detail="Redis stayed unreachable; the run will be taken over "
+                                       "and run again")
+                self.hooks.run_finished(a.msg.job, "error", (a.outcome.duration_s
+                                                             if a.outcome else 0.0))
             recorded = None
         self._settle_batch(batch, records, recorded)
 
@@ -571,7 +580,7 @@ class Consumer:
             elif a.replaced:
                 fields["error"] = "stopped: replaced by a newer run (overlap = replace)"
             records.append(Finished(a.ref, a.token, state, epoch_ms(self._clock.now()), fields,
-                                    retry_at))
+                                    retry_at, a.attempt))
         return records
 
     def _settle_batch(self, batch: list[_Active], records: list[Finished],
@@ -621,20 +630,33 @@ class Consumer:
             )
 
     def _record(self, batch: list[_Active], records: list[Finished]) -> list[FinishResult]:
-        """Record the results, retrying through a Redis blip (a restart, a failover) for as
-        long as the leases can still be ours. Giving up at the first error would let a lease
-        lapse and another node run the finished job again."""
+        """Record the results, retrying through a Redis outage (a restart, a failover, a hung
+        server). Past the leases the results are recorded "late" (see FINISH): a run nobody
+        took over meanwhile keeps its result (a drill saw a run that had finished during a
+        45 s outage run again, its first result gone without a line); one taken over is
+        reported lost. Gives up after LATE_FINISH_MAX_S, or when the consumer closes."""
         delay = FINISH_RETRY_FIRST_S
+        late_until: float | None = None
         while True:
+            late = late_until is not None
             try:
-                return self._runs.finish_many(records)
+                return self._runs.finish_many(records, late=late)
             except redis.RedisError as exc:
-                left = (self._trusted_until(min(a.renewed_at for a in batch))
-                        - self._clock.monotonic())
-                if left <= delay:
+                now = self._clock.monotonic()
+                if late_until is None and (self._trusted_until(min(a.renewed_at
+                                                                    for a in batch))
+                                           - now) <= delay:
+                    late_until = now + LATE_FINISH_MAX_S
+                    self._log.warning("run_finish_late", runs=len(batch),
+                                      error=str(exc)[:200],
+                                      detail="Redis unreachable past the leases: recording "
+                                             "the results once it answers, if nobody took "
+                                             "the runs over meanwhile")
+                if late_until is not None and (now >= late_until or self._closing.is_set()):
                     raise
-                self._log.warning("run_finish_retry", runs=len(batch), error=str(exc)[:200],
-                                  lease_left_s=round(left, 1))
+                if late_until is None:
+                    self._log.warning("run_finish_retry", runs=len(batch),
+                                      error=str(exc)[:200])
                 threading.Event().wait(delay)
                 delay = min(delay * 2, FINISH_RETRY_MAX_S)
 
@@ -837,6 +859,7 @@ class Consumer:
     def close(self) -> None:
         """Record what has ended (a run that finished but was never recorded would run again
         elsewhere), then stop the Python pool and the reactor."""
+        self._closing.set()
         # If the reactor is stuck or gone, those runs' leases lapse and they are reclaimed.
         with contextlib.suppress(TimeoutError, RuntimeError):
             self._reactor.call(self._flush_ended, CLOSE_WAIT_S)

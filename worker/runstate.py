@@ -223,15 +223,24 @@ return out
 FINISH = EACH + """
 local delayed, dlq = KEYS[1], KEYS[2]
 local group, node, dead_max, hist_keep = ARGV[1], ARGV[2], ARGV[3], -1 - tonumber(ARGV[4])
-local ttl = ARGV[5]
+local ttl, late = ARGV[5], ARGV[6] == '1'
 local out, trim = {}, {}
 local function finish(run, lease, lock, stream, hist, a, n, first)
   local token, entry, state, now = ARGV[a], ARGV[a+1], ARGV[a+2], ARGV[a+3]
   local run_id, retry_at, queue, payload = ARGV[a+4], ARGV[a+5], ARGV[a+6], ARGV[a+7]
+  local attempt = ARGV[a+8]
   -- Reads first (see EACH): the lease and the lock; the record's HSET is the first write.
-  if redis.call('GET', lease) ~= token then
-    return 0
-  else
+  local held = redis.call('GET', lease)
+  if held ~= token then
+    -- Late (Redis was unreachable until after the lease lapsed): the result still counts if
+    -- nobody took the run over meanwhile: no lease at all, and the record still says this
+    -- attempt runs on this node. A node that took it over holds a lease and counted the
+    -- attempt up, so exactly one of the two wins.
+    if not late or held then return 0 end
+    local rec = redis.call('HMGET', run, 'state', 'node', 'attempt')
+    if rec[1] ~= 'running' or rec[2] ~= node or rec[3] ~= attempt then return 0 end
+  end
+  do
     local lock_ours = lock ~= lease and redis.call('GET', lock) == run_id .. ' ' .. token
     local err, why = '', {}
     local hset = {'HSET', run, 'state', state, 'finished_ms', now}
@@ -272,14 +281,14 @@ local function finish(run, lease, lock, stream, hist, a, n, first)
     return 1
   end
 end
-local a = 6
+local a = 7
 for i = 0, (#KEYS - 2) / 5 - 1 do
   local k = 2 + 5 * i
-  local n = tonumber(ARGV[a+8])
+  local n = tonumber(ARGV[a+9])
   local _, result = each(finish, KEYS[k+1], KEYS[k+2], KEYS[k+3], KEYS[k+4], KEYS[k+5], a, n,
-                         a + 9)
+                         a + 10)
   out[i+1] = result  -- 1, 0, or the error
-  a = a + 9 + 2 * n
+  a = a + 10 + 2 * n
 end
 for hist in pairs(trim) do redis.call('ZREMRANGEBYRANK', hist, 0, hist_keep) end
 return out
@@ -389,6 +398,7 @@ class Finished:
     finished_ms: int
     fields: Mapping[str, Any]
     retry_at_ms: int | None = None
+    attempt: int = 0  # the attempt it ran as: checked by a late finish (see FINISH)
 
 
 @dataclass(frozen=True)
@@ -486,22 +496,26 @@ class RunState:
         return self.finish_many([Finished(ref, token, state, finished_ms, fields,
                                           retry_at_ms)])[0]
 
-    def finish_many(self, runs: Sequence[Finished]) -> list[FinishResult]:
+    def finish_many(self, runs: Sequence[Finished], *, late: bool = False
+                    ) -> list[FinishResult]:
         """Record each result in one script call (only where the lease is still ours: not
         recorded for a run whose lease was lost, nothing written for it); in order. An error
-        caused by one run's keys is that run's result; a server error raises."""
+        caused by one run's keys is that run's result; a server error raises. ``late``: Redis
+        was unreachable past the leases; a result whose lease lapsed is recorded all the
+        same if nobody took its run over (see FINISH)."""
         if not runs:
             return []
         k = self._keys
         keys: list[str] = [k.delayed, k.dead]
-        args: list[Any] = [GROUP, self._node, DEAD_LETTER_MAX, HISTORY_PER_JOB, self._ttl]
+        args: list[Any] = [GROUP, self._node, DEAD_LETTER_MAX, HISTORY_PER_JOB, self._ttl,
+                           1 if late else 0]
         for f in runs:
             ref = f.ref
             keys += [k.run(ref.run_id), k.lease(ref.run_id), self._lock_key(ref),
                      k.stream(ref.queue), k.history(ref.job)]
             args += [f.token, ref.entry_id, f.state, f.finished_ms, ref.run_id,
                      "" if f.retry_at_ms is None else f.retry_at_ms, ref.queue, ref.payload,
-                     len(f.fields)]
+                     f.attempt, len(f.fields)]
             for name, value in f.fields.items():
                 args += [name, str(value)]
         return [FinishResult(False, _s(x)) if isinstance(x, bytes | str)

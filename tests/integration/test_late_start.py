@@ -115,8 +115,8 @@ def test_a_lease_deleted_by_the_runs_own_finish_is_not_reported_lost(
     real_finish = runs.finish_many
     renewed: list[int] = []
 
-    def finish_then_heartbeat(batch: object) -> object:
-        out = real_finish(batch)  # type: ignore[arg-type]
+    def finish_then_heartbeat(batch: object, **kw: bool) -> object:
+        out = real_finish(batch, **kw)  # type: ignore[arg-type]
         renewed.append(consumer.running)  # the run is still active here
         consumer.renew_once()  # the heartbeat's turn comes right now
         return out
@@ -135,5 +135,66 @@ def test_a_lease_deleted_by_the_runs_own_finish_is_not_reported_lost(
         assert renewed == [1]
         assert not [e for e in logs if e["event"] == "run_lease_lost"], logs
     finally:
+        consumer.close()
+        watchdog.stop()
+
+
+def test_a_result_redis_could_not_take_before_the_lease_lapsed_is_recorded_late(
+        tmp_path: Path, redis_proc: RedisServer) -> None:
+    """A drill: a run finished during a 45 s Redis outage; once Redis was back it was taken
+    over and run again, its first result gone without a line. Now the finisher keeps the
+    result and records it when Redis answers, since nobody took the run over meanwhile."""
+    from structlog.testing import capture_logs
+
+    r = redis_proc.client()
+    r.flushdb()
+    marker = tmp_path / "ran"
+    path = tmp_path / "n1.toml"
+    path.write_text(render_config(
+        {"agent": {"node": "n1"}, "consul": {"address": "127.0.0.1:1"},
+         "redis": {"url": redis_proc.url},
+         "worker": {"concurrency": 2, "visibility_timeout": "6s"}},
+        {"mark": {"schedule": "@yearly", "timeout": "5s",
+                  "command": ["/bin/sh", "-c", f"echo ran >> {marker}"]}}))
+    cfg = load_config(path)
+    queue = RedisQueue(r, KEYS, "n1")
+    queue.ensure_groups(["default"])
+    clock = ShiftedClock()
+    watchdog = Watchdog()
+    watchdog.start()
+    runs = RunState(r, KEYS, "n1", 3600)
+    consumer = Consumer(cfg, queue, runs, watchdog, clock)
+    outage = threading.Event()
+    outage.set()
+    real_finish = runs.finish_many
+    calls: list[bool] = []
+
+    def unreachable(batch: object, *, late: bool = False) -> object:
+        calls.append(late)
+        if outage.is_set():
+            clock.offset = 10.0  # the outage outlasts the lease
+            r.delete(KEYS.lease("mark@1"))  # which lapses meanwhile
+            raise redis.ConnectionError("Connection refused")
+        return real_finish(batch, late=late)  # type: ignore[arg-type]
+
+    runs.finish_many = unreachable  # type: ignore[method-assign]
+    consumer._finisher = threading.Thread(target=consumer._finish_loop, daemon=True)
+    consumer._finisher.start()
+    try:
+        with capture_logs() as logs:
+            r.xadd(KEYS.stream("default"),
+                   {"p": run_payload("mark@1", "mark", datetime.now(UTC), {})})
+            consumer._start(queue.fetch(["default"], 2, 100))
+            wait_until(lambda: len(calls) >= 3 and calls[-1], 10, what="late finish attempts")
+            outage.clear()  # Redis answers again
+            wait_until(lambda: r.hget(KEYS.run("mark@1"), "state") == b"succeeded", 10,
+                       what="the result recorded late")
+        assert marker.read_text() == "ran\n"  # once
+        assert r.xpending(KEYS.stream("default"), "cronsul")["pending"] == 0
+        assert [e for e in logs if e["event"] == "run_finish_late"]
+        [line] = [e for e in logs if e["event"] == "run_finished"]
+        assert line["state"] == "succeeded"
+    finally:
+        outage.clear()
         consumer.close()
         watchdog.stop()

@@ -21,7 +21,7 @@ from scheduler.runs import Run
 from worker.keys import GROUP, Keys
 from worker.leadership import Term
 from worker.queue import Delivery, RedisQueue
-from worker.runstate import Finished, RunRef, RunState
+from worker.runstate import Finished, FinishResult, RunRef, RunState
 from worker.scheduling import SchedulerDriver
 from worker.sink import RedisSink
 
@@ -382,6 +382,33 @@ def test_replace_keeps_the_newest_waiting_run(redis_client: redis.Redis, setup: 
     later = RunRef(newer.run_id, "j", newer.scheduled_ms, "default", newer.payload, "",
                    overlap="replace", lock_name="j")
     assert n2.begin(later, "t6", 5000, 6).verdict == "start"
+
+
+def test_a_late_finish_records_a_run_nobody_took_over_and_only_that(
+        redis_client: redis.Redis, setup: Setup) -> None:
+    """Redis unreachable past the lease: the finished run's result still counts when Redis
+    answers again, unless another node took the run over meanwhile (exactly one wins)."""
+    q, n1, n2 = setup
+    ref = ref_of(fetch_one(q))
+    assert n1.begin(ref, "t1", 5000, 1).attempt == 1
+    redis_client.delete(KEYS.lease(ref.run_id))  # it lapsed during the outage
+    result = Finished(ref, "t1", "succeeded", 2, {"exit_code": "0"}, None, 1)
+    assert n1.finish_many([result]) == [FinishResult(False)]  # on time: not ours any more
+    assert n1.finish_many([result], late=True) == [FinishResult(True)]
+    assert n1.record(ref.run_id)["state"] == "succeeded"
+    assert pending(redis_client) == 0
+    # Taken over first: the late result loses, the new attempt is the run.
+    RedisSink(redis_client, KEYS).apply(batch(7), Fence(0, 1))
+    other = ref_of(fetch_one(q))
+    assert n1.begin(other, "t2", 5000, 3).attempt == 1
+    redis_client.delete(KEYS.lease(other.run_id))
+    assert n2.begin(other, "t3", 5000, 4).attempt == 2  # another node took it over
+    late = Finished(other, "t2", "succeeded", 5, {"exit_code": "0"}, None, 1)
+    assert n1.finish_many([late], late=True) == [FinishResult(False)]
+    assert n1.record(other.run_id)["state"] == "running"  # attempt 2 runs on
+    # A late result of another node's attempt, or of an earlier attempt, never counts.
+    redis_client.delete(KEYS.lease(other.run_id))
+    assert n1.finish_many([late], late=True) == [FinishResult(False)]
 
 
 def test_retry_goes_to_the_delayed_set_and_attempts_count_up(
