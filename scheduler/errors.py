@@ -23,6 +23,11 @@ class LeadershipLost(CronsulError):
     """The local lease ran out or Consul says another session holds the leader key."""
 
 
+class ClockAhead(CronsulError):
+    """The leader's clock is ahead of Redis's: a pass would enqueue ticks early and move the
+    cursors into the future (runs early, then none until real time catches up)."""
+
+
 class FencedOff(LeadershipLost):
     """A write carried a fence token lower than the highest one already seen downstream."""
 

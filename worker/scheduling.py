@@ -9,7 +9,7 @@ import redis
 import structlog
 
 from scheduler.clock import Clock
-from scheduler.errors import FencedOff, LeadershipLost
+from scheduler.errors import ClockAhead, FencedOff, LeadershipLost
 from scheduler.ports import Fence
 from scheduler.runs import iso_utc
 from scheduler.ticker import ScheduledJob, TickLoop, TickReport
@@ -22,6 +22,9 @@ from worker.sink import RedisSink
 MAX_SLEEP_S = 1.0
 # Pause after a Redis error before the next attempt.
 REDIS_BACKOFF_S = 0.5
+# While this leader's clock is ahead of Redis's, the refusal is logged this often (every pass
+# is refused; one line a minute says it goes on).
+CLOCK_LOG_EVERY_S = 60.0
 
 
 class SchedulerDriver:
@@ -29,6 +32,7 @@ class SchedulerDriver:
                  settle_s: float, pauses: PauseWatcher) -> None:
         self.ticker = ticker
         self._pauses = pauses
+        self._skew_logged_at = float("-inf")
         self._sink = sink
         self._elector = elector
         self._clock = clock
@@ -72,6 +76,15 @@ class SchedulerDriver:
                 # Build the next pass now, while there is time: at the deadline only the lease
                 # check and the writes remain (dropped if jobs, pauses or the term change).
                 self.ticker.prepare(deadline)
+            except ClockAhead as exc:
+                # Nothing was written and the cursors did not move: once the clock agrees the
+                # waiting ticks are enqueued (late, by the catch-up policy), never early.
+                now = self._clock.monotonic()
+                if now >= self._skew_logged_at + CLOCK_LOG_EVERY_S:
+                    self._skew_logged_at = now
+                    self._log.error("clock_ahead", error=str(exc))
+                stop.wait(REDIS_BACKOFF_S)
+                continue
             except FencedOff as exc:
                 self._log.error("fenced_off", error=str(exc))
                 self._elector.shutdown()  # another leader has written: step down for good

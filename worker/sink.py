@@ -11,7 +11,7 @@ from typing import Any
 
 import redis
 
-from scheduler.errors import FencedOff
+from scheduler.errors import ClockAhead, FencedOff
 from scheduler.ports import EnqueueResult, Fence, TickBatch
 from scheduler.runs import epoch_ms, from_epoch_ms, iso_utc
 from worker.keys import Keys
@@ -26,6 +26,11 @@ from worker.keys import Keys
 #
 # ARGV: epoch, index, record ttl (s), run key prefix, stream key prefix, n runs, then per run
 # run_id, job, scheduled_ms, queue, payload; then n cursors, then per cursor key, epoch ms.
+# A leader's clock may run this far ahead of Redis's before its passes are refused: NTP keeps
+# hosts within milliseconds of each other; this leaves room for a sloppy clock, and catches a
+# step (a VM restored from a snapshot, a bad time source). A failure drill stepped a leader
+# 400 s ahead for 3 s: five minutes of ticks were logged missed, then none ran for 5 minutes.
+CLOCK_AHEAD_MAX_MS = 2000
 APPLY = """
 local e = tonumber(ARGV[1])
 local i = tonumber(ARGV[2])
@@ -35,15 +40,23 @@ local hi = tonumber(f[2] or '0')
 if e < he or (e == he and i < hi) then
   return {-1, he, hi}
 end
-if e ~= he or i ~= hi then
-  redis.call('HSET', KEYS[1], 'epoch', e, 'index', i)
-end
 local ttl, rpre, qpre = ARGV[3], ARGV[4], ARGV[5]
 -- Redis's clock, one for all nodes (writes after TIME are fine: scripts replicate their
 -- effects, the default since Redis 5 and the only mode since 7)
 local t = redis.call('TIME')
 local now = t[1] .. string.format('%03d', math.floor(tonumber(t[2]) / 1000))
 local last = 6 + 5 * tonumber(ARGV[6])
+-- A leader whose clock runs ahead of Redis's would enqueue ticks early and move the cursors
+-- into the future: refuse (nothing written; the ticks wait, they are not lost).
+local newest = 0
+for j = 9, last, 5 do newest = math.max(newest, tonumber(ARGV[j])) end
+for j = last + 3, last + 1 + 2 * tonumber(ARGV[last + 1]), 2 do
+  newest = math.max(newest, tonumber(ARGV[j]))
+end
+if newest > tonumber(now) + AHEAD_MS then return {-2, now, newest} end
+if e ~= he or i ~= hi then
+  redis.call('HSET', KEYS[1], 'epoch', e, 'index', i)
+end
 local enq, dup = 0, 0
 for j = 7, last, 5 do
   local run_id, queue, payload = ARGV[j], ARGV[j + 3], ARGV[j + 4]
@@ -78,7 +91,7 @@ for s = last + 2, stop, 1000 do
   if #set > 0 then redis.call('MSET', unpack(set)) end
 end
 return {enq, dup}
-"""
+""".replace("AHEAD_MS", str(CLOCK_AHEAD_MAX_MS))
 
 # Raise the epoch after Consul's index went backwards (its state was lost or restored): only
 # if nobody raised it since we looked, and writing our fence at once so older leaders are refused.
@@ -201,6 +214,11 @@ class RedisSink:
         enq = dup = 0
         for args in encoded.calls:
             out = self._apply(keys=self._script_keys, args=[fence.epoch, fence.index, *args])
+            if int(out[0]) == -2:
+                raise ClockAhead(
+                    f"this node's clock is {(int(out[2]) - int(out[1])) / 1000:.1f}s ahead of "
+                    "Redis's: nothing enqueued until it agrees (the ticks wait, none is lost; "
+                    "check NTP on this host)")
             if int(out[0]) < 0:
                 raise FencedOff(
                     f"enqueue refused: fence {fence.epoch}/{fence.index} is below the highest "

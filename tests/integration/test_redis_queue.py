@@ -15,7 +15,7 @@ import redis
 from cronsul_testing import RedisServer, wait_until
 
 from scheduler.clock import SystemClock
-from scheduler.errors import FencedOff
+from scheduler.errors import ClockAhead, FencedOff
 from scheduler.ports import Fence, TickBatch
 from scheduler.runs import Run
 from worker.keys import GROUP, Keys
@@ -61,6 +61,27 @@ def test_the_schedule_of_each_cursor_is_kept(redis_client: redis.Redis) -> None:
     sink.save_schedules({"j": "* * * * *|UTC"})
     assert sink.load_schedules(["j", "k", "x"]) == {
         "j": "* * * * *|UTC", "k": "@daily|Europe/Berlin", "x": None}
+
+
+def test_a_leader_whose_clock_is_ahead_of_redis_writes_nothing(
+        redis_client: redis.Redis) -> None:
+    """A drill stepped a leader's clock 400 s ahead for 3 s: runs fired early, the cursors
+    moved into the future, and no run came for five minutes. Redis's own clock decides."""
+    redis_client.flushdb()
+    sink = RedisSink(redis_client, KEYS)
+    now = datetime.now(UTC).replace(microsecond=0)
+    ahead = now + timedelta(seconds=400)
+    with pytest.raises(ClockAhead, match=r"clock is (399|40\d)\.\ds ahead of Redis's"):
+        sink.apply(TickBatch([(Run.for_tick("j", ahead), "default")], {"j": ahead}),
+                   Fence(0, 1))
+    with pytest.raises(ClockAhead):  # a pass with only a cursor to move, too
+        sink.apply(TickBatch([], {"j": ahead}), Fence(0, 1))
+    assert redis_client.xlen(KEYS.stream("default")) == 0
+    assert sink.load_cursors(["j"]) == {"j": None}
+    assert not redis_client.exists(KEYS.fence)  # not even the fence was raised
+    # A clock within the tolerance (or behind) writes as ever.
+    assert sink.apply(TickBatch([(Run.for_tick("j", now), "default")], {"j": now}),
+                      Fence(0, 1)).enqueued == 1
 
 
 def test_epoch_rebase_outranks_a_higher_index(redis_client: redis.Redis) -> None:
