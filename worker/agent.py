@@ -111,7 +111,7 @@ class Agent:
                                       self.pauses)
         self.publisher = SchedulePublisher(make_clients(c, CALL_TIMEOUT_S), c.prefix, self.clock,
                                            self._schedule_document)
-        self.watchdog = Watchdog()
+        self.watchdog = Watchdog(cfg.agent.node)
         self.runs = RunState(self.redis, keys, cfg.agent.node,
                              int(cfg.record_ttl.total_seconds()),
                              outbox=self.outbox is not None)

@@ -56,6 +56,13 @@ class SchedulerDriver:
             # Until the paused set has been read once, a paused job could fire: wait for it.
             if term is None or not lease.valid() or not self._pauses.ready.is_set():
                 if current is not None:
+                    if term is current and not lease.valid():
+                        # The elector has not noticed yet (it may be waiting on Consul), but
+                        # this node schedules no more: say so now, or the logs show two
+                        # leaders until it does.
+                        self._log.warning("scheduler_stopped", reason="the leader's local "
+                                          "lease ran out (Consul unconfirmed); another node "
+                                          "may lead now")
                     self.ticker.end_term()
                     current = None
                 self.wake.wait(0.1)

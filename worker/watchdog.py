@@ -21,6 +21,7 @@ when it kills, it also kills the process group of every process whose environmen
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import select
 import signal
@@ -34,13 +35,28 @@ from collections.abc import Callable
 TOKEN_ENV = "CRONSUL_WATCHDOG"
 
 
-def _kill_groups(groups: set[int], token: str | None = None) -> None:
+def _kill_groups(groups: set[int], token: str | None = None, why: str = "",
+                 node: str = "") -> None:
     if token:
         groups |= _marked_groups(token)
-    for pgid in groups:
+    killed = []
+    for pgid in sorted(groups):
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pgid, signal.SIGKILL)
+            killed.append(pgid)
     groups.clear()
+    if killed and why:
+        _log("watchdog_killed", node, reason=why, process_groups=killed[:50], count=len(killed))
+
+
+def _log(event: str, node: str, **fields: object) -> None:
+    """One JSON line on stderr (the agent's, so the journal's), as the agent writes them: a
+    kill by the watchdog is the one thing that happens to a run with no agent to say so."""
+    line = {"node": node, **fields, "event": event, "level": "warning",
+            "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    with contextlib.suppress(OSError, ValueError):
+        sys.stderr.write(json.dumps(line) + "\n")
+        sys.stderr.flush()
 
 
 def _marked_groups(token: str, proc: str = "/proc") -> set[int]:
@@ -65,7 +81,7 @@ def _marked_groups(token: str, proc: str = "/proc") -> set[int]:
     return found
 
 
-def serve(fd: int = 0, token: str | None = None) -> int:
+def serve(fd: int = 0, token: str | None = None, node: str = "") -> int:
     """The watchdog loop. Returns the exit code."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's ^C is for the agent, not us
     groups: set[int] = set()
@@ -77,7 +93,8 @@ def serve(fd: int = 0, token: str | None = None) -> int:
         if ready:
             chunk = os.read(fd, 65536)
             if not chunk:
-                _kill_groups(groups, token)
+                _kill_groups(groups, token, "the agent is gone (its pipe closed): its jobs die "
+                             "with it", node)
                 return 0
             buffer += chunk
             *lines, buffer = buffer.split(b"\n")
@@ -90,14 +107,17 @@ def serve(fd: int = 0, token: str | None = None) -> int:
                 elif verb == "deadline":
                     deadline = None if arg == "none" else float(arg)
         if deadline is not None and time.monotonic() >= deadline:
-            _kill_groups(groups, token)
+            _kill_groups(groups, token, "the agent did not renew its runs' leases in time "
+                         "(frozen, or Redis unreachable): killed before the leases lapse, so "
+                         "no run executes on two nodes at once", node)
             deadline = None
 
 
 class Watchdog:
     """The agent's handle on its watchdog process (thread-safe)."""
 
-    def __init__(self) -> None:
+    def __init__(self, node: str = "") -> None:
+        self._node = node  # named in the watchdog's log lines
         self._lock = threading.Lock()
         self._proc: subprocess.Popen[bytes] | None = None
         self._pending: list[str] = []  # track/untrack lines not written yet
@@ -133,7 +153,8 @@ class Watchdog:
     def _spawn(self) -> None:
         # Own session: a ^C in the agent's terminal must not kill the watchdog before the agent.
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "worker.watchdog", self.token], stdin=subprocess.PIPE,
+            [sys.executable, "-m", "worker.watchdog", self.token, self._node],
+            stdin=subprocess.PIPE,
             start_new_session=True, close_fds=True,
         )
 
@@ -175,4 +196,5 @@ class Watchdog:
 
 
 if __name__ == "__main__":
-    sys.exit(serve(token=sys.argv[1] if len(sys.argv) > 1 else None))
+    sys.exit(serve(token=sys.argv[1] if len(sys.argv) > 1 else None,
+                   node=sys.argv[2] if len(sys.argv) > 2 else ""))

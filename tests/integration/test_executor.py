@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -159,14 +160,21 @@ time.sleep(300)
     wait_until(lambda: not pid_alive(job), 5, what="orphaned job to be killed")
 
 
-def test_watchdog_kills_when_the_deadline_passes_unrenewed() -> None:
-    w = Watchdog()
+def test_watchdog_kills_when_the_deadline_passes_unrenewed(
+        capfd: pytest.CaptureFixture[str]) -> None:
+    w = Watchdog("n1")
     w.start()
     try:
         p = subprocess.Popen(["sleep", "300"], start_new_session=True)
         w.track(p.pid)
         w.deadline(time.monotonic() + 0.5)  # as if the agent froze right after this renewal
         assert p.wait(5) == -signal.SIGKILL
+        # It says so, on the agent's stderr (the journal): nothing else would.
+        line = wait_until(lambda: next((json.loads(x) for x in capfd.readouterr().err
+                                        .splitlines() if "watchdog_killed" in x), None), 5,
+                          what="the watchdog's log line")
+        assert line["node"] == "n1" and line["process_groups"] == [p.pid], line
+        assert "did not renew" in line["reason"]
     finally:
         w.stop()
 
