@@ -48,9 +48,24 @@ def _job(cfg: Config, job: str) -> None:
 
 def pause(cfg: Config, job: str, reason: str) -> int:
     _job(cfg, job)
+    key = f"{cfg.consul.prefix}/paused/{job}"
+    if not reason:  # pausing again without a reason keeps the one given (a ticket number...)
+        try:
+            _, entry = make_clients(cfg.consul, CALL_TIMEOUT_S).call.kv.get(key)
+        except CONSUL_ERRORS as exc:
+            raise ConnectionFailure(f"cannot reach Consul: {exc}") from exc
+        if entry is not None:
+            try:
+                earlier = json.loads(entry.get("Value") or b"{}")
+            except ValueError:
+                earlier = {}
+            if isinstance(earlier, dict) and earlier.get("reason"):
+                print(f"{job} is already paused: {earlier['reason']} "
+                      f"(by {earlier.get('by', '?')} at {earlier.get('at', '?')})")
+                return 0
     who = f"{getpass.getuser()}@{socket.gethostname()}"
     value = json.dumps({"reason": reason, "by": who, "at": iso_utc(datetime.now(UTC))})
-    _consul_put(cfg, f"{cfg.consul.prefix}/paused/{job}", value)
+    _consul_put(cfg, key, value)
     print(f"paused {job}: {reason or '(no reason given)'}")
     return 0
 

@@ -101,6 +101,8 @@ def test_pause_fanout_reload_manual_run_and_catchup(
 
         # -- status: leader, nodes, queues, paused jobs, from Consul and Redis ------------
         assert cli("pause", "fan", "-c", cfg, "--reason", "db upgrade").returncode == 0
+        again = cli("pause", "fan", "-c", cfg)  # no reason: the one given stays
+        assert again.returncode == 0 and "fan is already paused: db upgrade" in again.stdout
         status = cli("status", "-c", cfg, "--json")
         assert status.returncode == 0, status.stderr
         report = json.loads(status.stdout)
