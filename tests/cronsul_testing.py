@@ -338,3 +338,47 @@ class Cluster:
     def logs(self) -> str:
         return "\n".join(f"--- {a.node} ---\n{a.log.read_text(errors='replace')[-6000:]}"
                          for a in self.agents.values() if a.log.exists())
+
+
+class LoneConsumer:
+    """One node's Consumer on a real Redis with no agent around it (no Consul): its queue, run
+    state and watchdog, for tests that drive the consumer directly. ``close()`` when done."""
+
+    def __init__(self, tmp_path: Path, redis_url: str, jobs: dict[str, dict[str, Any]],
+                 worker: dict[str, Any] | None = None, clock: Any = None) -> None:
+        from scheduler.clock import SystemClock
+        from worker.config import load_config
+        from worker.consumer import Consumer
+        from worker.keys import Keys
+        from worker.queue import RedisQueue
+        from worker.runstate import RunState
+        from worker.watchdog import Watchdog
+
+        path = tmp_path / "n1.toml"
+        path.write_text(render_config(
+            {"agent": {"node": "n1"}, "consul": {"address": "127.0.0.1:1"},
+             "redis": {"url": redis_url}, "worker": {"concurrency": 2, **(worker or {})}},
+            jobs))
+        self.cfg = load_config(path)
+        self.redis = redis.Redis.from_url(redis_url)
+        self.keys = Keys("cronsul")
+        self.queue = RedisQueue(self.redis, self.keys, "n1")
+        self.queue.ensure_groups(["default"])
+        self.runs = RunState(self.redis, self.keys, "n1", 3600)
+        self.watchdog = Watchdog()
+        self.watchdog.start()
+        self.consumer = Consumer(self.cfg, self.queue, self.runs, self.watchdog,
+                                 clock or SystemClock())
+
+    def start_finisher(self) -> None:
+        """The fetch loop starts the finisher; a test driving ``_start`` by hand starts it
+        here."""
+        import threading
+
+        c = self.consumer
+        c._finisher = threading.Thread(target=c._finish_loop, daemon=True)
+        c._finisher.start()
+
+    def close(self) -> None:
+        self.consumer.close()
+        self.watchdog.stop()

@@ -13,15 +13,10 @@ from pathlib import Path
 
 import redis
 
-from cronsul_testing import RedisServer, render_config, wait_until
+from cronsul_testing import LoneConsumer, RedisServer, wait_until
 from scheduler.clock import SystemClock
-from worker.config import load_config
-from worker.consumer import Consumer
 from worker.keys import Keys
-from worker.queue import RedisQueue
-from worker.runstate import RunState
 from worker.sink import run_payload
-from worker.watchdog import Watchdog
 
 KEYS = Keys("cronsul")
 
@@ -36,28 +31,21 @@ class ShiftedClock(SystemClock):
         return time.monotonic() + self.offset
 
 
+def mark_job(marker: Path) -> dict[str, dict[str, object]]:
+    return {"mark": {"schedule": "@yearly", "timeout": "5s",
+                     "command": ["/bin/sh", "-c", f"echo ran >> {marker}"]}}
+
+
 def test_a_run_claimed_before_a_freeze_is_not_started_after_it(
         tmp_path: Path, redis_proc: RedisServer) -> None:
     r = redis_proc.client()
     r.flushdb()
     marker = tmp_path / "ran"
-    path = tmp_path / "n1.toml"
-    path.write_text(render_config(
-        {"agent": {"node": "n1"}, "consul": {"address": "127.0.0.1:1"},
-         "redis": {"url": redis_proc.url},
-         "worker": {"concurrency": 2, "visibility_timeout": "6s"}},
-        {"mark": {"schedule": "@yearly", "timeout": "5s",
-                  "command": ["/bin/sh", "-c", f"echo ran >> {marker}"]}}))
-    cfg = load_config(path)
-    queue = RedisQueue(r, KEYS, "n1")
-    queue.ensure_groups(["default"])
     clock = ShiftedClock()
-    watchdog = Watchdog()
-    watchdog.start()
-    consumer = Consumer(cfg, queue, RunState(r, KEYS, "n1", 3600), watchdog, clock)
-    # The fetch loop is driven by hand here (_start), so start the finisher it would start.
-    consumer._finisher = threading.Thread(target=consumer._finish_loop, daemon=True)
-    consumer._finisher.start()
+    node = LoneConsumer(tmp_path, redis_proc.url, mark_job(marker),
+                        {"visibility_timeout": "6s"}, clock)
+    consumer, queue = node.consumer, node.queue
+    node.start_finisher()  # the fetch loop is driven by hand here (_start)
     try:
         def enqueue(run_id: str) -> None:
             r.xadd(KEYS.stream("default"),
@@ -87,8 +75,7 @@ def test_a_run_claimed_before_a_freeze_is_not_started_after_it(
         assert r.xpending(KEYS.stream("default"), "cronsul")["pending"] == 1
         assert r.exists(KEYS.lease("mark@2"))
     finally:
-        consumer.close()
-        watchdog.stop()
+        node.close()
 
 
 def test_a_lease_deleted_by_the_runs_own_finish_is_not_reported_lost(
@@ -100,18 +87,9 @@ def test_a_lease_deleted_by_the_runs_own_finish_is_not_reported_lost(
 
     r = redis_proc.client()
     r.flushdb()
-    path = tmp_path / "n1.toml"
-    path.write_text(render_config(
-        {"agent": {"node": "n1"}, "consul": {"address": "127.0.0.1:1"},
-         "redis": {"url": redis_proc.url}, "worker": {"concurrency": 2}},
-        {"quick": {"schedule": "@yearly", "timeout": "5s", "command": ["/bin/true"]}}))
-    cfg = load_config(path)
-    queue = RedisQueue(r, KEYS, "n1")
-    queue.ensure_groups(["default"])
-    watchdog = Watchdog()
-    watchdog.start()
-    runs = RunState(r, KEYS, "n1", 3600)
-    consumer = Consumer(cfg, queue, runs, watchdog, SystemClock())
+    node = LoneConsumer(tmp_path, redis_proc.url, {
+        "quick": {"schedule": "@yearly", "timeout": "5s", "command": ["/bin/true"]}})
+    consumer, queue, runs = node.consumer, node.queue, node.runs
     real_finish = runs.finish_many
     renewed: list[int] = []
 
@@ -122,8 +100,7 @@ def test_a_lease_deleted_by_the_runs_own_finish_is_not_reported_lost(
         return out
 
     runs.finish_many = finish_then_heartbeat  # type: ignore[method-assign]
-    consumer._finisher = threading.Thread(target=consumer._finish_loop, daemon=True)
-    consumer._finisher.start()
+    node.start_finisher()
     try:
         with capture_logs() as logs:
             r.xadd(KEYS.stream("default"),
@@ -135,8 +112,7 @@ def test_a_lease_deleted_by_the_runs_own_finish_is_not_reported_lost(
         assert renewed == [1]
         assert not [e for e in logs if e["event"] == "run_lease_lost"], logs
     finally:
-        consumer.close()
-        watchdog.stop()
+        node.close()
 
 
 def test_a_result_redis_could_not_take_before_the_lease_lapsed_is_recorded_late(
@@ -149,21 +125,10 @@ def test_a_result_redis_could_not_take_before_the_lease_lapsed_is_recorded_late(
     r = redis_proc.client()
     r.flushdb()
     marker = tmp_path / "ran"
-    path = tmp_path / "n1.toml"
-    path.write_text(render_config(
-        {"agent": {"node": "n1"}, "consul": {"address": "127.0.0.1:1"},
-         "redis": {"url": redis_proc.url},
-         "worker": {"concurrency": 2, "visibility_timeout": "6s"}},
-        {"mark": {"schedule": "@yearly", "timeout": "5s",
-                  "command": ["/bin/sh", "-c", f"echo ran >> {marker}"]}}))
-    cfg = load_config(path)
-    queue = RedisQueue(r, KEYS, "n1")
-    queue.ensure_groups(["default"])
     clock = ShiftedClock()
-    watchdog = Watchdog()
-    watchdog.start()
-    runs = RunState(r, KEYS, "n1", 3600)
-    consumer = Consumer(cfg, queue, runs, watchdog, clock)
+    node = LoneConsumer(tmp_path, redis_proc.url, mark_job(marker),
+                        {"visibility_timeout": "6s"}, clock)
+    consumer, queue, runs = node.consumer, node.queue, node.runs
     outage = threading.Event()
     outage.set()
     real_finish = runs.finish_many
@@ -178,8 +143,7 @@ def test_a_result_redis_could_not_take_before_the_lease_lapsed_is_recorded_late(
         return real_finish(batch, late=late)  # type: ignore[arg-type]
 
     runs.finish_many = unreachable  # type: ignore[method-assign]
-    consumer._finisher = threading.Thread(target=consumer._finish_loop, daemon=True)
-    consumer._finisher.start()
+    node.start_finisher()
     try:
         with capture_logs() as logs:
             r.xadd(KEYS.stream("default"),
@@ -196,5 +160,4 @@ def test_a_result_redis_could_not_take_before_the_lease_lapsed_is_recorded_late(
         assert line["state"] == "succeeded"
     finally:
         outage.clear()
-        consumer.close()
-        watchdog.stop()
+        node.close()

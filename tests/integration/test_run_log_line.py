@@ -12,15 +12,9 @@ from typing import Any
 
 from structlog.testing import capture_logs
 
-from cronsul_testing import RedisServer, render_config, wait_until
-from scheduler.clock import SystemClock
-from worker.config import load_config
-from worker.consumer import Consumer
+from cronsul_testing import LoneConsumer, RedisServer, wait_until
 from worker.keys import Keys
-from worker.queue import RedisQueue
-from worker.runstate import RunState
 from worker.sink import run_payload
-from worker.watchdog import Watchdog
 
 KEYS = Keys("cronsul")
 
@@ -28,23 +22,15 @@ KEYS = Keys("cronsul")
 def test_run_finished_levels_and_errors(tmp_path: Path, redis_proc: RedisServer) -> None:
     r = redis_proc.client()
     r.flushdb()
-    path = tmp_path / "n1.toml"
-    path.write_text(render_config(
-        {"agent": {"node": "n1"}, "consul": {"address": "127.0.0.1:1"},
-         "redis": {"url": redis_proc.url}, "worker": {"concurrency": 8, "kill_grace": "1s"}},
-        {"ok": {"schedule": "@yearly", "timeout": "5s", "command": ["/bin/true"]},
+    node = LoneConsumer(tmp_path, redis_proc.url, {
+        "ok": {"schedule": "@yearly", "timeout": "5s", "command": ["/bin/true"]},
          "exits": {"schedule": "@yearly", "timeout": "5s", "command": ["/bin/sh", "-c", "exit 3"]},
          "hangs": {"schedule": "@yearly", "timeout": "1s", "command": ["/bin/sleep", "30"]},
          "dies": {"schedule": "@yearly", "timeout": "5s", "command": ["/bin/false"],
                   "retries": 1, "retry_backoff": "1s", "retry_backoff_max": "1s"},
          "long": {"schedule": "@yearly", "timeout": "5s", "command": ["/bin/sleep", "1"],
-                  "overlap": "skip"}}))
-    cfg = load_config(path)
-    queue = RedisQueue(r, KEYS, "n1")
-    queue.ensure_groups(["default"])
-    watchdog = Watchdog()
-    watchdog.start()
-    consumer = Consumer(cfg, queue, RunState(r, KEYS, "n1", 3600), watchdog, SystemClock())
+                  "overlap": "skip"}}, {"concurrency": 8, "kill_grace": "1s"})
+    consumer = node.consumer
     stop = threading.Event()
     loop = threading.Thread(target=consumer.run, args=(stop,), daemon=True)
 
@@ -88,5 +74,4 @@ def test_run_finished_levels_and_errors(tmp_path: Path, redis_proc: RedisServer)
     finally:
         stop.set()
         loop.join(5)
-        consumer.close()
-        watchdog.stop()
+        node.close()

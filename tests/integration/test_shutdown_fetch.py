@@ -11,15 +11,9 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from cronsul_testing import RedisServer, render_config
-from scheduler.clock import SystemClock
-from worker.config import load_config
-from worker.consumer import Consumer
+from cronsul_testing import LoneConsumer, RedisServer
 from worker.keys import Keys
-from worker.queue import RedisQueue
-from worker.runstate import RunState
 from worker.sink import run_payload
-from worker.watchdog import Watchdog
 
 KEYS = Keys("cronsul")
 
@@ -29,17 +23,10 @@ def test_runs_fetched_as_the_drain_begins_are_run_and_recorded(
     r = redis_proc.client()
     r.flushdb()
     marker = tmp_path / "ran"
-    path = tmp_path / "n1.toml"
-    path.write_text(render_config(
-        {"agent": {"node": "n1"}, "consul": {"address": "127.0.0.1:1"},
-         "redis": {"url": redis_proc.url}, "worker": {"concurrency": 2}},
-        {"mark": {"schedule": "@yearly", "timeout": "5s",
-                  "command": ["/bin/sh", "-c", f"sleep 0.2; echo ran >> {marker}"]}}))
-    cfg = load_config(path)
-    queue = RedisQueue(r, KEYS, "n1")
-    watchdog = Watchdog()
-    watchdog.start()
-    consumer = Consumer(cfg, queue, RunState(r, KEYS, "n1", 3600), watchdog, SystemClock())
+    node = LoneConsumer(tmp_path, redis_proc.url, {
+        "mark": {"schedule": "@yearly", "timeout": "5s",
+                 "command": ["/bin/sh", "-c", f"sleep 0.2; echo ran >> {marker}"]}})
+    consumer = node.consumer
     stop = threading.Event()
     loop = threading.Thread(target=consumer.run, args=(stop,), daemon=True)
     loop.start()
@@ -58,7 +45,7 @@ def test_runs_fetched_as_the_drain_begins_are_run_and_recorded(
         assert marker.read_text() == "ran\n"
         assert r.hget(KEYS.run("mark@1"), "state") == b"succeeded"
         stop.set()
-        consumer.close()
+        node.close()
         # Nothing is left pending for another node to take over (and run again).
         assert r.xpending(KEYS.stream("default"), "cronsul")["pending"] == 0
         # And a run enqueued once the drain is over is left for other nodes.
@@ -70,4 +57,4 @@ def test_runs_fetched_as_the_drain_begins_are_run_and_recorded(
     finally:
         stop.set()
         loop.join(5)
-        watchdog.stop()
+        node.watchdog.stop()
