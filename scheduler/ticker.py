@@ -119,6 +119,10 @@ class TickLoop:
         self._shared: dict[tuple[str, str, datetime], datetime | None] = {}  # this pass only
         self._paused: frozenset[str] = frozenset()
         self._pause_logged: set[str] = set()  # paused jobs whose skipped ticks were logged
+        # Schedules to record in <p>:schedules once the pass writing their (restarted) cursors
+        # is in: written before it, a failed pass would leave the old cursor under the new
+        # schedule, and the next term would back-fill from it after all.
+        self._schedules_unsaved: dict[str, str] = {}
         # The next pass worked out ahead (prepare), and the deadline the last pass returned:
         # both None whenever something they were computed from changed (_changed).
         self._prepared: _Pass | None = None
@@ -179,7 +183,7 @@ class TickLoop:
         to every minute ran the last catchup_window of minutes at once, and logged hundreds
         of ticks missed)."""
         stored = self._store.load_schedules(sorted(names))
-        changed: dict[str, str] = {}
+        changed = self._schedules_unsaved
         for name in sorted(names):
             key = self._jobs[name].schedule_key
             old = before[name].schedule_key if name in before else stored.get(name)
@@ -190,9 +194,7 @@ class TickLoop:
                 self._unsaved.add(name)
                 self._next.pop(name, None)
             if stored.get(name) != key:
-                changed[name] = key
-        if changed:
-            self._store.save_schedules(changed)
+                changed[name] = key  # saved with the next pass that writes the cursors
 
     def set_paused(self, paused: frozenset[str]) -> None:
         if paused != self._paused:
@@ -225,9 +227,6 @@ class TickLoop:
         prepared, self._prepared, self._quiet_until = self._prepared, None, None
         plan = prepared if prepared is not None and prepared.holds_at(now) else self._plan(now)
         report = TickReport(missed=plan.missed, skipped_paused=plan.skipped_paused)
-        for level, event, fields in plan.events:
-            getattr(self._log, level)(event, **fields)
-        self._pause_logged |= plan.pause_logged & self._paused
         for name, cursor in plan.adopted.items():
             self._cursors.setdefault(name, cursor)
         if plan.cursors:
@@ -238,6 +237,14 @@ class TickLoop:
             self._cursors.update(plan.cursors)
             self._unsaved.clear()
             report.enqueued, report.deduplicated = result.enqueued, result.deduplicated
+            if self._schedules_unsaved:  # the cursors they restarted are written now
+                self._store.save_schedules(self._schedules_unsaved)
+                self._schedules_unsaved = {}
+        # Logged once the pass is written: a pass refused (a Redis error, the clock ahead) is
+        # computed and logged again by the next one, which would repeat them every retry.
+        for level, event, fields in plan.events:
+            getattr(self._log, level)(event, **fields)
+        self._pause_logged |= plan.pause_logged & self._paused
         report.lags = [(now - fire).total_seconds() for fire in plan.fires]  # after the writes
         self.last_report = report
         self._quiet_until = plan.next_deadline

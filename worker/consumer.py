@@ -292,7 +292,10 @@ class Consumer:
             try:
                 msg = parse_message(d.payload, jobs)
             except NotRunnableHere as exc:
-                if not self._hand_back(d, exc):
+                handed = self._hand_back(d, exc)
+                if handed is None:  # Redis failed: it stays pending, to be reclaimed
+                    self._free([d])
+                elif not handed:
                     self._dead_letter(d, exc)
                 continue
             except MessageError as exc:
@@ -380,9 +383,10 @@ class Consumer:
         except (KeyError, PermissionError) as exc:
             return identity_error(exc), None, None
 
-    def _hand_back(self, d: Delivery, exc: NotRunnableHere) -> bool:
+    def _hand_back(self, d: Delivery, exc: NotRunnableHere) -> bool | None:
         """Queue a run this node cannot run again for the other nodes (see HAND_BACK_WINDOW_S);
-        False when it is too old for that, or the hand-back failed (it is dead-lettered)."""
+        False when it is too old for that (it is dead-lettered); None when Redis failed (it
+        stays pending and is reclaimed later: a transient error is no reason to dead-letter)."""
         when = payload_field(d.payload, "scheduled_at")
         try:
             scheduled_ms = epoch_ms(datetime.fromisoformat((when or "").replace("Z", "+00:00")))
@@ -400,7 +404,7 @@ class Consumer:
                                  f"other nodes until {until}, then dead-lettered")
         except redis.RedisError as err:
             self._log.warning("run_redis_error", entry_id=d.entry_id, error=str(err)[:200])
-            return False
+            return None
         self._settle(d)  # a settle lost leaves a second copy, which begin runs at most once
         self._free([d])
         self._log.info("run_handed_back", entry_id=d.entry_id, queue=d.queue, run_id=run_id,
@@ -479,7 +483,7 @@ class Consumer:
         self._log.warning("run_start_too_late", job=a.msg.job, run_id=a.ref.run_id,
                           claimed_s_ago=round(age_s, 1))
         with self._lock:
-            self._active.pop(a.ref.run_id, None)
+            self._forget(a)
         self._free([a.delivery])
 
     def _crashed(self, a: _Active, exc: Exception) -> None:
@@ -495,7 +499,7 @@ class Consumer:
                               exit_code=outcome.exit_code, signal=outcome.signal,
                               duration_ms=round(outcome.duration_s * 1000, 1))
             with self._lock:
-                self._active.pop(a.ref.run_id, None)
+                self._forget(a)
             self._free([a.delivery])
             return
         a.outcome = outcome
@@ -594,7 +598,7 @@ class Consumer:
                 recorded: list[FinishResult] | None) -> None:
         with self._lock:
             for a in batch:
-                self._active.pop(a.ref.run_id, None)
+                self._forget(a)
         self._update_watchdog()
         if recorded is not None and not self._q.acks_with_record:
             self._settle_many([a.delivery for a, ok in zip(batch, recorded, strict=True) if ok])
@@ -799,13 +803,23 @@ class Consumer:
         nor still running (the watchdog's deadline), nor its record retried (``_record``)."""
         return renewed_at + self._vis_s - self._margin_s
 
+    def _forget(self, a: _Active) -> None:
+        """Drop ``a`` from the active runs (under ``_lock``), only if it is still there: its
+        run may have a newer attempt on this node by now (a late finish: this node reclaimed
+        the run after Redis came back), which must stay renewed and watched."""
+        if self._active.get(a.ref.run_id) is a:
+            del self._active[a.ref.run_id]
+
     def _update_watchdog(self, disarm_idle: bool = False) -> None:
         """Keep the watchdog's kill deadline at (oldest running lease's renewal + visibility -
         margin) or earlier. Writes only when the deadline must move earlier (a safety matter)
         or is a third of the visibility timeout stale, so a busy node does not pay two pipe
         writes and a process wake-up per run. An idle node disarms from the heartbeat."""
         with self._lock:
-            oldest = min((a.renewed_at for a in self._active.values()), default=None)
+            # Runs that ended (their results wait to be recorded, late perhaps) have nothing
+            # left to kill: their stale renewals must not pull the deadline into the past.
+            oldest = min((a.renewed_at for a in self._active.values() if a.outcome is None),
+                         default=None)
             sent = self._watchdog_sent
             if oldest is None:
                 if not disarm_idle or sent is None:

@@ -457,6 +457,7 @@ class PythonPool:
         callable, behind a few runs that are short too, with a small request."""
         short = self._recent
         return (len(w.queue) < self._prefetch
+                and w.generation == self._generation  # an old one must run dry (renew)
                 and len(run._frame) <= PREFETCH_FRAME_MAX
                 and short.get(run._target, math.inf) < PREFETCH_SHORT_S
                 and time.monotonic() - w.head_since < PREFETCH_HEAD_AGE_S

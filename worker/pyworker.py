@@ -78,10 +78,11 @@ TRACEBACK_FRAMES = 12
 # STREAM_LINES lines were sent (the agent logs the first 200 lines of a run, as for commands, so
 # those must come live); after that, output is sent in pieces of STREAM_BATCH characters, and
 # the rest when the run ends. A frame holds at most STREAM_FRAME characters (JSON may escape a
-# control character in 6 bytes: well under MAX_FRAME).
+# control character in 6 bytes: under 100 KiB, less than a socket buffer, so a frame is
+# normally sent whole by one send()).
 STREAM_LINES = 200
 STREAM_BATCH = 16 * 1024
-STREAM_FRAME = 64 * 1024
+STREAM_FRAME = 16 * 1024
 # One receive reads at most this much, into a buffer allocated once: a fresh large buffer per
 # recv() costs an mmap/munmap pair and page faults, which measured as most of a run's overhead.
 RECV_CHUNK = 64 * 1024
@@ -220,14 +221,21 @@ class StreamWriter(io.TextIOBase):
         return len(s)
 
     def flush(self) -> None:
+        if os.getpid() != self._pid:  # a forked child: its lock may be held for ever (fork)
+            if sys.__stdout__ is not None:
+                with contextlib.suppress(OSError, ValueError):
+                    sys.__stdout__.flush()
+            return
         with self._lock:
-            if self._pending and not self._finished and os.getpid() == self._pid:
+            if self._pending and not self._finished:
                 self._flush_pending()
 
     def finish(self) -> None:
         """The run ended: send what is pending; write nothing more."""
+        if os.getpid() != self._pid:
+            return
         with self._lock:
-            if not self._finished and os.getpid() == self._pid:
+            if not self._finished:
                 self._flush_pending()
             self._finished = True
 
@@ -243,6 +251,9 @@ class StreamWriter(io.TextIOBase):
                 self._send({"out": text[at:at + STREAM_FRAME]})
         except OSError:  # the agent is gone: this process ends at EOF; the job goes on
             self._finished = True
+        except BaseException:  # a handler raised mid-frame (a signal to another thread):
+            self._finished = True  # no more frames after a broken one; the job sees it
+            raise
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 

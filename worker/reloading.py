@@ -25,20 +25,30 @@ def settle_reload(running: Config, loaded: Config) -> tuple[Config, list[str]]:
     for key in RESTART_ONLY_AGENT:
         if getattr(running.agent, key) != getattr(loaded.agent, key):
             changed.append(f"[agent] {key}")
-    for name in ("consul", "redis", "http", "queue"):
+    for name in ("consul", "redis", "queue"):
         if getattr(running, name) != getattr(loaded, name):
             changed.append(f"[{name}]")
+    if running.http.listen != loaded.http.listen:
+        changed.append("[http] listen")
     for key in RESTART_ONLY_WORKER:
         if getattr(running.worker, key) != getattr(loaded.worker, key):
             changed.append(f"[worker] {key}")
-    if (loaded.worker.python_workers == 0
-            and running.worker.concurrency != loaded.worker.concurrency):
-        # One warm process per run slot: the pool keeps the size it started with.
+    if (_pool_size(running) != _pool_size(loaded)
+            and running.worker.python_workers == loaded.worker.python_workers):
+        # The pool keeps the size it started with (python_workers itself is named above).
         changed.append("[worker] concurrency (for the warm pool's size; the run slots apply)")
     worker = dataclasses.replace(
         loaded.worker, **{k: getattr(running.worker, k) for k in RESTART_ONLY_WORKER})
     agent = dataclasses.replace(
         loaded.agent, **{k: getattr(running.agent, k) for k in RESTART_ONLY_AGENT})
+    # The server keeps its address; a new admin token (rotated after a leak) applies at once.
+    http = dataclasses.replace(running.http, admin_token_file=loaded.http.admin_token_file,
+                               admin_token=loaded.http.admin_token)
     settled = dataclasses.replace(loaded, agent=agent, worker=worker, consul=running.consul,
-                                  redis=running.redis, http=running.http, queue=running.queue)
+                                  redis=running.redis, http=http, queue=running.queue)
     return settled, changed
+
+
+def _pool_size(cfg: Config) -> int:
+    w = cfg.worker
+    return min(w.python_workers or w.concurrency, w.concurrency)

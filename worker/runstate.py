@@ -114,10 +114,13 @@ local function begin(run, lease, lock, waiting, stream, delayed, hist, a)
     -- never skipped for the lock (its failure would vanish as "skipped"); it waits for it.
     local retry = (tonumber(tries) or 0) > 0
     local base = string.sub(run, 1, #run - #run_id)  -- the record key of another run id
-    local function newer(id)  -- is run `id` scheduled after this one?
+    local function compare(id)  -- run `id` scheduled after (1), before (-1) this one, or 0
       local t = tonumber(redis.call('HGET', base .. id, 'scheduled_ms'))
-      return t ~= nil and t > tonumber(sched)
+      if t == nil or t == tonumber(sched) then return 0 end
+      if t > tonumber(sched) then return 1 end
+      return -1
     end
+    local function newer(id) return compare(id) == 1 end
     -- overlap = replace keeps the newest run: this one, older than the run holding or
     -- awaiting the lock, is superseded (a late catch-up tick, the retry of an older run).
     local function superseded(by, how)
@@ -143,8 +146,12 @@ local function begin(run, lease, lock, waiting, stream, delayed, hist, a)
       end
       local slot = not w or w == run_id
       if not slot and overlap == 'replace' then
-        if newer(w) then return superseded(w, 'is waiting') end
-        slot = true  -- the older waiting run is superseded when it comes back
+        local order = compare(w)
+        if order == 1 then return superseded(w, 'is waiting') end
+        -- Strictly older: this run takes its place (it is superseded when it comes back).
+        -- The same tick (a fan-out sharing one lock): the first to wait keeps the place,
+        -- or the two would take it from each other and stop each other's runs in turn.
+        slot = order == -1
       end
       if not slot and not retry then
         meta()

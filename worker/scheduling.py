@@ -49,7 +49,14 @@ class SchedulerDriver:
         while not stop.is_set():
             pending, self._pending = self._pending, None
             if pending is not None:
-                self.ticker.set_jobs(pending, self._clock.now())
+                try:  # it reads (and may restart) cursors in Redis
+                    self.ticker.set_jobs(pending, self._clock.now())
+                except redis.RedisError as exc:
+                    if self._pending is None:  # no newer reload came meanwhile: retry this
+                        self._pending = pending
+                    self._log.warning("redis_error", error=str(exc)[:200])
+                    stop.wait(REDIS_BACKOFF_S)
+                    continue
                 self._log.info("schedules_reloaded", jobs=len(pending))
             term = self._elector.term
             lease = self._elector.lease

@@ -161,3 +161,56 @@ def test_a_result_redis_could_not_take_before_the_lease_lapsed_is_recorded_late(
     finally:
         outage.clear()
         node.close()
+
+
+def test_a_late_finish_refused_keeps_this_nodes_newer_attempt_watched(
+        tmp_path: Path, redis_proc: RedisServer) -> None:
+    """Redis back, this node reclaimed its own run (attempt 2) before the finisher's late
+    finish of attempt 1 (refused: attempt 2 holds the lease). Forgetting attempt 1 must not
+    forget attempt 2: unrenewed, it would be taken over and run on two nodes at once (a code
+    review reproduced it)."""
+    r = redis_proc.client()
+    r.flushdb()
+    marker = tmp_path / "ran"
+    jobs = {"mark": {"schedule": "@yearly", "timeout": "30s",
+                     "command": ["/bin/sh", "-c", f'echo $CRONSUL_ATTEMPT >> {marker}; '
+                                 f'[ "$CRONSUL_ATTEMPT" = 1 ] || sleep 8']}}
+    clock = ShiftedClock()
+    node = LoneConsumer(tmp_path, redis_proc.url, jobs, {"visibility_timeout": "3s"}, clock)
+    consumer, queue, runs = node.consumer, node.queue, node.runs
+    outage = threading.Event()
+    outage.set()
+    real_finish = runs.finish_many
+
+    def unreachable(batch: object, *, late: bool = False) -> object:
+        if outage.is_set():
+            clock.offset = 10.0
+            r.delete(KEYS.lease("mark@1"))
+            raise redis.ConnectionError("Connection refused")
+        return real_finish(batch, late=late)  # type: ignore[arg-type]
+
+    runs.finish_many = unreachable  # type: ignore[method-assign]
+    node.start_finisher()
+    try:
+        r.xadd(KEYS.stream("default"), {"p": run_payload("mark@1", "mark", datetime.now(UTC),
+                                                         {})})
+        consumer._start(queue.fetch(["default"], 2, 100))
+        wait_until(lambda: marker.exists(), 10, what="attempt 1")
+        time.sleep(3.5)  # the entry idles past the lease
+        got = queue.reclaim(["default"], 3000, 2)  # this node takes its own run over
+        assert got
+        clock.offset = 0.0
+        consumer._start(got)
+        wait_until(lambda: marker.read_text().count("\n") == 2, 10, what="attempt 2 started")
+        second = consumer._active["mark@1"]
+        assert second.attempt == 2
+        outage.clear()  # the late finish of attempt 1 goes through now: refused
+        wait_until(lambda: r.hget(KEYS.run("mark@1"), "attempt") == b"2" and
+                   consumer._finisher is not None, 5, what="attempt 2 recorded as running")
+        time.sleep(1.5)
+        assert consumer._active.get("mark@1") is second  # still watched and renewed
+        consumer.renew_once()
+        assert r.get(KEYS.lease("mark@1")) is not None
+    finally:
+        outage.clear()
+        node.close()

@@ -432,6 +432,26 @@ def test_a_late_finish_records_a_run_nobody_took_over_and_only_that(
     assert n1.finish_many([late], late=True) == [FinishResult(False)]
 
 
+def test_replace_runs_of_one_tick_do_not_take_the_waiting_place_from_each_other(
+        redis_client: redis.Redis, setup: Setup) -> None:
+    """A fan-out under replace whose runs share one lock: same scheduled time. The review
+    found B and C taking the waiting place in turn, each asking the holder to stop again."""
+    q, n1, n2 = setup
+    fetch_one(q)
+    tick = int(T0.timestamp() * 1000) + 50_000
+    runs = [Run.for_tick("j", T0 + timedelta(seconds=50), {"app": a}) for a in "abc"]
+    RedisSink(redis_client, KEYS).apply(TickBatch([(r, "default") for r in runs],
+                                                  {"j": T0 + timedelta(seconds=50)}),
+                                        Fence(0, 1))
+    a, b, c = (RunRef(d.payload and json.loads(d.payload)["run_id"] or "", "j", tick,
+                      d.queue, d.payload or b"", d.entry_id, overlap="replace", lock_name="j")
+               for d in q.fetch(["default"], 3, 100))
+    assert n1.begin(a, "ta", 5000, 1).verdict == "start"
+    assert n2.begin(b, "tb", 5000, 2).verdict == "wait"
+    assert n2.begin(c, "tc", 5000, 3).verdict == "skipped"  # B keeps the waiting place
+    assert redis_client.get(KEYS.waiting("j")) == b.run_id.encode()
+
+
 def test_retry_goes_to_the_delayed_set_and_attempts_count_up(
         redis_client: redis.Redis, setup: Setup) -> None:
     q, n1, _ = setup

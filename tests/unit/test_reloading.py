@@ -42,10 +42,10 @@ def test_node_local_settings_keep_their_running_values_and_are_named(tmp_path: P
                 "worker": {**BASE["worker"], "queues": ["default", "batch"],
                            "visibility_timeout": "60s"}}
     settled, needs_restart = settle_reload(running, load(tmp_path, "b", sections))
-    assert needs_restart == ["[agent] node", "[consul]", "[http]", "[worker] visibility_timeout",
-                             "[worker] queues"]
+    assert needs_restart == ["[agent] node", "[consul]", "[http] listen",
+                             "[worker] visibility_timeout", "[worker] queues"]
     assert settled.agent.node == "n3" and settled.consul == running.consul
-    assert settled.http == running.http
+    assert settled.http.listen == running.http.listen
     assert settled.worker.queues == ("default",)
     assert settled.worker.visibility_timeout == running.worker.visibility_timeout
 

@@ -231,6 +231,34 @@ def test_a_schedule_changed_by_a_reload_starts_now_without_back_filling() -> Non
     assert len(fired) == 2  # the two minutes since the change
 
 
+def test_a_failed_pass_after_a_schedule_change_does_not_bring_the_back_fill_back() -> None:
+    """The pass writing the restarted cursor fails (a Redis error), and the driver starts the
+    term again from Redis: the schedule change must still be seen (a code review found the new
+    schedule recorded before its cursor, so the retried term back-filled after all)."""
+    clock, sink = FakeClock(T0), MemorySink()
+    loop = TickLoop([job("j", "0 * * * *")], sink, sink)
+    loop.start_term(Fence(0, 1), clock.now())
+    clock.advance(60)
+    loop.tick(clock.now(), Lease())  # nothing due; the cursor is written (first seen)
+    clock.advance(120)
+    changed_at = clock.now()
+    loop.set_jobs([job("j", "* * * * *")], changed_at)
+    real_apply = sink.apply
+
+    def broken(*args: object) -> object:
+        raise ConnectionError("Redis went away")
+
+    sink.apply = broken  # type: ignore[method-assign]
+    with pytest.raises(ConnectionError):
+        loop.tick(clock.now(), Lease())
+    sink.apply = real_apply  # type: ignore[method-assign]
+    loop.start_term(Fence(0, 1), clock.now())  # what the driver does after a Redis error
+    clock.advance(65)
+    loop.tick(clock.now(), Lease())
+    fired = scheduled_seconds(sink, "j")
+    assert fired and all(t > changed_at for t in fired), fired
+
+
 def test_a_leader_with_another_schedule_for_a_job_starts_it_now() -> None:
     """The last leader kept the job's cursor under another schedule (a config roll, then a
     failover): the new leader does not back-fill its schedule from that cursor."""
