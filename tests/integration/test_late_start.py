@@ -36,6 +36,26 @@ def mark_job(marker: Path) -> dict[str, dict[str, object]]:
                      "command": ["/bin/sh", "-c", f"echo ran >> {marker}"]}}
 
 
+def finish_outage(node: LoneConsumer, clock: ShiftedClock,
+                  run_id: str) -> tuple[threading.Event, list[bool]]:
+    """Redis unreachable for ``node``'s finisher while the returned event is set, for longer
+    than the lease (which lapses meanwhile); each finish call notes whether it was late."""
+    outage, calls = threading.Event(), []
+    outage.set()
+    real_finish = node.runs.finish_many
+
+    def unreachable(batch: object, *, late: bool = False) -> object:
+        calls.append(late)
+        if outage.is_set():
+            clock.offset = 10.0  # the outage outlasts the lease
+            node.redis.delete(KEYS.lease(run_id))  # which lapses meanwhile
+            raise redis.ConnectionError("Connection refused")
+        return real_finish(batch, late=late)  # type: ignore[arg-type]
+
+    node.runs.finish_many = unreachable  # type: ignore[method-assign]
+    return outage, calls
+
+
 def test_a_run_claimed_before_a_freeze_is_not_started_after_it(
         tmp_path: Path, redis_proc: RedisServer) -> None:
     r = redis_proc.client()
@@ -128,21 +148,8 @@ def test_a_result_redis_could_not_take_before_the_lease_lapsed_is_recorded_late(
     clock = ShiftedClock()
     node = LoneConsumer(tmp_path, redis_proc.url, mark_job(marker),
                         {"visibility_timeout": "6s"}, clock)
-    consumer, queue, runs = node.consumer, node.queue, node.runs
-    outage = threading.Event()
-    outage.set()
-    real_finish = runs.finish_many
-    calls: list[bool] = []
-
-    def unreachable(batch: object, *, late: bool = False) -> object:
-        calls.append(late)
-        if outage.is_set():
-            clock.offset = 10.0  # the outage outlasts the lease
-            r.delete(KEYS.lease("mark@1"))  # which lapses meanwhile
-            raise redis.ConnectionError("Connection refused")
-        return real_finish(batch, late=late)  # type: ignore[arg-type]
-
-    runs.finish_many = unreachable  # type: ignore[method-assign]
+    consumer, queue = node.consumer, node.queue
+    outage, calls = finish_outage(node, clock, "mark@1")
     node.start_finisher()
     try:
         with capture_logs() as logs:
@@ -177,19 +184,8 @@ def test_a_late_finish_refused_keeps_this_nodes_newer_attempt_watched(
                                  f'[ "$CRONSUL_ATTEMPT" = 1 ] || sleep 8']}}
     clock = ShiftedClock()
     node = LoneConsumer(tmp_path, redis_proc.url, jobs, {"visibility_timeout": "3s"}, clock)
-    consumer, queue, runs = node.consumer, node.queue, node.runs
-    outage = threading.Event()
-    outage.set()
-    real_finish = runs.finish_many
-
-    def unreachable(batch: object, *, late: bool = False) -> object:
-        if outage.is_set():
-            clock.offset = 10.0
-            r.delete(KEYS.lease("mark@1"))
-            raise redis.ConnectionError("Connection refused")
-        return real_finish(batch, late=late)  # type: ignore[arg-type]
-
-    runs.finish_many = unreachable  # type: ignore[method-assign]
+    consumer, queue = node.consumer, node.queue
+    outage, _ = finish_outage(node, clock, "mark@1")
     node.start_finisher()
     try:
         r.xadd(KEYS.stream("default"), {"p": run_payload("mark@1", "mark", datetime.now(UTC),
