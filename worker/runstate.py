@@ -162,7 +162,12 @@ local function begin(run, lease, lock, waiting, stream, delayed, hist, a)
       end
       if slot then redis.call('SET', waiting, run_id, 'PX', lease_ms) end
       if overlap == 'replace' then
-        redis.call('SET', stop_prefix .. other, run_id, 'PX', lease_ms)
+        -- An operator's `cronsul stop` already there stays: its reason is what the record
+        -- will say, not "replaced".
+        local asked = redis.call('GET', stop_prefix .. other)
+        if not asked or string.sub(asked, 1, 9) ~= 'operator:' then
+          redis.call('SET', stop_prefix .. other, run_id, 'PX', lease_ms)
+        end
       end
       meta()
       redis.call('HSET', run, 'state', 'queued', 'waiting_for', other)
@@ -220,6 +225,16 @@ for i = 1, n do
   end
 end
 return out
+"""
+
+# KEYS[1] = record, KEYS[2] = stop key; ARGV[1] = value (OPERATOR_STOP + who and why), ARGV[2]
+# = ttl ms. One step, so a run that ends between a check and the write is never left a stop
+# request (nor reported "asked" when it had already finished). Returns the record's state, or
+# false when there is no record; the stop key is written only for a running run.
+REQUEST_STOP = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if state == 'running' then redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2]) end
+return state
 """
 
 # FINISH: shared KEYS[1..2] = delayed set, dead-letter stream; ARGV[1..5] = consumer group,
@@ -436,6 +451,7 @@ class RunState:
         self._hand_back = client.register_script(HAND_BACK)
         self._promote_outbox = client.register_script(PROMOTE_OUTBOX)
         self._dead_on_arrival = client.register_script(DEAD_ON_ARRIVAL)
+        self._request_stop = client.register_script(REQUEST_STOP)
 
     def _lock_key(self, ref: RunRef) -> str:
         return self._keys.lock(ref.lock_name) if ref.overlap != "allow" else self._keys.lease(
@@ -473,12 +489,9 @@ class RunState:
         """An operator asks the node running ``run_id`` to stop it (its next lease renewal
         sees it). The run's state, or None when there is no record; only a running run is
         asked."""
-        state: Any = self._r.hget(self._keys.run(run_id), "state")
-        if state is None:
-            return None
-        if _s(state) == "running":
-            self._r.set(self._keys.stop(run_id), OPERATOR_STOP + why, px=ttl_ms)
-        return _s(state)
+        state: Any = self._request_stop(keys=[self._keys.run(run_id), self._keys.stop(run_id)],
+                                        args=[OPERATOR_STOP + why, ttl_ms])
+        return None if state is None else _s(state)
 
     def stop_reason(self, run_id: str) -> str:
         """Why an operator asked a run to stop (what follows OPERATOR_STOP), or ""."""

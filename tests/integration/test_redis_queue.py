@@ -318,6 +318,31 @@ def test_overlap_replace_asks_the_holder_to_stop(redis_client: redis.Redis, setu
     assert n1.renew([(first, "t1")], 5000) == [2]  # renewed, and asked to stop
 
 
+def test_replace_keeps_an_operators_stop_request(redis_client: redis.Redis,
+                                                setup: Setup) -> None:
+    """`cronsul stop` asked first: a newer run under replace must not overwrite it, or the
+    record would say "replaced" instead of who stopped it and why (a code review's finding)."""
+    q, n1, n2 = setup
+    first, second = two_runs(redis_client, q, "replace")
+    n1.begin(first, "t1", 5000, 1)
+    assert n2.request_stop(first.run_id, "ops@host: wrong tenant", 5000) == "running"
+    assert n2.begin(second, "t2", 5000, 1).verdict == "wait"
+    assert n1.renew([(first, "t1")], 5000) == [3]  # still the operator's
+    assert n1.stop_reason(first.run_id) == "ops@host: wrong tenant"
+
+
+def test_a_stop_request_for_a_run_that_ended_writes_nothing(redis_client: redis.Redis,
+                                                            setup: Setup) -> None:
+    q, n1, _ = setup
+    first, _ = two_runs(redis_client, q, "allow")
+    assert n1.request_stop(first.run_id, "ops", 5000) == "queued"  # not started: not asked
+    n1.begin(first, "t1", 5000, 1)
+    n1.finish(first, "t1", "succeeded", 2, {})
+    assert n1.request_stop(first.run_id, "ops", 5000) == "succeeded"
+    assert n1.request_stop("j@nope", "ops", 5000) is None
+    assert redis_client.exists(KEYS.stop(first.run_id), KEYS.stop("j@nope")) == 0
+
+
 def timed(redis_client: redis.Redis, q: RedisQueue, second: int, overlap: str) -> RunRef:
     """The run of tick T0 + ``second`` (its real scheduled time), fetched."""
     RedisSink(redis_client, KEYS).apply(batch(second), Fence(0, 1))
