@@ -65,6 +65,8 @@ class Run:
     job: str
     scheduled_at: datetime
     params: Mapping[str, str] = field(default_factory=dict)
+    # Not started before this (a fan-out's jitter spreads its parameter sets); None: at once.
+    not_before: datetime | None = None
 
     @classmethod
     def for_tick(

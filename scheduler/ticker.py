@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Literal
 
@@ -16,7 +16,7 @@ import structlog
 
 from scheduler.errors import LeadershipLost
 from scheduler.ports import CursorStore, EnqueueResult, Fence, Lease, Sink, TickBatch
-from scheduler.runs import Run, iso_utc
+from scheduler.runs import Run, iso_utc, param_key
 from scheduler.schedule import Schedule, jitter_offset
 
 CatchUp = Literal["all", "latest", "none"]
@@ -60,9 +60,24 @@ class ScheduledJob:
         return f"{self.schedule.expression}|{self.schedule.timezone}"
 
     def fire_at(self, tick: datetime) -> datetime:
-        if not self.jitter:
+        """When the tick is enqueued: delayed by the jitter for a job without parameters; a
+        fan-out's tick is enqueued at once and its jitter spreads the parameter sets."""
+        if not self.jitter or self.params:
             return tick
         return tick + jitter_offset(self.name, tick, self.jitter)
+
+    def runs_at(self, tick: datetime) -> list[Run]:
+        """The tick's runs: one, or one per parameter set, each with its own jittered start
+        (hashed from the job, the parameter set and the tick), so a fan-out of hundreds of
+        tenants does not start them all in the same instant."""
+        if not self.params:
+            return [Run.for_tick(self.name, tick)]
+        runs = [Run.for_tick(self.name, tick, p) for p in self.params]
+        if not self.jitter:
+            return runs
+        return [replace(r, not_before=tick + jitter_offset(f"{self.name}#{param_key(r.params)}",
+                                                            tick, self.jitter))
+                for r in runs]
 
 
 @dataclass
@@ -293,13 +308,8 @@ class TickLoop:
                     "ticks": [iso_utc(t) for t in missed[:MISSED_LISTED]],
                 }))
             for tick in keep:
-                fire = job.fire_at(tick)
-                if job.params:
-                    plan.runs.extend((Run.for_tick(job.name, tick, p), job.queue)
-                                     for p in job.params)
-                else:
-                    plan.runs.append((Run.for_tick(job.name, tick), job.queue))
-                plan.fires.append(fire)
+                plan.runs.extend((run, job.queue) for run in job.runs_at(tick))
+                plan.fires.append(job.fire_at(tick))
         return plan
 
     def _due_ticks(

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
+from scheduler.durations import format_duration
 from scheduler.errors import ConfigError, ConnectionFailure, CronsulError
 from scheduler.runs import iso_utc
 from worker.cliargs import MAX_FIRE_TIMES, count
@@ -241,15 +242,22 @@ def _next(cfg: Config, job: str, n: int, as_json: bool, start: datetime | None =
     # Jitter is a function of the job and the tick: the fire times are known ahead too.
     scheduled = spec.scheduled()
     fires = [scheduled.fire_at(t) for t in times]
+    # A fan-out's jitter spreads its parameter sets over [tick, tick + jitter) instead.
+    spread = scheduled.jitter if scheduled.jitter and scheduled.params else None
     if as_json:
         print(json.dumps({"job": job, "timezone": spec.timezone,
                           "next": [iso_utc(t) for t in times],
-                          **({"fires": [iso_utc(f) for f in fires]} if scheduled.jitter else {})}))
+                          **({"fires": [iso_utc(f) for f in fires]}
+                             if scheduled.jitter and not spread else {}),
+                          **({"spread_s": spread.total_seconds()} if spread else {})}))
     else:
         for t, f in zip(times, fires, strict=True):
             print(f"{_local(t, spec.timezone)}  ({iso_utc(t)})"
                   + (f"  fires {iso_utc(f)} (jitter +{(f - t).total_seconds():g}s)"
                      if f != t else ""))
+        if spread:
+            print(f"(jitter: each of its {len(scheduled.params)} parameter sets starts at its "
+                  f"own offset in [0, {format_duration(spread)}) after each tick)")
     return EXIT_OK
 
 

@@ -307,7 +307,11 @@ def _waiting(rec: dict[str, str]) -> str | None:
         return None
     if rec.get("waiting_for"):
         return f"for the overlap lock held by {rec['waiting_for']}"
-    return rec.get("handed_back") or None
+    if rec.get("handed_back"):
+        return rec["handed_back"]
+    start = _int(rec.get("not_before_ms"))
+    return f"not before {_iso(start)} (its jitter)" if start and rec.get("attempt") is None \
+        else None
 
 
 # -- dead letters -------------------------------------------------------------------------------

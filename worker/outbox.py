@@ -101,7 +101,7 @@ class OutboxSink(RedisSink):
     def __init__(self, client: redis.Redis, keys: Keys,
                  record_ttl: timedelta = RECORD_TTL) -> None:
         super().__init__(client, keys, record_ttl)
-        self._script_keys = [keys.fence, keys.outbox]
+        self._script_keys = [keys.fence, keys.outbox, keys.delayed]
 
 
 @dataclass(frozen=True)

@@ -24,8 +24,11 @@ from worker.keys import Keys
 # refusal) is done again by the next leader from the old cursors, and the claims make the runs
 # that were already in duplicates, not second runs.
 #
+# KEYS: the fence hash, (the SQS variant: the outbox list,) the delayed set, always last.
 # ARGV: epoch, index, record ttl (s), run key prefix, stream key prefix, n runs, then per run
-# run_id, job, scheduled_ms, queue, payload; then n cursors, then per cursor key, epoch ms.
+# run_id, job, scheduled_ms, queue, payload, not-before ms (0: none; a later one than Redis's
+# clock puts the run in the delayed set, which any node promotes when due, instead of the
+# stream: a fan-out's jitter); then n cursors, then per cursor key, epoch ms.
 # A leader's clock may run this far ahead of Redis's before its passes are refused: NTP keeps
 # hosts within milliseconds of each other; this leaves room for a sloppy clock, and catches a
 # step (a VM restored from a snapshot, a bad time source). A failure drill stepped a leader
@@ -45,11 +48,12 @@ local ttl, rpre, qpre = ARGV[3], ARGV[4], ARGV[5]
 -- effects, the default since Redis 5 and the only mode since 7)
 local t = redis.call('TIME')
 local now = t[1] .. string.format('%03d', math.floor(tonumber(t[2]) / 1000))
-local last = 6 + 5 * tonumber(ARGV[6])
+local last = 6 + 6 * tonumber(ARGV[6])
+local delayed = KEYS[#KEYS]
 -- A leader whose clock runs ahead of Redis's would enqueue ticks early and move the cursors
 -- into the future: refuse (nothing written; the ticks wait, they are not lost).
 local newest = 0
-for j = 9, last, 5 do newest = math.max(newest, tonumber(ARGV[j])) end
+for j = 9, last, 6 do newest = math.max(newest, tonumber(ARGV[j])) end
 for j = last + 3, last + 1 + 2 * tonumber(ARGV[last + 1]), 2 do
   newest = math.max(newest, tonumber(ARGV[j]))
 end
@@ -58,14 +62,19 @@ if e ~= he or i ~= hi then
   redis.call('HSET', KEYS[1], 'epoch', e, 'index', i)
 end
 local enq, dup = 0, 0
-for j = 7, last, 5 do
+for j = 7, last, 6 do
   local run_id, queue, payload = ARGV[j], ARGV[j + 3], ARGV[j + 4]
   local key = rpre .. run_id
   if redis.call('HSETNX', key, 'state', 'queued') == 1 then
     redis.call('HSET', key, 'job', ARGV[j + 1], 'scheduled_ms', ARGV[j + 2], 'run_id', run_id,
                'queue', queue, 'enqueued_ms', now, 'payload', payload)
     redis.call('EXPIRE', key, ttl)
-    redis.call('XADD', qpre .. queue, '*', 'p', payload)
+    if tonumber(ARGV[j + 5]) > tonumber(now) then
+      redis.call('HSET', key, 'not_before_ms', ARGV[j + 5])
+      redis.call('ZADD', delayed, ARGV[j + 5], queue .. '|' .. payload)
+    else
+      redis.call('XADD', qpre .. queue, '*', 'p', payload)
+    end
     enq = enq + 1
   else
     dup = dup + 1
@@ -175,7 +184,7 @@ class RedisSink:
         self._apply = client.register_script(self.SCRIPT)
         self._rebase = client.register_script(REBASE)
         self._regression_seen = client.register_script(REGRESSION_SEEN)
-        self._script_keys = [keys.fence]
+        self._script_keys = [keys.fence, keys.delayed]
         self._owner = (type(self), keys.prefix)
         if keys.run("x") != keys.run("") + "x" or keys.stream("x") != keys.stream("") + "x":
             raise ValueError("APPLY builds run and stream keys as prefix + name")
@@ -240,9 +249,10 @@ class RedisSink:
                 when = times[run.scheduled_at] = (epoch_ms(run.scheduled_at),
                                                   iso_utc(run.scheduled_at))
             args += (run.run_id, run.job, when[0], queue,
-                     run_payload(run.run_id, run.job, run.scheduled_at, run.params, when[1]))
+                     run_payload(run.run_id, run.job, run.scheduled_at, run.params, when[1]),
+                     epoch_ms(run.not_before) if run.not_before is not None else 0)
             if n % RUNS_PER_CALL == 0 or n == len(batch.runs):
-                calls.append([*head, len(args) // 5, *args, 0])
+                calls.append([*head, len(args) // 6, *args, 0])
                 args = []
         if batch.cursors:
             cursors: list[Arg] = [len(batch.cursors)]

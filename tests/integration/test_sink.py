@@ -4,20 +4,23 @@ payloads built from pre-formatted strings, passes split into several calls, prep
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 import redis
-from cronsul_testing import render_config
+from cronsul_testing import RedisServer, render_config
 
 from scheduler.errors import FencedOff
 from scheduler.ports import Fence, TickBatch
 from scheduler.runs import Run, iso_utc
+from worker.cli import main
 from worker.config import load_config
 from worker.keys import Keys
 from worker.messages import parse_message
 from worker.outbox import OutboxSink
+from worker.runstate import RunState
 from worker.sink import RUNS_PER_CALL, Encoded, RedisSink, run_payload
 
 T0 = datetime(2026, 11, 22, 18, 0, 5, tzinfo=UTC)
@@ -149,3 +152,45 @@ def test_outbox_variant_appends_the_same_payloads(redis_client: redis.Redis) -> 
     assert sink.load_cursors(["p"])["p"] == T0
     enqueued_ms = int(redis_client.hget(KEYS.run(runs[0][0].run_id), "enqueued_ms") or 0)
     assert enqueued_ms > 1_600_000_000_000
+
+
+@pytest.mark.parametrize("outbox", [False, True], ids=["streams", "sqs-outbox"])
+def test_a_run_with_a_later_start_waits_in_the_delayed_set(
+        redis_client: redis.Redis, redis_proc: RedisServer, outbox: bool, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A fan-out's jitter: a run whose not-before is after Redis's clock is claimed and
+    recorded at the tick but put in the delayed set, which any node promotes when it is due;
+    one already due goes straight to its queue."""
+    tick = datetime.now(UTC).replace(microsecond=0) - timedelta(seconds=1)
+    later = replace(Run.for_tick("fan", tick, {"t": "a"}), not_before=tick + timedelta(seconds=40))
+    due = replace(Run.for_tick("fan", tick, {"t": "b"}), not_before=tick + timedelta(seconds=0.5))
+    sink = (OutboxSink if outbox else RedisSink)(redis_client, KEYS)
+    batch = TickBatch([(later, "default"), (due, "default")], {"fan": tick})
+    assert sink.apply(batch, Fence(0, 1)).enqueued == 2
+
+    def queued() -> list[bytes]:
+        if outbox:
+            return [item.split(b"|", 1)[1] for item in redis_client.lrange(KEYS.outbox, 0, -1)]
+        return stream_payloads(redis_client)
+
+    assert queued() == [reference_payload(due).encode()]
+    start_ms = int(later.not_before.timestamp() * 1000)  # type: ignore[union-attr]
+    assert redis_client.zrange(KEYS.delayed, 0, -1, withscores=True) == [
+        (b"default|" + reference_payload(later).encode(), float(start_ms))]
+    record = redis_client.hgetall(KEYS.run(later.run_id))
+    assert record[b"state"] == b"queued" and record[b"not_before_ms"] == str(start_ms).encode()
+    assert b"not_before_ms" not in redis_client.hgetall(KEYS.run(due.run_id))
+    config = tmp_path / "c.toml"
+    config.write_text(render_config({"agent": {"node": "n1"}, "redis": {"url": redis_proc.url}},
+                                    {"fan": {"schedule": "@daily", "command": ["/bin/true"]}}))
+    assert main(["logs", later.run_id, "--json", "-c", str(config)]) == 0
+    assert json.loads(capsys.readouterr().out)["waiting"] == \
+        f"not before {iso_utc(later.not_before).replace('.000Z', 'Z')} (its jitter)"  # type: ignore[arg-type]
+    # Another leader doing the pass again: duplicates, nothing queued or delayed twice.
+    assert sink.apply(batch, Fence(0, 1)).deduplicated == 2
+    assert redis_client.zcard(KEYS.delayed) == 1 and len(queued()) == 1
+    runs = RunState(redis_client, KEYS, "n1", 3600, outbox=outbox)
+    assert runs.promote(start_ms - 1) == 0  # not yet
+    assert runs.promote(start_ms) == 1
+    assert sorted(queued()) == sorted([reference_payload(due).encode(),
+                                       reference_payload(later).encode()])

@@ -200,6 +200,39 @@ def test_fan_out_enqueues_one_run_per_parameter_set() -> None:
     assert all("#" in rid and rid.startswith("fan@") for rid in sink.claimed)
 
 
+def test_a_fan_outs_jitter_spreads_its_parameter_sets_over_the_window() -> None:
+    """A Jenkins team's per-tenant jobs each had H; as one fan-out with jitter, every tenant
+    started in the same instant. Now the tick is enqueued on time and each parameter set gets
+    its own not-before in [tick, tick + jitter), the same on every leader."""
+    clock, sink = FakeClock(T0), MemorySink()
+    params = tuple({"tenant": f"t{i}"} for i in range(200))
+    spread = timedelta(seconds=60)
+    fan = job("fan", "* * * * *", params=params, jitter=spread)
+    loop = TickLoop([fan], sink, sink)
+    loop.start_term(Fence(0, 1), clock.now())
+    clock.advance(60)
+    loop.tick(clock.now(), Lease())  # enqueued at the tick itself, not up to 60 s later
+    runs = list(sink.claimed.values())
+    assert len(runs) == 200
+    tick = T0 + timedelta(minutes=1)
+    starts = [r.not_before for r in runs]
+    assert all(s is not None and tick <= s < tick + spread for s in starts)
+    offsets = sorted((s - tick).total_seconds() for s in starts if s is not None)
+    assert offsets[-1] - offsets[0] > 50  # spread over the window, not bunched
+    assert len(set(offsets)) > 190
+    again = {r.run_id: r.not_before for r in fan.runs_at(tick)}  # another leader: the same
+    assert again == {r.run_id: r.not_before for r in runs}
+
+
+def test_a_job_without_parameters_keeps_its_jittered_fire_time() -> None:
+    single = job("solo", "* * * * *", jitter=timedelta(seconds=60))
+    tick = T0 + timedelta(minutes=1)
+    assert single.fire_at(tick) > tick  # its enqueue is delayed, as before
+    assert [r.not_before for r in single.runs_at(tick)] == [None]
+    plain = job("fan", "* * * * *", params=({"a": "1"}, {"a": "2"}))
+    assert [r.not_before for r in plain.runs_at(tick)] == [None, None]  # no jitter: at once
+
+
 def test_reload_keeps_cursors_so_no_tick_fires_twice() -> None:
     clock, sink = FakeClock(T0), MemorySink()
     loop = TickLoop([job()], sink, sink)
