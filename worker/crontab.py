@@ -18,6 +18,7 @@ reason, as a comment in the output and on stderr:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -67,6 +68,22 @@ def _split_percent(command: str) -> tuple[str, bool]:
         out.append(ch)
         i += 1
     return "".join(out), stdin
+
+
+def _job_name(prefix: str, user: str | None, command: str, taken: set[str]) -> str:
+    """``<prefix>-<command word>-<6 hex>``: the hex is hashed from the user and the command,
+    not the line's position, so re-importing an edited crontab keeps the names of the lines
+    that did not change (a job's name keys its cursor, history and pause; with line numbers,
+    one line added at the top renamed every job below it). The same command twice (under
+    other schedules) gets ``-2``, ``-3``... in file order."""
+    word = command.split()[0].rsplit("/", 1)[-1] if command.split() else "job"
+    digest = hashlib.sha256(f"{user or ''}\x00{command}".encode()).hexdigest()[:6]
+    base = f"{prefix}-{(SLUG.sub('-', word).strip('-') or 'job')[:80]}-{digest}"
+    name, n = base, 1
+    while name in taken:
+        n += 1
+        name = f"{base}-{n}"
+    return name
 
 
 def convert(text: str, *, system: bool = False, prefix: str = "cron",
@@ -136,10 +153,7 @@ def convert(text: str, *, system: bool = False, prefix: str = "cron",
         except ScheduleError as exc:
             result.errors.append(f"{where}: {exc}")
             continue
-        word = command.split()[0].rsplit("/", 1)[-1] if command.split() else "job"
-        name = f"{prefix}-{number}-{SLUG.sub('-', word).strip('-') or 'job'}"[:100]
-        while name in names:
-            name += "x"
+        name = _job_name(prefix, user, command, names)
         names.add(name)
         result.toml.append("")
         result.toml.append(f"# {where}: {raw.strip()}")

@@ -148,6 +148,10 @@ def workload() -> list[WorkloadJob]:
         # Fails and retries: attempts 1..3 (backoff 1 s, 2 s), then dead with a dead letter.
         WorkloadJob("retrying", period_s=5, sleep_s=0.1, timeout_s=10, exit_code=1, retries=2,
                     extra={"retry_backoff": "1s", "retry_backoff_max": "2s"}),
+        # A fan-out whose jitter spreads its 10 parameter sets over 4 s: each run waits in the
+        # delayed set until its own offset, through failovers and Redis restarts.
+        WorkloadJob("jittered", period_s=10, sleep_s=0.2, timeout_s=10,
+                    params=tuple({"app": f"j{i}"} for i in range(10)), extra={"jitter": "4s"}),
         # Callables in the warm Python pool: one a second, and a burst of 20 short ones every
         # 5 s, more than a node's 2 warm processes (python_workers), so runs queue inside them
         # (python_prefetch) while nodes die, freeze and restart around them.

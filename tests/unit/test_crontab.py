@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from worker.crontab import convert, host_zone
+
+def named(jobs: dict[str, Any], word: str) -> Any:
+    """The one job whose name is cron-<word>-<6 hex>."""
+    [name] = [n for n in jobs if n.rsplit("-", 1)[0] == f"cron-{word}"]
+    return jobs[name]
+
 
 CRONTAB = r"""
 # nightly stuff
@@ -26,13 +33,14 @@ def test_jobs_are_converted_to_valid_toml() -> None:
     result = convert(CRONTAB, source="crontab")
     data = tomllib.loads("\n".join(result.toml))
     jobs = data["jobs"]
-    assert set(jobs) == {"cron-6-sync-orders", "cron-7-backup-sh", "cron-10-date"}
-    sync = jobs["cron-6-sync-orders"]
+    assert sorted(name.rsplit("-", 1)[0] for name in jobs) == [
+        "cron-backup-sh", "cron-date", "cron-sync-orders"]
+    sync = named(jobs, "sync-orders")
     assert sync["schedule"] == "*/5 * * * *"
     assert sync["timezone"] == "Europe/Berlin"
     assert sync["command"] == ["/bin/sh", "-c", "/usr/local/bin/sync-orders --since 10m"]
     assert sync["env"] == {"PATH": "/usr/local/bin:/usr/bin:/bin"}
-    assert jobs["cron-10-date"]["command"][2] == "date +%s >> /tmp/stamps"
+    assert named(jobs, "date")["command"][2] == "date +%s >> /tmp/stamps"
     assert not result.errors
 
 
@@ -50,7 +58,7 @@ def test_system_crontab_user_column_becomes_the_jobs_user() -> None:
                      "*/5 * * * * www-data php /var/www/cron.php\n",
                      system=True, source="/etc/crontab")
     jobs = tomllib.loads("\n".join(result.toml))["jobs"]
-    root, www = jobs["cron-1-cd"], jobs["cron-2-php"]
+    root, www = named(jobs, "cd"), named(jobs, "php")
     assert root["command"][2].startswith("cd / &&")
     # Root as cron ran it: a root agent refuses a job as root without allow_root.
     assert (root["user"], root["allow_root"]) == ("root", True)
@@ -63,9 +71,9 @@ def test_cron_tz_is_the_zone_even_utc_and_tz_only_the_environment() -> None:
     """cronie schedules by CRON_TZ (else its host's local time); TZ only reaches the job."""
     jobs = tomllib.loads("\n".join(convert(
         "CRON_TZ=UTC\n0 8 * * * /bin/true\n").toml))["jobs"]
-    assert jobs["cron-2-true"]["timezone"] == "UTC"  # not left to [agent] timezone
+    assert named(jobs, "true")["timezone"] == "UTC"  # not left to [agent] timezone
     result = convert("TZ=Asia/Kolkata\n0 7 * * * date\n")
-    job = tomllib.loads("\n".join(result.toml))["jobs"]["cron-2-date"]
+    job = named(tomllib.loads("\n".join(result.toml))["jobs"], "date")
     assert "timezone" not in job and job["env"] == {"TZ": "Asia/Kolkata"}
     assert [w for w in result.warnings if "no CRON_TZ line" in w]
 
@@ -104,7 +112,7 @@ def test_host_zone_reads_tz_then_the_localtime_link(
 def test_cronie_dash_prefix_is_dropped() -> None:
     """cronie's "-" before the times only turns off syslogging of the job."""
     jobs = tomllib.loads("\n".join(convert("-*/10 * * * * /usr/bin/quiet\n").toml))["jobs"]
-    assert jobs["cron-1-quiet"]["schedule"] == "*/10 * * * *"
+    assert named(jobs, "quiet")["schedule"] == "*/10 * * * *"
 
 
 def test_a_system_crontab_path_reads_the_user_column(tmp_path: Path,
@@ -116,5 +124,21 @@ def test_a_system_crontab_path_reads_the_user_column(tmp_path: Path,
     user_tab = tmp_path / "mine"
     user_tab.write_text("0 1 * * * root-cause --fix\n")  # a user crontab: no user column
     assert import_crontab(str(user_tab), system=False, prefix="cron") == 0
-    job = tomllib.loads(capsys.readouterr().out)["jobs"]["cron-1-root-cause"]
+    job = named(tomllib.loads(capsys.readouterr().out)["jobs"], "root-cause")
     assert job["command"][2] == "root-cause --fix" and "user" not in job
+
+
+def test_names_survive_an_edit_elsewhere_in_the_crontab() -> None:
+    """A job's name keys its cursor, history and pause: re-importing a crontab with a line
+    added at the top must not rename the jobs below it (it did, with line numbers in names)."""
+    before = tomllib.loads("\n".join(convert(
+        "0 1 * * * /opt/a.sh\n0 2 * * * /opt/b.sh\n0 3 * * * /opt/b.sh\n").toml))["jobs"]
+    after = tomllib.loads("\n".join(convert(
+        "MAILTO=x\n*/5 * * * * /opt/new.sh\n0 1 * * * /opt/a.sh\n0 2 * * * /opt/b.sh\n"
+        "30 3 * * * /opt/b.sh\n").toml))["jobs"]
+    assert set(before) <= set(after)  # the same command keeps its name, schedule edits too
+    assert len(set(after) - set(before)) == 1
+    b1, b2 = sorted(n for n in after if n.startswith("cron-b-sh-"))
+    assert b2 == b1 + "-2"  # the same command twice: told apart in file order
+    other_user = convert("0 1 * * * alice /opt/a.sh\n0 1 * * * bob /opt/a.sh\n", system=True)
+    assert len(set(tomllib.loads("\n".join(other_user.toml))["jobs"])) == 2
