@@ -64,6 +64,11 @@ class Keys:
         return f"{self.prefix}:hist:{job}"
 
     @property
+    def last_success(self) -> str:
+        """Hash job -> finish time (ms) of its newest succeeded run."""
+        return f"{self.prefix}:last_success"
+
+    @property
     def outbox(self) -> str:
         """List (SQS backend): runs claimed in Redis, waiting to be sent to SQS. Items are
         "<queue>|<payload>", or "<queue>~<due ms>|<payload>" for a promoted delayed run."""

@@ -64,6 +64,8 @@ class Probes:
     draining: Callable[[], bool]
     running: Callable[[], int]
     queues: Callable[[], Sequence[str]]
+    # The configured jobs (a removed job's last success is not exported); empty: every job.
+    jobs: Callable[[], Sequence[str]] = tuple
 
 
 @dataclass(frozen=True)
@@ -246,12 +248,29 @@ class _LiveCollector(Collector):
                 pending.add_metric([queue], s.pending)
                 oldest.add_metric([queue], s.oldest_age_s)
             dead = float(self.redis.xlen(self.keys.dead))
+            last: Any = self.redis.hgetall(self.keys.last_success)
         except redis.RedisError:
             return  # counted by the connection hook; the scrape still shows the rest
         yield depth
         yield pending
         yield oldest
         yield _gauge("cronsul_dead_letters", "Entries in the dead-letter stream", dead)
+        yield _last_success(last, set(p.jobs()))
+
+
+def _last_success(raw: dict[bytes, bytes], jobs: set[str]) -> GaugeMetricFamily:
+    """Per job, when its newest succeeded run finished, cluster-wide (Redis): alert on
+    ``time() - cronsul_job_last_success_timestamp_seconds > N`` for a job that must not go
+    without a success for long (a job never succeeded since its record expired: absent)."""
+    family = GaugeMetricFamily(
+        "cronsul_job_last_success_timestamp_seconds",
+        "Finish time (Unix seconds) of the job's newest succeeded run, cluster-wide",
+        labels=["job"])
+    for job, ms in sorted(raw.items()):
+        name = _text(job)
+        if not jobs or name in jobs:
+            family.add_metric([name], int(ms) / 1000)
+    return family
 
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:

@@ -65,7 +65,8 @@ class Ops:
             Probes(is_leader=self.is_leader, lease_remaining_s=self._lease_remaining,
                    draining=lambda: agent.maintenance.active,
                    running=lambda: agent.consumer.running,
-                   queues=lambda: agent.cfg.worker.queues),
+                   queues=lambda: agent.cfg.worker.queues,
+                   jobs=lambda: list(agent.cfg.jobs)),
             # The probe client fails fast: a scrape must answer while Redis is down, not ride
             # out the agent client's retry budget (scrapers time out after a few seconds).
             self._probe, Keys(agent.cfg.redis.key_prefix),

@@ -237,15 +237,16 @@ if state == 'running' then redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2]) en
 return state
 """
 
-# FINISH: shared KEYS[1..2] = delayed set, dead-letter stream; ARGV[1..5] = consumer group,
-# node, dead letters kept, history entries kept per job, record ttl s. Per run 5 KEYS (record,
+# FINISH: shared KEYS[1..3] = delayed set, dead-letter stream, last-success hash; ARGV[1..7] =
+# consumer group, node, dead letters kept, history entries kept per job, record ttl s, late
+# (1/0), length of the history keys' prefix (the job is the rest). Per run 5 KEYS (record,
 # lease, lock, stream, history) and ARGV token, entry id, state, finished ms, run id, retry due
 # ms or "", queue, payload, n, then n field/value pairs for the record. Returns per run 1
 # recorded, 0 the lease was not ours (nothing written), or the Redis error that run's keys caused.
 FINISH = EACH + """
-local delayed, dlq = KEYS[1], KEYS[2]
+local delayed, dlq, last_ok = KEYS[1], KEYS[2], KEYS[3]
 local group, node, dead_max, hist_keep = ARGV[1], ARGV[2], ARGV[3], -1 - tonumber(ARGV[4])
-local ttl, late = ARGV[5], ARGV[6] == '1'
+local ttl, late, hist_pre = ARGV[5], ARGV[6] == '1', tonumber(ARGV[7])
 local out, trim = {}, {}
 local function finish(run, lease, lock, stream, hist, a, n, first)
   local token, entry, state, now = ARGV[a], ARGV[a+1], ARGV[a+2], ARGV[a+3]
@@ -300,12 +301,21 @@ local function finish(run, lease, lock, stream, hist, a, n, first)
     -- wrote the key) must not fail a run whose record is written.
     local added = redis.pcall('ZADD', hist, now, run_id)
     if type(added) ~= 'table' or not added.err then trim[hist] = true end
+    -- The job's last success (`cronsul status`, cronsul_job_last_success_timestamp_seconds:
+    -- the "has not succeeded for too long" alert); only forward, and never failing the run.
+    if state == 'succeeded' then
+      local job = string.sub(hist, hist_pre + 1)
+      local cur = redis.pcall('HGET', last_ok, job)
+      if type(cur) ~= 'table' and (not cur or tonumber(now) > (tonumber(cur) or 0)) then
+        redis.pcall('HSET', last_ok, job, now)
+      end
+    end
     return 1
   end
 end
-local a = 7
-for i = 0, (#KEYS - 2) / 5 - 1 do
-  local k = 2 + 5 * i
+local a = 8
+for i = 0, (#KEYS - 3) / 5 - 1 do
+  local k = 3 + 5 * i
   local n = tonumber(ARGV[a+9])
   local _, result = each(finish, KEYS[k+1], KEYS[k+2], KEYS[k+3], KEYS[k+4], KEYS[k+5], a, n,
                          a + 10)
@@ -526,9 +536,9 @@ class RunState:
         if not runs:
             return []
         k = self._keys
-        keys: list[str] = [k.delayed, k.dead]
+        keys: list[str] = [k.delayed, k.dead, k.last_success]
         args: list[Any] = [GROUP, self._node, DEAD_LETTER_MAX, HISTORY_PER_JOB, self._ttl,
-                           1 if late else 0]
+                           1 if late else 0, len(k.history(""))]
         for f in runs:
             ref = f.ref
             keys += [k.run(ref.run_id), k.lease(ref.run_id), self._lock_key(ref),

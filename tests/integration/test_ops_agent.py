@@ -126,6 +126,12 @@ def test_agent_under_systemd_notify_metrics_and_health(
             assert m[("cronsul_run_duration_seconds_count", (("job", "tick"),))] >= 2
             assert ("cronsul_queue_depth", (("queue", "default"),)) in m
             assert ("cronsul_queue_oldest_age_seconds", (("queue", "default"),)) in m
+            # The "has not succeeded for too long" alert's input: recent, for the job that
+            # succeeds; absent for the one that has not finished a run yet.
+            last_ok = m[("cronsul_job_last_success_timestamp_seconds", (("job", "tick"),))]
+            assert 0 <= time.time() - last_ok < 10
+            slow_ok = ("cronsul_job_last_success_timestamp_seconds", (("job", "slow"),))
+            assert slow_ok not in m or 0 <= time.time() - m[slow_ok] < 10
             assert m[("cronsul_draining", ())] == 0
             # A skipped run is counted, and listed in its job's history like any ended run.
             wait_until(lambda: scrape(port).get(

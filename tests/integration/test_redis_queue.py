@@ -172,6 +172,20 @@ def test_begin_finish_acks_and_records(redis_client: redis.Redis, setup: Setup) 
     assert redis_client.xlen(KEYS.stream("default")) == 0
 
 
+def test_a_success_moves_its_jobs_last_success_forward_only(redis_client: redis.Redis,
+                                                            setup: Setup) -> None:
+    q, n1, _ = setup
+    RedisSink(redis_client, KEYS).apply(batch(1, 2), Fence(0, 1))
+    a, b, c = (ref_of(fetch_one(q)) for _ in range(3))
+    for ref in (a, b, c):
+        assert n1.begin(ref, "t", 5000, 1).verdict == "start"
+    assert n1.finish(b, "t", "succeeded", 2000, {})
+    assert n1.finish(c, "t", "failed", 3000, {"exit_code": "1"})  # a failure: not a success
+    assert redis_client.hgetall(KEYS.last_success) == {b"j": b"2000"}
+    assert n1.finish(a, "t", "succeeded", 1500, {})  # finished later, recorded earlier
+    assert redis_client.hgetall(KEYS.last_success) == {b"j": b"2000"}
+
+
 def test_every_way_a_delivery_ends_deletes_its_entry(
         redis_client: redis.Redis, setup: Setup) -> None:
     """begin's verdicts that end a delivery (done, skipped, lost), finish, the consumer's ack
