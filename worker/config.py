@@ -25,6 +25,7 @@ from scheduler.runs import check_job_name
 from scheduler.schedule import validate_timezone
 from worker.jobspec import JobSpec as JobSpec  # re-exported: the job noun lives here too
 from worker.jobspec import parse_job
+from worker.notify import NotifySection, notify_section
 from worker.redisconn import RedisSection, redis_section
 from worker.secretfiles import secret_sources
 from worker.tomlread import Section
@@ -136,6 +137,7 @@ class Config:
     queue: QueueSection = field(default_factory=QueueSection)
     # (file, what) for each file holding a secret: see worker/secretfiles.py
     secret_files: tuple[tuple[str, str], ...] = ()
+    notify: NotifySection = field(default_factory=NotifySection)
 
     @property
     def record_ttl(self) -> timedelta:
@@ -169,6 +171,7 @@ def load_config(path: str | os.PathLike[str], env: dict[str, str] | None = None)
     redis = redis_section(Section(file, "redis", top.table("redis")))
     worker = _worker(Section(file, "worker", top.table("worker")))
     http = _http(Section(file, "http", top.table("http")))
+    notify = notify_section(Section(file, "notify", top.table("notify")))
     queue_table = top.table("queue")  # parsed after the jobs, whose queues it must map
     sources = [(file, top.table("jobs"))]
     for pattern in top.strings("include") or []:
@@ -198,7 +201,7 @@ def load_config(path: str | os.PathLike[str], env: dict[str, str] | None = None)
     digest = _jobs_digest(jobs, bodies)
     queue = _queue(Section(file, "queue", queue_table), worker, jobs)
     return Config(file, agent, consul, redis, worker, jobs, digest, http, queue,
-                  secret_sources(file, data))
+                  secret_sources(file, data), notify)
 
 
 def _jobs_digest(jobs: Mapping[str, JobSpec], bodies: Mapping[str, Mapping[str, Any]]) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import os
 import random
 import threading
@@ -34,6 +35,7 @@ from worker.executor import (
 )
 from worker.messages import RunMessage, parse_message, payload_field
 from worker.metrics import RunHooks
+from worker.notify import Notice, Notifier
 from worker.params import render_argv
 from worker.pyjobs import PyExecution, PythonPool
 from worker.queue import Delivery
@@ -164,6 +166,7 @@ class Consumer:
         self.batches = dict.fromkeys(("begin_calls", "begin_runs", "finish_calls",
                                       "finish_runs"), 0)
         self._log = structlog.get_logger("cronsul.run").bind(node=self._node)
+        self._notifier = Notifier(cfg.notify, self._agent_env, self._node)
 
     @property
     def running(self) -> int:
@@ -172,6 +175,7 @@ class Consumer:
 
     def set_jobs(self, cfg: Config) -> None:
         self._cfg = cfg
+        self._notifier.configure(cfg.notify)
 
     def renew_python(self) -> int:
         """Replace the warm Python processes (a reload): the next callable runs import the
@@ -622,16 +626,25 @@ class Consumer:
             # warning for it (it is recorded failed, and says why).
             level = ("info" if a.replaced and a.stopped_by is None
                      else LOG_LEVEL_OF.get(state, "warning"))
+            why = rec.fields["error"] or (None if outcome.ok else why_failed(outcome))
             getattr(self._log, level)(
                 "run_finished" if ok else "run_finished_lease_lost",
                 job=a.msg.job, run_id=a.ref.run_id, attempt=a.attempt,
                 scheduled_at=a.msg.scheduled_iso, state=state,
                 exit_code=outcome.exit_code, signal=outcome.signal, timed_out=outcome.timed_out,
                 duration_ms=round(outcome.duration_s * 1000, 1), start_lag_ms=a.start_lag_ms,
-                output_bytes=outcome.output_bytes,
-                error=rec.fields["error"] or (None if outcome.ok else why_failed(outcome)),
+                output_bytes=outcome.output_bytes, error=why,
                 retry_at=iso_utc(from_epoch_ms(rec.retry_at_ms)) if rec.retry_at_ms else None,
             )
+            # Only the node that recorded the end notifies (a lost lease: the node that took
+            # the run over will), and not for a run the replace policy stopped.
+            if ok and a.job.notify and self._notifier.wants(state) \
+                    and not (a.replaced and a.stopped_by is None):
+                self._notifier.offer(Notice(
+                    a.ref.run_id, a.msg.job, state, self._node, a.attempt,
+                    a.msg.scheduled_iso, why or "", outcome.exit_code, outcome.signal,
+                    outcome.timed_out, round(outcome.duration_s * 1000, 1), a.msg.params,
+                    outcome.output))
 
     def _record(self, batch: list[_Active], records: list[Finished]) -> list[FinishResult]:
         """Record the results, retrying through a Redis outage (a restart, a failover, a hung
@@ -713,16 +726,20 @@ class Consumer:
         # (overlap = replace); its failed attempt stays its result.
         state = "skipped" if verdict == "skipped" else "failed"
         self.hooks.run_ended_unstarted(ref.job, state)
+        error = (f"skipped for the overlap lock held or awaited by {detail or 'another run'}"
+                 if state == "skipped" else
+                 f"failed, not retried: superseded by the newer run {detail} (overlap = "
+                 "replace)" if verdict == "superseded" else
+                 "lost: its node stopped renewing its lease (on_lost = fail)")
+        scheduled = iso_utc(from_epoch_ms(ref.scheduled_ms))
         getattr(self._log, LOG_LEVEL_OF[state])(
             "run_finished", job=ref.job, run_id=ref.run_id, attempt=None,
-            scheduled_at=iso_utc(from_epoch_ms(ref.scheduled_ms)), state=state, exit_code=None,
-            signal=None, timed_out=False, duration_ms=0.0, start_lag_ms=None, output_bytes=0,
-            error=(f"skipped for the overlap lock held or awaited by {detail or 'another run'}"
-                   if state == "skipped" else
-                   f"failed, not retried: superseded by the newer run {detail} (overlap = "
-                   "replace)" if verdict == "superseded" else
-                   "lost: its node stopped renewing its lease (on_lost = fail)"),
-            retry_at=None)
+            scheduled_at=scheduled, state=state, exit_code=None, signal=None, timed_out=False,
+            duration_ms=0.0, start_lag_ms=None, output_bytes=0, error=error, retry_at=None)
+        job = self._cfg.jobs.get(ref.job)
+        if verdict == "lost" and job is not None and job.notify:  # a superseded retry: policy
+            self._notifier.offer(Notice(ref.run_id, ref.job, state, self._node, None,
+                                        scheduled, error, params=_params(ref.payload)))
 
     def _verdict(self, job: JobSpec, outcome: Outcome, attempt: int,
                  replaced: bool) -> tuple[str, int | None]:
@@ -882,6 +899,7 @@ class Consumer:
         if finisher is not None:
             finisher.join(CLOSE_WAIT_S)
         self._log.info("consumer_batches", **self.batches)
+        self._notifier.close()
         if self._py is not None:
             self._py.stop()
         self._reactor.stop()
@@ -889,6 +907,16 @@ class Consumer:
     def _flush_ended(self) -> None:
         if self._ready:
             self._flush()
+
+
+def _params(payload: bytes) -> dict[str, str]:
+    """A queued run's parameters, for a notice about a run that never started ({} if the
+    payload has none or is not ours)."""
+    try:
+        params = json.loads(payload).get("params")
+    except (ValueError, AttributeError):
+        return {}
+    return {str(k): str(v) for k, v in params.items()} if isinstance(params, dict) else {}
 
 
 def _text(value: str) -> str:

@@ -34,7 +34,8 @@ ENV_LINE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)\s*=\s*(.*)$")
 # Dots are left out: in a TOML table header they would nest tables.
 SLUG = re.compile(r"[^A-Za-z0-9_-]+")
 # Environment that cron itself interprets and cronsul handles differently (or not at all).
-CRON_ONLY = {"MAILTO": "cronsul does not mail output; it records it (cronsul logs / history)",
+CRON_ONLY = {"MAILTO": "cronsul records output (cronsul logs / history); to mail failures, "
+                       "set [notify] command (docs/operations.md)",
              "MAILFROM": "cronsul does not mail output",
              "RANDOM_DELAY": "use jitter = \"...\" on the job instead"}
 

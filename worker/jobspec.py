@@ -47,6 +47,7 @@ class JobSpec:
     allow_root: bool = False
     output_limit: int = 64 * 1024
     callable: str | None = None  # "package.module:function", run in the warm Python pool
+    notify: bool = True  # false: no [notify] command for this job's failures
 
     def lock_name(self, params: Mapping[str, str]) -> str:
         """The overlap lock this run takes: the job's, or one per lock_key parameter value."""
@@ -154,6 +155,7 @@ def parse_job(s: Section, name: str, default_timezone: str, default_timeout: tim
         shell=shell,
         user=s.string("user"),
         allow_root=s.boolean("allow_root", False),
+        notify=s.boolean("notify", True),
         output_limit=s.integer("output_limit", 64 * 1024, low=0, high=16 * 1024 * 1024),
         callable=target,
     )

@@ -79,6 +79,12 @@ def test_consul_url_address_and_env_token(tmp_path: Path) -> None:
         ("[jobs.report]", '[worker]\npython_workers = "2"\n[jobs.report]', ["[worker]", "python_workers"]),
         ("[jobs.report]", '[worker]\npython_prefetch = 0\n[jobs.report]', ["[worker]", "python_prefetch"]),
         ("[jobs.report]", '[worker]\npython_prefetch = 65\n[jobs.report]', ["[worker]", "python_prefetch"]),
+        ("[jobs.report]", '[notify]\ncommand = []\n[jobs.report]', ["[notify]", "command", "non-empty argv"]),
+        ("[jobs.report]", '[notify]\ncommand = "mail ops"\n[jobs.report]', ["[notify]", "command", "list"]),
+        ("[jobs.report]", '[notify]\ncommand = ["x"]\non = ["failure"]\n[jobs.report]', ["[notify]", "on", "'failure'", "failed, dead, retrying"]),
+        ("[jobs.report]", '[notify]\ncommand = ["x"]\ntimeout = "0s"\n[jobs.report]', ["[notify]", "timeout"]),
+        ("[jobs.report]", '[notify]\ncomand = ["x"]\n[jobs.report]', ["[notify]", "comand", "unknown key"]),
+        ('timeout = "10m"', 'timeout = "10m"\nnotify = "no"', ["[jobs.report]", "notify", "true or false"]),
     ],
 )
 def test_bad_config_is_refused_naming_file_section_and_key(
