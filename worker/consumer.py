@@ -40,7 +40,7 @@ from worker.params import render_argv
 from worker.pyjobs import PyExecution, PythonPool
 from worker.queue import Delivery
 from worker.reactor import Reactor
-from worker.runstate import Finished, FinishResult, RunRef, RunState
+from worker.runstate import Finished, FinishResult, RunRef, RunState, kept_attempt
 from worker.transport import Transport
 from worker.watchdog import TOKEN_ENV, Watchdog
 
@@ -587,8 +587,13 @@ class Consumer:
                 fields["error"] = f"stopped by an operator (cronsul stop): {a.stopped_by}"
             elif a.replaced:
                 fields["error"] = "stopped: replaced by a newer run (overlap = replace)"
-            records.append(Finished(a.ref, a.token, state, epoch_ms(self._clock.now()), fields,
-                                    retry_at, a.attempt))
+            finished_ms = epoch_ms(self._clock.now())
+            if state == "retrying":  # the next attempt's result must not replace this one's
+                fields.update(kept_attempt(a.attempt, {
+                    **fields, "state": state, "node": self._node, "finished_ms": str(finished_ms),
+                    "started_ms": str(a.ref.scheduled_ms + a.start_lag_ms)}))
+            records.append(Finished(a.ref, a.token, state, finished_ms, fields, retry_at,
+                                    a.attempt))
         return records
 
     def _settle_batch(self, batch: list[_Active], records: list[Finished],

@@ -25,6 +25,7 @@ from worker.config import Config
 from worker.keys import GROUP, Keys
 from worker.messages import parse_message, payload_field
 from worker.redisconn import connect
+from worker.runstate import ATTEMPT_FIELD, ATTEMPT_META, OUTPUT_FIELD
 from worker.secretfiles import redact as redact  # re-exported: tests and callers use it
 
 COMMANDS = ("history", "logs", "dlq")
@@ -42,12 +43,24 @@ ENTRY_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
 # Re-enqueue one dead letter and delete it, in one step and only if it is still there (two
 # operators retrying the same entry enqueue it once). A run that finished is refused: a worker
 # would ack it without running it. A run that is `dead` (it exhausted its retries) goes back to
-# `queued`, so it gets one more attempt.
+# `queued`, so it gets one more attempt, and its last attempt is kept (attempt:<n>, output:<n>).
+# KEYS: dead letters, target stream or outbox, record; ARGV: entry id, payload, "stream" or
+# "outbox", queue, the kept attempt's field names (JSON list: worker.runstate.ATTEMPT_META).
 RETRY = """
 if #redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1]) == 0 then return {'gone', ''} end
 local st = redis.call('HGET', KEYS[3], 'state')
 if st == 'succeeded' or st == 'failed' or st == 'skipped' then return {'done', st} end
 if st == 'dead' then
+  -- Its last attempt is kept (see worker.runstate.ATTEMPT_FIELD): the one more would replace it.
+  local n = tonumber(redis.call('HGET', KEYS[3], 'attempt'))
+  if n and n > 0 and redis.call('HEXISTS', KEYS[3], 'attempt:' .. n) == 0 then
+    local names = cjson.decode(ARGV[5])
+    local values = redis.call('HMGET', KEYS[3], unpack(names))
+    local meta = {}
+    for i, name in ipairs(names) do meta[name] = values[i] or '' end
+    redis.call('HSET', KEYS[3], 'attempt:' .. n, cjson.encode(meta),
+               'output:' .. n, redis.call('HGET', KEYS[3], 'output') or '')
+  end
   redis.call('HSET', KEYS[3], 'state', 'queued')
   redis.call('HDEL', KEYS[3], 'retry_at_ms')
 end
@@ -74,7 +87,10 @@ most {IN_FLIGHT_LOOK} of each, no key scan). --json prints {{"job", "runs": [run
 {RUN_JSON}"""
 LOGS_EPILOG = f"""\
 Prints the run's captured output tail to stdout exactly as recorded, its metadata to stderr.
---json prints one run object with an extra "output" string. {RUN_JSON}"""
+A retried run keeps each attempt's tail: without --attempt the latest is shown (stderr says
+which earlier ones are kept), --attempt N shows attempt N's.
+--json prints one run object with an extra "output" string and "attempts_kept" (the earlier
+attempts kept, a list of numbers). {RUN_JSON}"""
 DLQ_JSON = """\
 dead letter (--json): {"entry_id", "dead_at", "reason", "error", "queue", "source_entry_id",
   "node", "job", "run_id", "payload_bytes"} (job and run_id: null when the payload does not
@@ -98,6 +114,8 @@ def add_parsers(sub: Any, with_config: Callable[[argparse.ArgumentParser],
                                     epilog=LOGS_EPILOG, formatter_class=fmt))
     lg.add_argument("run_id")
     lg.add_argument("--json", action="store_true")
+    lg.add_argument("--attempt", type=attempt_number, metavar="N",
+                    help="attempt N's output and result (a retried run keeps each attempt's)")
     dq = sub.add_parser("dlq", help="dead letters: list, show, retry, purge",
                         epilog=DLQ_JSON, formatter_class=fmt)
     dsub = dq.add_subparsers(dest="dlq_command", required=True)
@@ -124,7 +142,7 @@ def dispatch(cfg: Config, args: argparse.Namespace) -> int:
     if args.command == "history":
         return history(cfg, args.job, args.n, args.json, _param_filter(args.param))
     if args.command == "logs":
-        return logs(cfg, args.run_id, args.json)
+        return logs(cfg, args.run_id, args.json, args.attempt)
     if args.dlq_command == "list":
         return dlq_list(cfg, args.n, args.json)
     if args.dlq_command == "show":
@@ -132,6 +150,20 @@ def dispatch(cfg: Config, args: argparse.Namespace) -> int:
     if args.dlq_command == "retry":
         return dlq_retry(cfg, None if args.all else args.entry_id)
     return dlq_purge(cfg, None if args.all else args.entry_id, args.yes)
+
+
+def attempt_number(text: str) -> int:
+    """An argparse type for --attempt: a whole number from 1 (exit 2 naming it otherwise)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: attempts are numbered from 1")
+    return value
+
+
+attempt_number.__name__ = "attempt"
 
 
 @contextmanager
@@ -227,36 +259,133 @@ def _in_flight(r: redis.Redis, keys: Keys, job: str, queue: str,
     return sorted(live, key=lambda v: v["scheduled_at"] or "", reverse=True)
 
 
-def logs(cfg: Config, run_id: str, as_json: bool) -> int:
+def logs(cfg: Config, run_id: str, as_json: bool, attempt: int | None = None) -> int:
     keys = Keys(cfg.redis.key_prefix)
     with _connect(cfg) as r:
         raw: Any = r.hgetall(keys.run(run_id))
     if not raw:
-        raise ConfigError(f"no run {run_id!r} in Redis at {cfg.redis.where} "
-                          f"(run records are kept {format_duration(cfg.record_ttl)})")
-    view = _run_view(raw, run_id, None)
-    output = raw.get(b"output", b"")
-    kept, total = len(output), view["output_bytes"] or 0
-    if not as_json and total > kept:  # the tail starts mid-way: say so before it
-        print(f"[cronsul: output was {total} bytes; the last {kept} are kept "
-              f"(output_limit)]", file=sys.stderr, flush=True)
+        raise ConfigError(no_run(cfg, run_id))
     if as_json:
-        print(json.dumps({**view, "output": output.decode("utf-8", errors="replace")}, indent=2))
+        kept = kept_attempts(raw)
+        if attempt is not None:
+            raw = attempt_record(raw, run_id, attempt, latest_attempt(raw), kept)
+        view = _run_view(raw, run_id, None)
+        print(json.dumps({**view, "output": raw.get(b"output", b"").decode("utf-8", "replace"),
+                          "attempts_kept": kept}, indent=2))
         return 0
+    show_run(run_id, raw, attempt)
+    return 0
+
+
+def show_run(run_id: str, raw: dict[bytes, bytes], attempt: int | None = None
+             ) -> dict[str, Any]:
+    """What `logs` prints of a record: which earlier attempts it keeps (stderr), the output
+    tail of the latest attempt or of ``attempt`` (stdout), the status line (stderr). The view
+    of what was shown."""
+    kept, latest = kept_attempts(raw), latest_attempt(raw)
+    if attempt is not None:
+        raw = attempt_record(raw, run_id, attempt, latest, kept)
+    view = _run_view(raw, run_id, None)
+    earlier = [n for n in kept if n < latest and n != attempt]
+    if earlier:
+        print(f"[cronsul: attempt{'s' if len(earlier) > 1 else ''} {_spans(earlier)} kept too: "
+              "--attempt N]", file=sys.stderr, flush=True)
+    print_output(raw.get(b"output", b""), view["output_bytes"] or 0)
+    print(status_line(run_id, view, attempt is not None and attempt < latest), file=sys.stderr,
+          flush=True)
+    return view
+
+
+def latest_attempt(raw: dict[bytes, bytes]) -> int:
+    """The record's latest attempt (0: none started)."""
+    return _int(raw.get(b"attempt", b"").decode(errors="replace")) or 0
+
+
+def no_run(cfg: Config, run_id: str) -> str:
+    return (f"no run {run_id!r} in Redis at {cfg.redis.where} "
+            f"(run records are kept {format_duration(cfg.record_ttl)})")
+
+
+def print_output(output: bytes, total: int) -> None:
+    """A recorded tail on stdout as it is (bytes), after a note on stderr when it is cut."""
+    if total > len(output):  # the tail starts mid-way: say so before it
+        print(f"[cronsul: output was {total} bytes; the last {len(output)} are kept "
+              f"(output_limit)]", file=sys.stderr, flush=True)
+    write_raw(output)
+
+
+def write_raw(data: bytes) -> None:
     sys.stdout.flush()
     buffer = getattr(sys.stdout, "buffer", None)
     if buffer is not None:
-        buffer.write(output)
+        buffer.write(data)
         buffer.flush()
     else:
-        sys.stdout.write(output.decode("utf-8", errors="replace"))
-    print(f"{run_id}: {view['state']} on {view['node'] or '-'}, attempt {view['attempt']}, "
-          f"scheduled {view['scheduled_at'] or '-'}, exit {_exit(view)}, "
-          f"duration {_ms(view['duration_ms'])}, lag {_ms(view['start_lag_ms'])}, "
-          f"output {view['output_bytes'] if view['output_bytes'] is not None else 0} bytes"
-          + (f", error: {view['error']}" if view["error"] else "")
-          + (f", waiting: {view['waiting']}" if view["waiting"] else ""), file=sys.stderr)
-    return 0
+        sys.stdout.write(data.decode("utf-8", errors="replace"))
+        sys.stdout.flush()
+
+
+def status_line(run_id: str, view: dict[str, Any], earlier: bool = False) -> str:
+    """The line `logs` ends with (stderr): state, node, attempt, timings, error."""
+    state = view["state"]
+    if earlier:  # an attempt another followed: say so, not what the run was then
+        state = {"retrying": "failed (retried)", "dead": "dead (retried by cronsul dlq retry)"
+                 }.get(state, state)
+    return (f"{run_id}: {state} on {view['node'] or '-'}, attempt {view['attempt']}, "
+            f"scheduled {view['scheduled_at'] or '-'}, exit {_exit(view)}, "
+            f"duration {_ms(view['duration_ms'])}, lag {_ms(view['start_lag_ms'])}, "
+            f"output {view['output_bytes'] if view['output_bytes'] is not None else 0} bytes"
+            + (f", error: {view['error']}" if view["error"] else "")
+            + (f", waiting: {view['waiting']}" if view["waiting"] else ""))
+
+
+def kept_attempts(raw: dict[bytes, bytes]) -> list[int]:
+    """The attempts a record keeps besides its latest (worker.runstate.ATTEMPT_FIELD)."""
+    prefix = ATTEMPT_FIELD.encode()
+    return sorted(n for n in (_int(k[len(prefix):].decode(errors="replace"))
+                              for k in raw if k.startswith(prefix)) if n is not None)
+
+
+def attempt_record(raw: dict[bytes, bytes], run_id: str, attempt: int, latest: int,
+                   kept: list[int]) -> dict[bytes, bytes]:
+    """The record as attempt ``attempt`` left it (ConfigError, exit 2, when there is none):
+    the latest attempt's is the record itself; an earlier one's is kept in it."""
+    if attempt == latest and latest > 0:
+        return raw
+    if attempt not in kept:
+        known = sorted({*kept, *([latest] if latest else [])})
+        if not known:
+            raise ConfigError(f"--attempt {attempt}: run {run_id} has not started an attempt "
+                              "yet")
+        if attempt > latest:
+            raise ConfigError(f"--attempt {attempt}: run {run_id} has had {latest} "
+                              f"attempt{'s' if latest > 1 else ''} (--attempt 1 to {latest})")
+        raise ConfigError(f"--attempt {attempt}: attempt {attempt} of run {run_id} left no "
+                          "record (it ended without finishing: its node stopped renewing its "
+                          "lease; or it ran before cronsul kept earlier attempts); kept: "
+                          f"{_spans(known)}")
+    try:
+        meta = json.loads(raw[f"{ATTEMPT_FIELD}{attempt}".encode()])
+    except ValueError:
+        meta = {}
+    fields = {**raw, **{k.encode(): str(v).encode() for k, v in
+                        (meta.items() if isinstance(meta, dict) else ())}}
+    fields[b"attempt"] = str(attempt).encode()
+    fields[b"output"] = raw.get(f"{OUTPUT_FIELD}{attempt}".encode(), b"")
+    for name in (b"retry_at_ms", b"waiting_for", b"handed_back"):  # the run's, not this one's
+        fields.pop(name, None)
+    return fields
+
+
+def _spans(numbers: list[int]) -> str:
+    """1, 2, 3, 5 -> "1-3, 5"."""
+    spans: list[list[int]] = []
+    for n in sorted(numbers):
+        if spans and n == spans[-1][1] + 1:
+            spans[-1][1] = n
+        else:
+            spans.append([n, n])
+    return ", ".join(f"{a}-{b}" if b > a else str(a) for a, b in spans)
 
 
 def _records(r: redis.Redis, keys: Keys, ids: list[str]) -> list[dict[bytes, bytes]]:
@@ -267,7 +396,8 @@ def _records(r: redis.Redis, keys: Keys, ids: list[str]) -> list[dict[bytes, byt
 
 
 def _run_view(raw: dict[bytes, bytes], run_id: str, finished_ms: int | None) -> dict[str, Any]:
-    rec = {_s(k): v.decode("utf-8", errors="replace") for k, v in raw.items() if k != b"output"}
+    rec = {_s(k): v.decode("utf-8", errors="replace") for k, v in raw.items()
+           if k != b"output" and not k.startswith(OUTPUT_FIELD.encode())}
     sched, started = _int(rec.get("scheduled_ms")), _int(rec.get("started_ms"))
     duration = rec.get("duration_ms")
     return {
@@ -405,7 +535,7 @@ def _retry_one(r: redis.Redis, keys: Keys, cfg: Config, script: Any, entry_id: s
     try:
         verdict, detail = script(keys=[keys.dead, target, keys.run(msg.run_id)],
                                  args=[entry_id, fields[b"payload"], "outbox" if sqs else "stream",
-                                       queue])
+                                       queue, json.dumps(ATTEMPT_META)])
     except redis.ResponseError as exc:  # its record is broken (an 'unrecordable' letter)
         if not str(exc).startswith("WRONGTYPE"):
             raise

@@ -22,6 +22,7 @@ unrecorded, or recorded as finished but delivered again.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -390,12 +391,29 @@ end
 return #due / 2
 """
 
+# A finished attempt that another follows (its verdict is retrying; or a dead run an operator
+# retries: inspect_cmds.RETRY) is kept in its record under these fields, so the next attempt's
+# result does not replace its output (`cronsul logs RUN_ID --attempt N`): "attempt:<n>" holds a
+# JSON object of ATTEMPT_META, "output:<n>" its output tail (at most the job's output_limit).
+# The record's own fields are always the latest attempt's; kept attempts expire with it.
+ATTEMPT_FIELD = "attempt:"
+OUTPUT_FIELD = "output:"
+ATTEMPT_META = ("state", "node", "started_ms", "finished_ms", "exit_code", "signal",
+                "timed_out", "duration_ms", "output_bytes", "error")
 # Dead letters kept; older ones are trimmed (approximately) so a poison flood cannot fill Redis.
 DEAD_LETTER_MAX = 10_000
 # A run waiting for an overlap lock is looked at again this often.
 OVERLAP_WAIT_MS = 1000
 # Run ids kept in each job's history index (`cronsul history`); the records expire on their own.
 HISTORY_PER_JOB = 1000
+
+
+def kept_attempt(attempt: int, fields: Mapping[str, str]) -> dict[str, str]:
+    """The fields that keep attempt ``attempt`` (its record ``fields``) in the record after
+    the next attempt ran (see ATTEMPT_FIELD)."""
+    meta = {name: fields.get(name, "") for name in ATTEMPT_META}
+    return {f"{ATTEMPT_FIELD}{attempt}": json.dumps(meta, separators=(",", ":")),
+            f"{OUTPUT_FIELD}{attempt}": fields.get("output", "")}
 
 
 @dataclass(frozen=True)

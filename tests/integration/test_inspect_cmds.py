@@ -324,8 +324,17 @@ def test_dlq_retry_gives_a_dead_run_one_more_attempt(config: str, redis_client: 
     assert code == 0, err
     assert redis_client.hget(KEYS.run(run_id), "state") == b"queued"
     (again,) = fetch(q)
-    _, ref, _ = begin(redis_client, again)
+    runs, ref, token = begin(redis_client, again)
     assert redis_client.hget(KEYS.run(ref.run_id), "attempt") == b"2"
+    # The dead attempt is kept: the one more does not replace its output.
+    assert runs.finish(ref, token, "succeeded", ref.scheduled_ms + 5000,
+                       {"exit_code": "0", "output": "second\n", "output_bytes": "7"})
+    code, out, err = cli(capsys, "logs", run_id, "--attempt", "1", "-c", config)
+    assert (code, out) == (0, "hello\n")
+    assert f"{run_id}: dead (retried by cronsul dlq retry) on n1, attempt 1" in err
+    assert "exit 1" in err
+    code, out, err = cli(capsys, "logs", run_id, "-c", config)
+    assert (code, out) == (0, "second\n") and "[cronsul: attempt 1 kept too" in err
 
 
 def test_dlq_retry_all_retries_valid_and_reports_refused(config: str, redis_client: redis.Redis,
