@@ -203,6 +203,7 @@ class Agent:
         if self.outbox is not None:
             self._spawn("outbox-drainer", self.outbox.run, self.stop)
         self._spawn("lease-heartbeat", self.consumer.heartbeat, run_stop)
+        self._spawn("run-live-output", self.consumer.publish_live, run_stop)
         self._spawn("maintenance", self.maintenance.run, self.stop)
         self._log.info("agent_started", jobs=len(self.cfg.jobs), pid=os.getpid(),
                        eligible=self._eligible(), draining=self.maintenance.reason,

@@ -33,6 +33,7 @@ from worker.executor import (
     root_refusal,
     seal_inherited_fds,
 )
+from worker.live import LivePublisher, LiveRun
 from worker.messages import RunMessage, parse_message, payload_field
 from worker.metrics import RunHooks
 from worker.notify import Notice, Notifier
@@ -102,6 +103,7 @@ class _Active:
     stopped_by: str | None = None  # `cronsul stop`: who and why
     stopped_at_shutdown: bool = False  # ended by the agent's shutdown: not recorded (on_lost)
     outcome: Outcome | None = None
+    began: float | None = None  # monotonic time it was started (reactor), for live output
 
 
 def why_failed(outcome: Outcome) -> str | None:
@@ -167,6 +169,8 @@ class Consumer:
                                       "finish_runs"), 0)
         self._log = structlog.get_logger("cronsul.run").bind(node=self._node)
         self._notifier = Notifier(cfg.notify, self._agent_env, self._node)
+        self.live = LivePublisher(runs.client, runs.keys, clock, self._reactor,
+                                  self._live_runs, self._log)
 
     @property
     def running(self) -> int:
@@ -462,11 +466,13 @@ class Consumer:
                 elif a.refusal is not None:  # recorded as a failed attempt; nothing is started
                     done(Outcome(None, None, False, 0.0, "", 0, a.refusal))
                 elif isinstance(execution, PyExecution):
+                    a.began = now
                     execution.start(job.callable or "", msg.params,
                                     self._environment(job, msg, a.attempt),
                                     job.timeout.total_seconds(), done,
                                     output_limit=min(job.output_limit, OUTPUT_LIMIT))
                 else:
+                    a.began = now
                     execution.start(render_argv(job.command, msg.params),
                                     self._environment(job, msg, a.attempt, a.account),
                                     job.working_dir,
@@ -771,6 +777,27 @@ class Consumer:
         }
         cronsul.update({f"CRONSUL_PARAM_{k.upper()}": v for k, v in msg.params.items()})
         return job_environment(self._agent_env, job.env, cronsul, account)
+
+    # -- live output (worker/live.py) --------------------------------------------------------
+
+    def publish_live(self, stop: threading.Event) -> None:
+        """The live-output thread: publishes what long runs print, once a second."""
+        self.live.run(stop)
+
+    def _live_runs(self, began_before: float) -> list[LiveRun]:
+        """The runs started here no later than ``began_before`` (monotonic) still going."""
+        with self._lock:
+            return [LiveRun(a.ref.run_id, a.attempt, a.job.output_limit,
+                            functools.partial(self._live_read, a))
+                    for a in self._active.values()
+                    if a.outcome is None and a.began is not None and a.began <= began_before]
+
+    @staticmethod
+    def _live_read(a: _Active, offset: int, cap: int) -> tuple[int, bytes] | None:
+        """Reactor thread: ``a``'s output after ``offset``, or None once it has ended."""
+        if a.outcome is not None or a.stopped_at_shutdown:
+            return None
+        return a.execution.live_output(offset, cap)
 
     # -- leases -----------------------------------------------------------------------------
 

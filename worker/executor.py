@@ -317,6 +317,10 @@ class Execution:
             self._terminate()
         # else start() is still to come (or failed): it sees _stopping and starts nothing
 
+    def live_output(self, offset: int, cap: int) -> tuple[int, bytes]:
+        """Reactor thread: its output after byte ``offset`` (see :meth:`OutputTail.since`)."""
+        return self._tail.since(offset, cap)
+
     def stop(self) -> None:
         """Stop the run now (its lease was lost): TERM, grace, KILL, from any thread."""
         if self._reactor is not None:
@@ -463,6 +467,15 @@ class OutputTail:
             self._log.info("run_output_truncated", lines_logged=LOGGED_LINES_MAX,
                            lines_not_logged=self._logged - LOGGED_LINES_MAX,
                            detail="the run's record keeps the tail (cronsul logs RUN_ID)")
+
+    def since(self, offset: int, cap: int) -> tuple[int, bytes]:
+        """The output after byte ``offset`` of the whole, as (its offset, bytes): the newest
+        ``cap`` bytes at most, of what the tail still holds (the offset then says how much was
+        left out). For live output (worker/live.py); reactor thread, like :meth:`feed`."""
+        take = min(self.total - offset, len(self._buf), cap)
+        if take <= 0:
+            return self.total, b""
+        return self.total - take, bytes(self._buf[len(self._buf) - take:])
 
     def text(self) -> str:
         if self._limit == 0:

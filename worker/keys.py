@@ -59,6 +59,11 @@ class Keys:
         """Stream of dead letters: reason, error, payload."""
         return f"{self.prefix}:dlq"
 
+    def live(self, run_id: str, attempt: int) -> str:
+        """Stream, PEXPIRE: one attempt's output while it runs (entries ``o`` = offset in the
+        attempt's output, ``d`` = bytes), for ``cronsul logs --follow`` (worker/live.py)."""
+        return f"{self.prefix}:live:{run_id}:{attempt}"
+
     def history(self, job: str) -> str:
         """Sorted set of run ids by finish time, for ``cronsul history``."""
         return f"{self.prefix}:hist:{job}"

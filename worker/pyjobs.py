@@ -921,6 +921,11 @@ class PyExecution:
         outcome: Outcome = self._pool.reactor.wait_for(self.start, target, kwargs, env, timeout)
         return outcome
 
+    def live_output(self, offset: int, cap: int) -> tuple[int, bytes]:
+        """Reactor thread: what it printed after byte ``offset`` (the ``"out"`` frames so far;
+        see :meth:`OutputTail.since`)."""
+        return self._tail.since(offset, cap)
+
     def stop(self) -> None:
         """Kill the run now (its lease was lost): SIGKILL to its worker's process group."""
         self._pool.reactor.call_soon(self._stop)

@@ -481,6 +481,15 @@ class RunState:
         self._dead_on_arrival = client.register_script(DEAD_ON_ARRIVAL)
         self._request_stop = client.register_script(REQUEST_STOP)
 
+    @property
+    def client(self) -> redis.Redis:
+        """The Redis client (live output is written through it: worker/live.py)."""
+        return self._r
+
+    @property
+    def keys(self) -> Keys:
+        return self._keys
+
     def _lock_key(self, ref: RunRef) -> str:
         return self._keys.lock(ref.lock_name) if ref.overlap != "allow" else self._keys.lease(
             ref.run_id)
