@@ -178,3 +178,11 @@ def fork_then_die(pidfile: str) -> None:
 def many_lines(n: str) -> None:
     for i in range(int(n)):
         print(f"line {i}")
+
+
+def ticker(n: str, every: str = "0.5") -> str:
+    """Prints ``tick <i>`` n times, ``every`` seconds apart (a callable's live output)."""
+    for i in range(int(n)):
+        print(f"tick {i}", flush=True)
+        time.sleep(float(every))
+    return "ticked"

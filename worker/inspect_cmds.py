@@ -89,6 +89,9 @@ LOGS_EPILOG = f"""\
 Prints the run's captured output tail to stdout exactly as recorded, its metadata to stderr.
 A retried run keeps each attempt's tail: without --attempt the latest is shown (stderr says
 which earlier ones are kept), --attempt N shows attempt N's.
+--follow (-f) prints a running run's output as it is produced (published once a second for runs
+running 1 s or more), waits for a queued run to start, follows it through its retries and ends
+with the same status line; exit 0 if the run succeeded, 1 if not, 130 on Ctrl-C.
 --json prints one run object with an extra "output" string and "attempts_kept" (the earlier
 attempts kept, a list of numbers). {RUN_JSON}"""
 DLQ_JSON = """\
@@ -116,6 +119,9 @@ def add_parsers(sub: Any, with_config: Callable[[argparse.ArgumentParser],
     lg.add_argument("--json", action="store_true")
     lg.add_argument("--attempt", type=attempt_number, metavar="N",
                     help="attempt N's output and result (a retried run keeps each attempt's)")
+    lg.add_argument("-f", "--follow", action="store_true",
+                    help="print the output as the run produces it (waiting for a queued run to "
+                         "start, through its retries); exit 0 if it succeeded, 1 if not")
     dq = sub.add_parser("dlq", help="dead letters: list, show, retry, purge",
                         epilog=DLQ_JSON, formatter_class=fmt)
     dsub = dq.add_subparsers(dest="dlq_command", required=True)
@@ -142,6 +148,14 @@ def dispatch(cfg: Config, args: argparse.Namespace) -> int:
     if args.command == "history":
         return history(cfg, args.job, args.n, args.json, _param_filter(args.param))
     if args.command == "logs":
+        if args.follow:
+            if args.json or args.attempt is not None:
+                raise ConfigError("logs --follow: not with "
+                                  + ("--json" if args.json else "--attempt")
+                                  + " (it follows the run's latest attempt as text)")
+            from worker.follow import follow
+
+            return follow(cfg, args.run_id)
         return logs(cfg, args.run_id, args.json, args.attempt)
     if args.dlq_command == "list":
         return dlq_list(cfg, args.n, args.json)
