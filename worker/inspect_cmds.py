@@ -281,8 +281,7 @@ def logs(cfg: Config, run_id: str, as_json: bool, attempt: int | None = None) ->
         raise ConfigError(no_run(cfg, run_id))
     if as_json:
         kept = kept_attempts(raw)
-        if attempt is not None:
-            raw = attempt_record(raw, run_id, attempt, latest_attempt(raw), kept)
+        raw = attempt_record(raw, run_id, attempt, latest_attempt(raw), kept)
         view = _run_view(raw, run_id, None)
         print(json.dumps({**view, "output": raw.get(b"output", b"").decode("utf-8", "replace"),
                           "attempts_kept": kept}, indent=2))
@@ -297,8 +296,7 @@ def show_run(run_id: str, raw: dict[bytes, bytes], attempt: int | None = None
     tail of the latest attempt or of ``attempt`` (stdout), the status line (stderr). The view
     of what was shown."""
     kept, latest = kept_attempts(raw), latest_attempt(raw)
-    if attempt is not None:
-        raw = attempt_record(raw, run_id, attempt, latest, kept)
+    raw = attempt_record(raw, run_id, attempt, latest, kept)
     view = _run_view(raw, run_id, None)
     earlier = [n for n in kept if n < latest and n != attempt]
     if earlier:
@@ -360,12 +358,15 @@ def kept_attempts(raw: dict[bytes, bytes]) -> list[int]:
                               for k in raw if k.startswith(prefix)) if n is not None)
 
 
-def attempt_record(raw: dict[bytes, bytes], run_id: str, attempt: int, latest: int,
+def attempt_record(raw: dict[bytes, bytes], run_id: str, attempt: int | None, latest: int,
                    kept: list[int]) -> dict[bytes, bytes]:
-    """The record as attempt ``attempt`` left it (ConfigError, exit 2, when there is none):
-    the latest attempt's is the record itself; an earlier one's is kept in it."""
-    if attempt == latest and latest > 0:
-        return raw
+    """The record as attempt ``attempt`` (None: the latest) left it (ConfigError, exit 2, when
+    there is none): the latest attempt's is the record itself, less the result fields while
+    it runs (they are the previous attempt's until it ends); an earlier one's is kept in it."""
+    if attempt is None or (attempt == latest and latest > 0):
+        if raw.get(b"state") != b"running":
+            return raw
+        return {k: v for k, v in raw.items() if k not in RESULT_FIELDS}
     if attempt not in kept:
         known = sorted({*kept, *([latest] if latest else [])})
         if not known:
@@ -389,6 +390,12 @@ def attempt_record(raw: dict[bytes, bytes], run_id: str, attempt: int, latest: i
     for name in (b"retry_at_ms", b"waiting_for", b"handed_back"):  # the run's, not this one's
         fields.pop(name, None)
     return fields
+
+
+# What `finish` writes of an attempt's result: while the next attempt runs, the record's are
+# still the previous attempt's (kept as attempt:<n> too), so `logs` of the running one omits them.
+RESULT_FIELDS = (b"output", b"output_bytes", b"exit_code", b"signal", b"timed_out",
+                 b"duration_ms", b"error", b"finished_ms")
 
 
 def _spans(numbers: list[int]) -> str:

@@ -22,7 +22,7 @@ from worker.inspect_cmds import redact
 from worker.keys import Keys
 from worker.messages import parse_message
 from worker.queue import Delivery, RedisQueue
-from worker.runstate import RunRef, RunState
+from worker.runstate import RunRef, RunState, kept_attempt
 from worker.sink import RedisSink, run_payload
 
 T0 = datetime(2026, 11, 22, 18, 0, 5, tzinfo=UTC)
@@ -407,3 +407,26 @@ def test_run_wait_says_a_run_timed_out_and_by_which_signal(
     assert _follow(redis_client, KEYS, "tick@9", 5) == 1
     out = capsys.readouterr().out
     assert "tick@9: failed on n1 exit_code=- timed out signal=9 duration_ms=5001\n" == out, out
+
+
+def test_logs_of_a_retry_running_shows_none_of_the_failed_attempts_result(
+        config: str, redis_client: redis.Redis, capsys: Capture) -> None:
+    q = RedisQueue(redis_client, KEYS, "n1")
+    q.ensure_groups(["default"])
+    enqueue(redis_client, "tick", 0)
+    (d,) = fetch(q)
+    runs, ref, token = begin(redis_client, d)
+    fields = {"exit_code": "4", "signal": "", "timed_out": "0", "duration_ms": "12.0",
+              "output": "first try\n", "output_bytes": "10", "error": ""}
+    # As the consumer records a failed attempt that is retried: its result kept as attempt 1.
+    assert runs.finish(ref, token, "retrying", ref.scheduled_ms + 1000,
+                       {**fields, **kept_attempt(1, {**fields, "state": "retrying",
+                                                     "node": "n1"})},
+                       retry_at_ms=ref.scheduled_ms + 2000)
+    assert runs.begin(ref, "token-2", 30_000, ref.scheduled_ms + 3000).attempt == 2
+    code, out, err = cli(capsys, "logs", ref.run_id, "-c", config)
+    assert (code, out) == (0, "")  # attempt 2 has recorded nothing yet
+    assert "[cronsul: attempt 1 kept too: --attempt N]" in err
+    assert f"{ref.run_id}: running on n1, attempt 2" in err and "exit -" in err
+    code, out, err = cli(capsys, "logs", ref.run_id, "--attempt", "1", "-c", config)
+    assert (code, out) == (0, "first try\n") and "exit 4" in err
