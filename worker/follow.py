@@ -33,6 +33,7 @@ from worker.inspect_cmds import (
     write_raw,
 )
 from worker.keys import Keys
+from worker.live import LIVE_WANT_MS
 from worker.redisconn import connect
 from worker.runstate import ATTEMPT_FIELD, TERMINAL
 
@@ -128,6 +129,8 @@ class Follower:
     def _read_live(self, block_ms: int | None) -> None:
         """Print the live entries after the last one read (waiting up to ``block_ms``)."""
         key = self._keys.live(self._run_id, self._attempt)
+        # Its node publishes the run's output only while somebody follows it (worker/live.py).
+        self._r.set(self._keys.live_want(self._run_id), "1", px=LIVE_WANT_MS)
         got: Any = self._r.xread({key: self._last_id}, count=READ_COUNT, block=block_ms)
         for _, entries in got or []:
             for entry_id, fields in entries:

@@ -64,6 +64,11 @@ class Keys:
         attempt's output, ``d`` = bytes), for ``cronsul logs --follow`` (worker/live.py)."""
         return f"{self.prefix}:live:{run_id}:{attempt}"
 
+    def live_want(self, run_id: str) -> str:
+        """String, PX: present while a ``cronsul logs --follow`` watches the run; only then
+        does its node publish the run's live output."""
+        return f"{self.prefix}:live-want:{run_id}"
+
     def history(self, job: str) -> str:
         """Sorted set of run ids by finish time, for ``cronsul history``."""
         return f"{self.prefix}:hist:{job}"
