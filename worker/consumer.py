@@ -309,18 +309,28 @@ class Consumer:
             except MessageError as exc:
                 self._dead_letter(d, exc)
                 continue
-            job = jobs[msg.job]
-            entry = d.entry_id if self._q.acks_with_record else ""
-            ref = RunRef(msg.run_id, msg.job, epoch_ms(msg.scheduled_at), d.queue,
-                         d.payload or b"", entry, job.overlap, job.lock_name(msg.params),
-                         job.on_lost)
+            try:
+                job = jobs[msg.job]
+                entry = d.entry_id if self._q.acks_with_record else ""
+                ref = RunRef(msg.run_id, msg.job, epoch_ms(msg.scheduled_at), d.queue,
+                             d.payload or b"", entry, job.overlap, job.lock_name(msg.params),
+                             job.on_lost)
+            except Exception as exc:  # a bug, not the message: still never keep its slot
+                self._log.exception("run_unclaimable", entry_id=d.entry_id)
+                self._dead_letter(d, MessageError(f"malformed: {type(exc).__name__}: {exc}"))
+                continue
             # The lease's owner token: 128 random bits (uuid4 without the UUID object).
             claims.append((d, msg, ref, os.urandom(16).hex()))
         if not claims:
             return
         # Before the claim: once the leases are written, nothing slow may come before the runs
         # join _active (whose leases the heartbeat renews).
-        prepared = {name: self._prepare(jobs[name]) for name in {m.job for _, m, _, _ in claims}}
+        try:
+            prepared = {name: self._prepare(jobs[name])
+                        for name in {m.job for _, m, _, _ in claims}}
+        except Exception:  # unclaimed: they stay pending and come back; the slots are free
+            self._free([d for d, *_ in claims])
+            raise
         sent = self._clock.monotonic()
         now_ms = epoch_ms(self._clock.now())
         try:

@@ -53,7 +53,13 @@ def payload_field(payload: bytes | None, name: str) -> str | None:
     except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
         return None
     value = body.get(name) if isinstance(body, dict) else None
-    return value if isinstance(value, str) else None
+    if not isinstance(value, str):
+        return None
+    try:
+        value.encode()  # JSON's "\ud800" decodes to a lone surrogate: not text, and no key
+    except UnicodeEncodeError:
+        return None
+    return value
 
 
 def is_version_1(body: Mapping[str, object]) -> bool:
@@ -64,7 +70,21 @@ def is_version_1(body: Mapping[str, object]) -> bool:
 
 
 def parse_message(payload: bytes | None, jobs: Mapping[str, JobSpec]) -> RunMessage:
-    """Decode and check a queued run. Raises MessageError with the reason (for the DLQ)."""
+    """Decode and check a queued run. Raises MessageError with the reason (for the DLQ).
+
+    Anything a message can make go wrong here is a MessageError ("malformed: ..."), whatever
+    the exception: a security review's lone surrogate in a parameter raised UnicodeEncodeError,
+    which took a run slot per delivery until the node ran nothing."""
+    try:
+        return _parse_message(payload, jobs)
+    except MessageError:  # NotRunnableHere too
+        raise
+    except Exception as exc:
+        text = str(exc)[:200].encode("utf-8", "backslashreplace").decode()  # storable as is
+        raise MessageError(f"malformed: {type(exc).__name__}: {text}") from exc
+
+
+def _parse_message(payload: bytes | None, jobs: Mapping[str, JobSpec]) -> RunMessage:
     if payload is None:
         raise MessageError("malformed: entry has no payload field")
     if len(payload) > MAX_PAYLOAD_BYTES:

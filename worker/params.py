@@ -68,7 +68,12 @@ def normalise_sets(raw: Any, where: str) -> tuple[dict[str, str], ...]:
 def check_value(name: str, value: str, where: str) -> None:
     if "\0" in value:
         raise ConfigError(f"{where}: {name} contains a NUL byte")
-    if len(value.encode()) > MAX_VALUE_BYTES:
+    try:
+        size = len(value.encode())
+    except UnicodeEncodeError as exc:  # JSON's "\ud800": a lone surrogate is no text
+        raise ConfigError(f"{where}: {name} is not valid Unicode ({exc.reason} at "
+                          f"{exc.start})") from exc
+    if size > MAX_VALUE_BYTES:
         raise ConfigError(f"{where}: {name} is longer than {MAX_VALUE_BYTES} bytes")
 
 

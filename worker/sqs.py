@@ -318,4 +318,7 @@ def normalise_event(body: bytes, message_id: str, sent_ms: str | None) -> bytes:
         changed = True
     if not changed:
         return body
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+    try:
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+    except UnicodeEncodeError:  # a lone surrogate somewhere: parse_message dead-letters it
+        return body

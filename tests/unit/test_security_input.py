@@ -299,6 +299,16 @@ def message(**over: Any) -> bytes:
     (message(job="p", run_id="p@1", params={}), "bad params"),  # missing
     (message(job="p", run_id="p@1", params={"v": "a\0b"}), "bad params"),
     (message(job="p", run_id="p@1", params={"v": "x" * (MAX_VALUE_BYTES + 1)}), "bad params"),
+    # JSON's lone surrogate escapes decode to str that is not text (a review stopped a node
+    # with one: its UnicodeEncodeError escaped parse_message and kept a run slot each time).
+    (b'{"v": 1, "job": "p", "run_id": "p@1", "scheduled_at": "2026-01-01T00:00:00Z", '
+     b'"params": {"v": "\\ud800"}}', "bad params"),
+    (b'{"v": 1, "job": "plain", "run_id": "plain@\\udfff", '
+     b'"scheduled_at": "2026-01-01T00:00:00Z"}', "malformed"),
+    (b'{"v": 1, "job": "p", "run_id": "p@1", "scheduled_at": "2026-01-01T00:00:00Z", '
+     b'"params": {"\\ud800": "x"}}', "malformed"),
+    (b'{"v": 1, "job": "\\ud800", "run_id": "x@1", "scheduled_at": "2026-01-01T00:00:00Z"}',
+     "unknown job"),
 ])
 def test_hostile_messages_are_refused_with_a_reason(tmp_path: Path, payload: bytes | None,
                                                     reason: str | None) -> None:
