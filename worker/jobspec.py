@@ -64,6 +64,20 @@ class JobSpec:
 
 
 
+def env_table(s: Section, key: str = "env") -> dict[str, str]:
+    """An ``env = { NAME = "value" }`` table, checked as a process environment needs it."""
+    env: dict[str, Any] = dict(s.table(key))
+    for name, value in env.items():
+        if not isinstance(value, str):
+            raise s.fail(key, f"value of {name!r} must be a string")
+        if not name or "=" in name or "\0" in name:
+            raise s.fail(key, f"{name!r} is not a valid environment variable name")
+        if "\0" in value:
+            raise s.fail(key, f"value of {name!r} contains a NUL character, which no process "
+                         "environment can hold")
+    return env
+
+
 def parse_job(s: Section, name: str, default_timezone: str, default_timeout: timedelta) -> JobSpec:
     """One [jobs.<name>] table; ConfigError naming the file, the job and the key."""
     expr = s.string("schedule")
@@ -106,15 +120,7 @@ def parse_job(s: Section, name: str, default_timezone: str, default_timeout: tim
     if not command and target is None:
         raise s.fail("command", "is required: a non-empty list of strings (argv, no shell), "
                      "or set callable = \"package.module:function\"")
-    env: dict[str, Any] = dict(s.table("env"))
-    for key, value in env.items():
-        if not isinstance(value, str):
-            raise s.fail("env", f"value of {key!r} must be a string")
-        if not key or "=" in key or "\0" in key:
-            raise s.fail("env", f"{key!r} is not a valid environment variable name")
-        if "\0" in value:
-            raise s.fail("env", f"value of {key!r} contains a NUL character, which no process "
-                         "environment can hold")
+    env = env_table(s)
     queue = s.string("queue", "default") or "default"
     try:
         check_job_name(queue)

@@ -28,6 +28,8 @@ from datetime import timedelta
 
 import structlog
 
+from worker.executor import job_environment
+from worker.jobspec import env_table
 from worker.tomlread import Section
 
 # The states a notice can be asked for: what a run ends as when it did not succeed.
@@ -47,6 +49,9 @@ class NotifySection:
     command: tuple[str, ...] | None = None
     on: tuple[str, ...] = ("failed", "dead")
     timeout: timedelta = timedelta(seconds=30)
+    # Over the base environment jobs get (BASE_ENV): a webhook URL, a token. The agent's own
+    # environment (CONSUL_HTTP_TOKEN, AWS keys) is never passed on, as for jobs.
+    env: tuple[tuple[str, str], ...] = ()
 
 
 def notify_section(s: Section) -> NotifySection:
@@ -60,9 +65,11 @@ def notify_section(s: Section) -> NotifySection:
             raise s.fail("on", f"{state!r} is not a state a run can fail in: one of "
                                f"{', '.join(NOTIFY_STATES)}")
     timeout = s.duration("timeout", "30s", low=timedelta(seconds=1))
+    env = env_table(s)
     s.check_unknown()
     return NotifySection(tuple(command) if command else None,
-                         tuple(on) if on is not None else NotifySection.on, timeout)
+                         tuple(on) if on is not None else NotifySection.on, timeout,
+                         tuple(sorted(env.items())))
 
 
 @dataclass(frozen=True)
@@ -102,13 +109,14 @@ class Notice:
 class Notifier:
     """Runs ``[notify] command`` for each notice, one at a time, on its own thread."""
 
-    def __init__(self, section: NotifySection, base_env: Mapping[str, str], node: str) -> None:
+    def __init__(self, section: NotifySection, agent_env: Mapping[str, str], node: str) -> None:
         self._section = section
-        self._base_env = dict(base_env)
+        self._base_env = job_environment(agent_env, (), {})  # what a job gets, no secrets
         self._queue: queue.Queue[Notice | None] = queue.Queue(maxsize=NOTIFY_QUEUE_MAX)
         self._dropped = 0  # since the last notice that got in (notifier thread reads it)
-        self._drop_lock = threading.Lock()
+        self._lock = threading.Lock()  # the drop count, the thread's start, the running command
         self._thread: threading.Thread | None = None
+        self._running: subprocess.Popen[bytes] | None = None
         self._log = structlog.get_logger("cronsul.notify").bind(node=node)
 
     def configure(self, section: NotifySection) -> None:
@@ -122,28 +130,36 @@ class Notifier:
         """Queue a notice; never blocks (a full queue drops it, counted)."""
         if not self.wants(notice.state):
             return
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._loop, name="notifier", daemon=True)
-            self._thread.start()
+        with self._lock:  # the finisher and the fetch thread both offer
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="notifier",
+                                                daemon=True)
+                self._thread.start()
         try:
             self._queue.put_nowait(notice)
         except queue.Full:
-            with self._drop_lock:
+            with self._lock:
                 self._dropped += 1
 
     def close(self, timeout_s: float = 5.0) -> None:
-        """At shutdown: let the queued notices go out for up to ``timeout_s``."""
-        if self._thread is None:
+        """At shutdown: let the queued notices go out for up to ``timeout_s``, then kill the
+        command still running (its process group), so none outlives the agent."""
+        with self._lock:
+            thread = self._thread
+        if thread is None:
             return
-        try:
+        with contextlib.suppress(queue.Full):
             self._queue.put(None, timeout=timeout_s)
-        except queue.Full:
-            return
-        self._thread.join(timeout_s)
+        thread.join(timeout_s)
+        with self._lock:
+            running = self._running
+        if running is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(running.pid, signal.SIGKILL)
 
     def _loop(self) -> None:
         while (notice := self._queue.get()) is not None:
-            with self._drop_lock:
+            with self._lock:
                 dropped, self._dropped = self._dropped, 0
             if dropped:
                 self._log.error("notify_dropped", count=dropped, queue_max=NOTIFY_QUEUE_MAX,
@@ -155,37 +171,38 @@ class Notifier:
         if section.command is None:
             return
         argv: Sequence[str] = section.command
-        env = {**self._base_env, **notice.environment()}
+        env = {**self._base_env, **dict(section.env), **notice.environment()}
         where = {"run_id": notice.run_id, "job": notice.job, "state": notice.state}
-        try:
-            with tempfile.TemporaryFile() as stdin:  # the output tail: any size, never a
-                stdin.write(notice.output.encode("utf-8", "replace"))  # pipe that can fill
-                stdin.seek(0)
-                proc = subprocess.Popen(argv, stdin=stdin, stdout=subprocess.PIPE,
-                                        stderr=subprocess.STDOUT, env=env,
-                                        start_new_session=True, cwd=os.sep)
-        except OSError as exc:
-            self._log.error("notify_failed", **where, error=f"cannot run {argv[0]}: {exc}")
-            return
-        try:
-            out, _ = proc.communicate(timeout=section.timeout.total_seconds())
-        except subprocess.TimeoutExpired:
-            # Its whole process group: a script's children would hold the pipe open.
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            out, _ = proc.communicate()
+        # stdin (the output tail) and stdout are files, not pipes: a command's child that
+        # escapes its process group (setsid, a daemon) cannot hold the notifier up by keeping
+        # a pipe open (a review's did, past the timeout, and the notices behind it were lost).
+        with tempfile.TemporaryFile() as stdin, tempfile.TemporaryFile() as out:
+            stdin.write(notice.output.encode("utf-8", "replace"))
+            stdin.seek(0)
+            try:
+                proc = subprocess.Popen(argv, stdin=stdin, stdout=out, stderr=subprocess.STDOUT,
+                                        env=env, start_new_session=True, cwd=os.sep)
+            except OSError as exc:
+                self._log.error("notify_failed", **where, error=f"cannot run {argv[0]}: {exc}")
+                return
+            with self._lock:
+                self._running = proc
+            try:
+                code: int | None = proc.wait(timeout=section.timeout.total_seconds())
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):  # its whole process group
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                code = None
+            finally:
+                with self._lock:
+                    self._running = None
+            out.seek(max(0, out.seek(0, os.SEEK_END) - COMMAND_OUTPUT_LOGGED))
+            said = out.read().decode("utf-8", "replace")
+        if code is None:
             self._log.error("notify_failed", **where, error=f"timed out after "
-                            f"{section.timeout.total_seconds():g}s", output=_tail(out))
-            return
-        if proc.returncode != 0:
-            self._log.error("notify_failed", **where, error=f"exit code {proc.returncode}",
-                            output=_tail(out))
-            return
-        self._log.info("notify_sent", **where)
-
-
-def _tail(data: bytes | str | None) -> str:
-    if not data:
-        return ""
-    text = data.decode("utf-8", "replace") if isinstance(data, bytes) else data
-    return text[-COMMAND_OUTPUT_LOGGED:]
+                            f"{section.timeout.total_seconds():g}s", output=said)
+        elif code != 0:
+            self._log.error("notify_failed", **where, error=f"exit code {code}", output=said)
+        else:
+            self._log.info("notify_sent", **where)

@@ -120,3 +120,38 @@ def test_no_command_or_another_state_sends_nothing(tmp_path: Path) -> None:
         only_dead.offer(notice)
         only_dead.close()
     assert not [e for e in logs if e["event"].startswith("notify")]
+
+
+def test_a_child_escaping_the_group_does_not_hold_the_notifier_up(tmp_path: Path) -> None:
+    """A review's command left a setsid child holding its output pipe: the notifier hung past
+    the timeout and the notices behind it were dropped."""
+    done = tmp_path / "second"
+    first = Notice("j@1", "j", "failed", "n1", 1, "2026-11-23T00:00:00Z", "exit code 1")
+    second = Notice("j@2", "j", "failed", "n1", 1, "2026-11-23T00:00:01Z", "exit code 1")
+    notifier = Notifier(NotifySection(
+        ("/bin/sh", "-c", f'[ "$CRONSUL_NOTIFY_RUN_ID" = j@2 ] && exec touch {done}; '
+                          "setsid sleep 30 & sleep 100"), timeout=timedelta(seconds=1)),
+        {"PATH": "/usr/bin:/bin"}, "n1")
+    began = time.monotonic()
+    with capture_logs() as logs:
+        notifier.offer(first)
+        notifier.offer(second)
+        wait_until(done.exists, 6, what="the second notice sent after the first timed out")
+        notifier.close()
+    assert time.monotonic() - began < 6
+    assert [e["event"] for e in logs if e["event"].startswith("notify")] == [
+        "notify_failed", "notify_sent"]
+
+
+def test_the_command_gets_a_jobs_environment_not_the_agents_secrets(tmp_path: Path) -> None:
+    out = tmp_path / "env"
+    notifier = Notifier(NotifySection(("/bin/sh", "-c", f"env > {out}"),
+                                      env=(("WEBHOOK_URL", "https://hooks.example/x"),)),
+                        {"PATH": "/usr/bin:/bin", "CONSUL_HTTP_TOKEN": "secret",
+                         "AWS_SECRET_ACCESS_KEY": "secret", "LANG": "C.UTF-8"}, "n1")
+    notifier.offer(Notice("j@1", "j", "failed", "n1", 1, "2026-11-23T00:00:00Z", "exit 1"))
+    notifier.close()
+    env = dict(line.split("=", 1) for line in out.read_text().splitlines() if "=" in line)
+    assert "secret" not in env.values()
+    assert env["WEBHOOK_URL"] == "https://hooks.example/x" and env["LANG"] == "C.UTF-8"
+    assert env["CRONSUL_NOTIFY_RUN_ID"] == "j@1"
