@@ -366,6 +366,30 @@ def test_login_cookie_is_httponly_samesite_strict(dash: Dash) -> None:
     assert cross.status_code == 403 and "Set-Cookie" not in cross.headers
 
 
+@pytest.mark.parametrize("nxt", ["/\t/evil.example/", "/%09/evil.example/",
+                                 "/jobs\r\nSet-Cookie: injected=1", "/ /evil.example",
+                                 "https://evil.example/", "/\\evil.example"])
+def test_login_next_is_a_local_path_only(dash: Dash, nxt: str) -> None:
+    """A security review sent an admin from a real login to evil.example (a tab a browser
+    drops), with a header of its own (CR LF)."""
+    resp = dash.post("/login", {"token": TOKEN, "next": nxt}, headers={"Origin": dash.url})
+    assert resp.status_code == 303
+    location = resp.headers["Location"]
+    # "/" or, for the percent-encoded tab, the same path on this host (kept encoded: a browser
+    # does not decode it into the host part).
+    expected = nxt if nxt == "/%09/evil.example/" else "/"
+    assert location == expected, location
+    assert "injected" not in resp.headers.get("Set-Cookie", "")
+
+
+def test_a_notice_in_a_link_is_shown_only_if_this_dashboard_made_it(dash: Dash) -> None:
+    forged = "Session expired. Re-enter the admin token at https://evil.example/login"
+    page = dash.get("/jobs", params={"err": forged}).text
+    assert "evil.example" not in page
+    page = dash.get("/jobs", params={"err": forged, "sig": "0" * 64}).text
+    assert "evil.example" not in page
+
+
 # -- actions: the effects -------------------------------------------------------------------------
 
 def test_run_now_with_parameters_enqueues_and_logs_who(dash: Dash) -> None:

@@ -6,8 +6,11 @@ only read; every change is a POST to an action endpoint (see auth.py for who may
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import re
+import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler
@@ -62,6 +65,9 @@ class Dashboard:
     def __init__(self, config: Callable[[], Config]) -> None:
         self._config = config
         self._redis: redis.Redis | None = None
+        # Signs the notices this dashboard puts in a redirect (?msg=, ?err=): a link with a
+        # made-up notice ("session expired, re-enter the token at https://evil...") shows none.
+        self._flash_key = secrets.token_bytes(32)
         self._log = structlog.get_logger("cronsul.dashboard").bind(node=config().agent.node)
 
     def _client(self, cfg: Config) -> redis.Redis:
@@ -187,10 +193,12 @@ class Dashboard:
                        w=v.session.who, c=v.csrf)
         crumbs = join(html('<a href="{h}">{t}</a> / ', h=h, t=t) for t, h in page.crumbs)
         flash = EMPTY_FLASH
-        if query.get("msg"):
-            flash = html('<p class="flash ok">{m}</p>', m=query["msg"][0][:500])
-        elif query.get("err"):
-            flash = html('<p class="flash error">{m}</p>', m=query["err"][0][:500])
+        sig = (query.get("sig") or [""])[0]
+        for kind, css in (("msg", "ok"), ("err", "error")):
+            text = (query.get(kind) or [""])[0]
+            if text and hmac.compare_digest(sig, _flash_sig(self._flash_key, kind, text)):
+                flash = html('<p class="flash {c}">{m}</p>', c=css, m=text[:500])
+                break
         body = html(
             '<!doctype html><html lang="en"><head><meta charset="utf-8">'
             '<meta name="viewport" content="width=device-width, initial-scale=1">'
@@ -275,7 +283,7 @@ class Dashboard:
         if wants_json:
             return _json(200, {"ok": True, "message": message, "location": location, **extra})
         back = location or _next(form.get("next", "/"))
-        return _redirect(back, msg=message)
+        return _redirect(back, self._flash_key, "msg", message)
 
     def _act(self, cfg: Config, kind: str, name: str, verb: str, form: Mapping[str, str],
              session: Session, extra: dict[str, Any]) -> tuple[str, str | None]:
@@ -327,24 +335,32 @@ class Dashboard:
                 _text(status, message + "\n")
             resp.headers.extend(headers or [])
             return resp
-        return _redirect(back, err=message)
+        return _redirect(back, self._flash_key, "err", message)
 
 
 EMPTY_FLASH = Safe("")
 
 
+# A path on this dashboard, as the pages link them: no scheme, no //host, no backslash, no
+# whitespace or control characters (a browser drops a tab in "/<TAB>/evil.example", making it
+# //evil.example, and CR LF would start a header of its own).
+_LOCAL_PATH = re.compile(r"/(?!/)[!#$%&'()*+,\-./0-9:;=?@A-Z_a-z~]*")
+
+
 def _next(path: str) -> str:
-    """Only a path on this dashboard (never //host or a scheme): no open redirect."""
-    if not path.startswith("/") or path.startswith("//") or "\\" in path:
-        return "/"
-    return path
+    """Only a path on this dashboard: no open redirect, no header injection."""
+    return path if _LOCAL_PATH.fullmatch(path) else "/"
 
 
-def _redirect(location: str, **flash: str) -> Response:
+def _flash_sig(key: bytes, kind: str, text: str) -> str:
+    return hmac.new(key, f"{kind}\0{text}".encode(), hashlib.sha256).hexdigest()
+
+
+def _redirect(location: str, key: bytes, kind: str, text: str) -> Response:
+    """303 to ``location`` with a notice (``kind`` msg or err) signed with ``key``."""
     sep = "&" if "?" in location else "?"
-    query = "&".join(f"{k}={quote(v)}" for k, v in flash.items())
-    return Response(303, b"", "text/plain; charset=utf-8",
-                    [("Location", location + (sep + query if query else ""))])
+    query = f"{kind}={quote(text)}&sig={_flash_sig(key, kind, text)}"
+    return Response(303, b"", "text/plain; charset=utf-8", [("Location", location + sep + query)])
 
 
 def _text(status: int, text: str) -> Response:
