@@ -27,12 +27,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from scheduler.errors import ScheduleError
+from scheduler.runs import JOB_NAME
 from scheduler.schedule import parse_schedule
 
 ALIASES = {"@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight", "@hourly"}
 ENV_LINE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)\s*=\s*(.*)$")
 # Dots are left out: in a TOML table header they would nest tables.
 SLUG = re.compile(r"[^A-Za-z0-9_-]+")
+# A job name's length limit (scheduler.runs.JOB_NAME), and so the longest --prefix that leaves
+# room for "-<word>-<6 hex>-<NNN>".
+NAME_MAX = 100
+PREFIX_MAX = NAME_MAX - 20
 # Environment that cron itself interprets and cronsul handles differently (or not at all).
 CRON_ONLY = {"MAILTO": "cronsul records output (cronsul logs / history); to mail failures, "
                        "set [notify] command (docs/operations.md)",
@@ -79,7 +84,10 @@ def _job_name(prefix: str, user: str | None, command: str, taken: set[str]) -> s
     other schedules) gets ``-2``, ``-3``... in file order."""
     word = command.split()[0].rsplit("/", 1)[-1] if command.split() else "job"
     digest = hashlib.sha256(f"{user or ''}\x00{command}".encode()).hexdigest()[:6]
-    base = f"{prefix}-{(SLUG.sub('-', word).strip('-') or 'job')[:80]}-{digest}"
+    # Job names are at most NAME_MAX characters: the word gives way to the prefix, the hash
+    # and room for a "-NNN" suffix.
+    room = max(1, NAME_MAX - len(prefix) - len(digest) - 2 - 4)
+    base = f"{prefix}-{(SLUG.sub('-', word).strip('-') or 'job')[:room]}-{digest}"
     name, n = base, 1
     while name in taken:
         n += 1
@@ -203,6 +211,11 @@ def is_system_crontab(path: str) -> bool:
 
 
 def import_crontab(path: str, *, system: bool, prefix: str) -> int:
+    if not JOB_NAME.match(prefix) or len(prefix) > PREFIX_MAX:
+        print(f"cronsul: --prefix {prefix!r} is invalid: use 1-{PREFIX_MAX} characters from "
+              "A-Z a-z 0-9 _ . -, starting with a letter or digit (it starts every job name)",
+              file=sys.stderr)
+        return 2
     try:
         if path == "-":
             text = sys.stdin.read()

@@ -261,7 +261,9 @@ class _LiveCollector(Collector):
 def _last_success(raw: dict[bytes, bytes], jobs: set[str]) -> GaugeMetricFamily:
     """Per job, when its newest succeeded run finished, cluster-wide (Redis): alert on
     ``time() - cronsul_job_last_success_timestamp_seconds > N`` for a job that must not go
-    without a success for long (a job never succeeded since its record expired: absent)."""
+    without a success for long. Absent for a job that never succeeded since the key was first
+    written (the hash has no expiry: one field per job ever configured; removed jobs are not
+    exported)."""
     family = GaugeMetricFamily(
         "cronsul_job_last_success_timestamp_seconds",
         "Finish time (Unix seconds) of the job's newest succeeded run, cluster-wide",

@@ -248,7 +248,7 @@ FINISH = EACH + """
 local delayed, dlq, last_ok = KEYS[1], KEYS[2], KEYS[3]
 local group, node, dead_max, hist_keep = ARGV[1], ARGV[2], ARGV[3], -1 - tonumber(ARGV[4])
 local ttl, late, hist_pre = ARGV[5], ARGV[6] == '1', tonumber(ARGV[7])
-local out, trim = {}, {}
+local out, trim, succeeded = {}, {}, {}
 local function finish(run, lease, lock, stream, hist, a, n, first)
   local token, entry, state, now = ARGV[a], ARGV[a+1], ARGV[a+2], ARGV[a+3]
   local run_id, retry_at, queue, payload = ARGV[a+4], ARGV[a+5], ARGV[a+6], ARGV[a+7]
@@ -302,13 +302,12 @@ local function finish(run, lease, lock, stream, hist, a, n, first)
     -- wrote the key) must not fail a run whose record is written.
     local added = redis.pcall('ZADD', hist, now, run_id)
     if type(added) ~= 'table' or not added.err then trim[hist] = true end
-    -- The job's last success (`cronsul status`, cronsul_job_last_success_timestamp_seconds:
-    -- the "has not succeeded for too long" alert); only forward, and never failing the run.
+    -- The job's last success (cronsul_job_last_success_timestamp_seconds: the "has not
+    -- succeeded for too long" alert): noted here, written once per job per call below.
     if state == 'succeeded' then
       local job = string.sub(hist, hist_pre + 1)
-      local cur = redis.pcall('HGET', last_ok, job)
-      if type(cur) ~= 'table' and (not cur or tonumber(now) > (tonumber(cur) or 0)) then
-        redis.pcall('HSET', last_ok, job, now)
+      if not succeeded[job] or tonumber(now) > succeeded[job] then
+        succeeded[job] = tonumber(now)
       end
     end
     return 1
@@ -324,6 +323,14 @@ for i = 0, (#KEYS - 3) / 5 - 1 do
   a = a + 10 + 2 * n
 end
 for hist in pairs(trim) do redis.call('ZREMRANGEBYRANK', hist, 0, hist_keep) end
+-- Only forward (a batch may record an older finish after a newer one), and never failing
+-- the runs already recorded (pcall: something else may have written the key).
+for job, ms in pairs(succeeded) do
+  local cur = redis.pcall('HGET', last_ok, job)
+  if type(cur) ~= 'table' and (not cur or ms > (tonumber(cur) or 0)) then
+    redis.pcall('HSET', last_ok, job, ms)
+  end
+end
 return out
 """
 

@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from worker.crontab import convert, host_zone
+from scheduler.runs import check_job_name
+from worker.crontab import convert, host_zone, import_crontab
 
 def named(jobs: dict[str, Any], word: str) -> Any:
     """The one job whose name is cron-<word>-<6 hex>."""
@@ -142,3 +143,16 @@ def test_names_survive_an_edit_elsewhere_in_the_crontab() -> None:
     assert b2 == b1 + "-2"  # the same command twice: told apart in file order
     other_user = convert("0 1 * * * alice /opt/a.sh\n0 1 * * * bob /opt/a.sh\n", system=True)
     assert len(set(tomllib.loads("\n".join(other_user.toml))["jobs"])) == 2
+
+
+def test_long_command_words_and_prefixes_still_make_valid_names(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    long_word = "/opt/" + "x" * 150 + " --run"
+    jobs = tomllib.loads("\n".join(convert(f"0 1 * * * {long_word}\n0 2 * * * {long_word}\n",
+                                            prefix="p" * 80).toml))["jobs"]
+    assert len(jobs) == 2
+    for name in jobs:
+        assert check_job_name(name) == name and len(name) <= 100
+    assert import_crontab("-", system=False, prefix="p" * 81) == 2
+    assert "--prefix" in capsys.readouterr().err
+    assert import_crontab("-", system=False, prefix="bad/prefix") == 2
