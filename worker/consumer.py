@@ -34,7 +34,7 @@ from worker.executor import (
     seal_inherited_fds,
 )
 from worker.live import LivePublisher, LiveRun
-from worker.messages import RunMessage, parse_message, payload_field
+from worker.messages import SCHEDULED_AHEAD_MAX, RunMessage, parse_message, payload_field
 from worker.metrics import RunHooks
 from worker.notify import Notice, Notifier
 from worker.params import render_argv
@@ -296,9 +296,10 @@ class Consumer:
         self._take_slots(deliveries)
         claims: list[tuple[Delivery, RunMessage, RunRef, str]] = []
         jobs = self._cfg.jobs
+        now = self._clock.now()
         for d in deliveries:
             try:
-                msg = parse_message(d.payload, jobs)
+                msg = parse_message(d.payload, jobs, now)
             except NotRunnableHere as exc:
                 handed = self._hand_back(d, exc)
                 if handed is None:  # Redis failed: it stays pending, to be reclaimed
@@ -412,7 +413,9 @@ class Consumer:
             return False
         now_ms = epoch_ms(self._clock.now())
         run_id = payload_field(d.payload, "run_id") or ""
-        if d.payload is None or now_ms - scheduled_ms > HAND_BACK_WINDOW_S * 1000:
+        ahead_ms = SCHEDULED_AHEAD_MAX.total_seconds() * 1000  # a sender's far future: the
+        if (d.payload is None or now_ms - scheduled_ms > HAND_BACK_WINDOW_S * 1000  # window
+                or scheduled_ms - now_ms > ahead_ms):  # would never end
             return False
         until = iso_utc(from_epoch_ms(scheduled_ms + int(HAND_BACK_WINDOW_S * 1000)))
         try:

@@ -10,7 +10,7 @@ import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from scheduler.errors import ConfigError, MessageError, NotRunnableHere
 from scheduler.runs import iso_utc
@@ -19,6 +19,12 @@ from worker.params import check_value, placeholders
 
 # A run message is a few hundred bytes; anything this large is not ours (or is an attack).
 MAX_PAYLOAD_BYTES = 64 * 1024
+# A run is scheduled when it is enqueued (ticks, `cronsul run`, events), so a scheduled_at far
+# ahead of the consumer's clock comes from a sender, not from cronsul: refused, or the window a
+# run a node cannot run is handed back for (worker.consumer.HAND_BACK_WINDOW_S, counted from
+# scheduled_at) never ends (a security review's "9999-12-31" was queued again every 5 s). An
+# hour leaves room for any clock a node still runs jobs with.
+SCHEDULED_AHEAD_MAX = timedelta(hours=1)
 # Parameter names become environment variable names: keep them to this alphabet.
 PARAM_NAME_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_")
 # What may follow "<job>@" in a run id: the tick's epoch ms, "manual-<hex>", "event-<id>", and
@@ -69,19 +75,24 @@ def is_version_1(body: Mapping[str, object]) -> bool:
     return type(v) is int and v == 1
 
 
-def parse_message(payload: bytes | None, jobs: Mapping[str, JobSpec]) -> RunMessage:
+def parse_message(payload: bytes | None, jobs: Mapping[str, JobSpec],
+                  now: datetime | None = None) -> RunMessage:
     """Decode and check a queued run. Raises MessageError with the reason (for the DLQ).
 
     Anything a message can make go wrong here is a MessageError ("malformed: ..."), whatever
     the exception: a security review's lone surrogate in a parameter raised UnicodeEncodeError,
     which took a run slot per delivery until the node ran nothing."""
     try:
-        return _parse_message(payload, jobs)
+        msg = _parse_message(payload, jobs)
     except MessageError:  # NotRunnableHere too
         raise
     except Exception as exc:
         text = str(exc)[:200].encode("utf-8", "backslashreplace").decode()  # storable as is
         raise MessageError(f"malformed: {type(exc).__name__}: {text}") from exc
+    if now is not None and msg.scheduled_at > now + SCHEDULED_AHEAD_MAX:
+        raise MessageError(f"malformed: scheduled_at {iso_utc(msg.scheduled_at)} is more than "
+                           f"{SCHEDULED_AHEAD_MAX} ahead of this node's clock")
+    return msg
 
 
 def _parse_message(payload: bytes | None, jobs: Mapping[str, JobSpec]) -> RunMessage:

@@ -38,14 +38,19 @@ def test_hostile_unicode_is_dead_lettered_and_the_node_keeps_running_jobs(
                       b'"params":{"tenant":"x"}}' % now.encode())
         poison.append(b'{"v":1,"job":"\\ud800","run_id":"x@1","scheduled_at":"%s"}'
                       % now.encode())
+        # A job this node does not know, scheduled in a far future: dead-lettered, not handed
+        # back every 5 s until 10 minutes after 9999-12-31.
+        poison.append(b'{"v":1,"job":"nope","run_id":"nope@evt-9",'
+                      b'"scheduled_at":"9999-12-31T00:00:00Z"}')
         for p in poison:
             r.xadd(KEYS.stream("default"), {"p": p})
-        wait_until(lambda: r.xlen(KEYS.dead) >= 5, 20, what="the poison dead-lettered")
+        wait_until(lambda: r.xlen(KEYS.dead) >= 6, 20, what="the poison dead-lettered")
         config = str(cluster.agents["n1"].config)
         for _ in range(3):  # more runs than slots: every slot came back
             assert main(["run", "after", "--wait", "-c", config]) == 0
         reasons = sorted({f[b"reason"].decode() for _, f in r.xrange(KEYS.dead)})
-        assert reasons == ["bad params", "malformed"], reasons
+        assert reasons == ["bad params", "malformed", "unknown job"], reasons
+        assert r.zcard(KEYS.delayed) <= 1  # only the surrogate job's hand-back (10 min window)
         log = cluster.agents["n1"].log.read_text()
         assert "fetch_loop_error" not in log and "Traceback" not in log
     finally:

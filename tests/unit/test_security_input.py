@@ -351,3 +351,22 @@ def test_a_run_id_refusal_says_which_rule_it_broke(tmp_path: Path) -> None:
     with pytest.raises(MessageError, match=r"1 to 190 of A-Z a-z 0-9"):
         parse_message(message(run_id="plain@" + "a" * 250), jobs)
     assert parse_message(message(run_id="plain@" + "a" * 190), jobs).run_id.endswith("a" * 190)
+
+
+def test_a_run_scheduled_far_ahead_is_refused_not_handed_back_for_ever(tmp_path: Path) -> None:
+    """A sender's scheduled_at of 9999-12-31 had a run an unknown job's node handed back
+    every 5 s until 10 minutes after it: for ever."""
+    from datetime import UTC, datetime, timedelta
+
+    jobs = jobs_for_messages(tmp_path).jobs
+    now = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
+    far = message(scheduled_at="9999-12-31T00:00:00Z")
+    with pytest.raises(MessageError, match="malformed: scheduled_at 9999-12-31T00:00:00Z is "
+                                           "more than 1:00:00 ahead"):
+        parse_message(far, jobs, now)
+    unknown = message(job="nope", run_id="nope@1", scheduled_at="9999-12-31T00:00:00Z")
+    with pytest.raises(MessageError) as exc:
+        parse_message(unknown, jobs, now)
+    assert str(exc.value).startswith("unknown job")  # not handed back: see test_poison_messages
+    soon = (now + timedelta(minutes=59)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    assert parse_message(message(scheduled_at=soon), jobs, now).job == "plain"
