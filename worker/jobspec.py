@@ -48,6 +48,9 @@ class JobSpec:
     output_limit: int = 64 * 1024
     callable: str | None = None  # "package.module:function", run in the warm Python pool
     notify: bool = True  # false: no [notify] command for this job's failures
+    # A run message's value for a {param.NAME} argv element may start with "-" (an option to
+    # the program) only if the job says so, or if it is one of the declared sets' values.
+    option_values: bool = False
 
     def lock_name(self, params: Mapping[str, str]) -> str:
         """The overlap lock this run takes: the job's, or one per lock_key parameter value."""
@@ -162,6 +165,7 @@ def parse_job(s: Section, name: str, default_timezone: str, default_timeout: tim
         user=s.string("user"),
         allow_root=s.boolean("allow_root", False),
         notify=s.boolean("notify", True),
+        option_values=s.boolean("allow_option_values", False),
         output_limit=s.integer("output_limit", 64 * 1024, low=0, high=16 * 1024 * 1024),
         callable=target,
     )

@@ -95,6 +95,21 @@ def parse_message(payload: bytes | None, jobs: Mapping[str, JobSpec],
     return msg
 
 
+def _refuse_option_values(spec: JobSpec, used: set[str], params: Mapping[str, str]) -> None:
+    """A value that becomes a whole argv element and starts with "-" is an option to the
+    program, not data: a security review's ``{"file": "-o/tmp/pwned"}`` made ``sort
+    {param.file}`` write a file as the job's user (tar, git, rsync... have worse options).
+    Refused unless the job sets ``allow_option_values = true`` or the value is one of its
+    declared sets' (the operator wrote those)."""
+    for name in sorted(used):
+        value = params.get(name, "")
+        if value.startswith("-") and all(p.get(name) != value for p in spec.params):
+            raise MessageError(
+                f"bad params: {name}={value[:100]!r} starts with '-' and would be an option to "
+                f"{spec.command[0]!r}, not a value (set allow_option_values = true on job "
+                f"{spec.name!r} if it may be)")
+
+
 def _parse_message(payload: bytes | None, jobs: Mapping[str, JobSpec]) -> RunMessage:
     if payload is None:
         raise MessageError("malformed: entry has no payload field")
@@ -139,8 +154,11 @@ def _parse_message(payload: bytes | None, jobs: Mapping[str, JobSpec]) -> RunMes
             check_value(k, v, f"job {job!r}")
     except ConfigError as exc:
         raise MessageError(f"bad params: {exc}") from exc
-    missing = sorted(placeholders(spec.command, job) - set(params))
+    used = placeholders(spec.command, job)
+    missing = sorted(used - set(params))
     if missing:
         raise NotRunnableHere(f"bad params: command needs {missing[0]!r}")
+    if not spec.option_values:
+        _refuse_option_values(spec, used, params)
     iso = when if isinstance(when, str) and CANONICAL_TIME.fullmatch(when) else ""
     return RunMessage(run_id, job, scheduled, params, iso)

@@ -329,11 +329,42 @@ def test_hostile_values_in_messages_pass_intact_and_only_as_values(tmp_path: Pat
 
     jobs = jobs_for_messages(tmp_path).jobs
     run = Run.for_tick("p", datetime(2026, 1, 1, tzinfo=UTC), {"v": value})
-    msg = parse_message(run_payload(run.run_id, "p", run.scheduled_at, {"v": value}).encode(),
-                        jobs)
+    payload = run_payload(run.run_id, "p", run.scheduled_at, {"v": value}).encode()
+    if value.startswith("-"):  # an option to the program, not a value: see below
+        with pytest.raises(MessageError, match="starts with '-'"):
+            parse_message(payload, jobs)
+        return
+    msg = parse_message(payload, jobs)
     assert dict(msg.params) == {"v": value}
     assert render_argv(jobs["p"].command, msg.params) == ["/bin/echo", value]
     assert RUN_ID_TAIL.fullmatch(msg.run_id.split("@", 1)[1])  # the Redis key part is clean
+
+
+def test_option_values_are_refused_unless_declared_or_allowed(tmp_path: Path) -> None:
+    """A security review's {"file": "-o/tmp/pwned"} made `sort {param.file}` write a file."""
+    from datetime import UTC, datetime
+
+    cfg = config(tmp_path, {
+        "sort": {"schedule": "@daily", "command": ["/usr/bin/sort", "{param.file}"],
+                 "params": [{"file": "-"}]},  # declared by the operator: "-" is stdin
+        "calc": {"schedule": "@daily", "command": ["/bin/echo", "{param.n}"],
+                 "params": [{"n": "1"}], "allow_option_values": True},
+        "env-only": {"schedule": "@daily", "command": ["/bin/sh", "-c", "echo $CRONSUL_PARAM_N"],
+                     "params": [{"n": "1"}]},
+    })
+
+    def parse(job: str, **params: str) -> object:
+        run = Run.for_tick(job, datetime(2026, 1, 1, tzinfo=UTC), params)
+        return parse_message(run_payload(run.run_id, job, run.scheduled_at, params).encode(),
+                             cfg.jobs)
+
+    with pytest.raises(MessageError) as exc:
+        parse("sort", file="-o/tmp/pwned")
+    assert str(exc.value).startswith("bad params: file='-o/tmp/pwned' starts with '-'")
+    assert "allow_option_values = true" in str(exc.value)
+    assert parse("sort", file="-")  # one of the declared values
+    assert parse("calc", n="-5")  # the job allows it
+    assert parse("env-only", n="-5")  # not an argv element: only ever a variable
 
 
 def test_every_kind_of_run_id_cronsul_writes_is_accepted(tmp_path: Path) -> None:
