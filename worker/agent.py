@@ -40,6 +40,7 @@ from worker.maintenance import MaintenanceWatch
 from worker.membership import Membership
 from worker.metrics import AgentMetrics
 from worker.ops import Ops
+from worker.procguard import forbid_inspection
 from worker.queue import RedisQueue
 from worker.redisconn import AGENT_RETRIES, RedisSection, is_auth_error, redis_client
 from worker.reloading import settle_reload
@@ -185,6 +186,10 @@ class Agent:
 
     def run(self) -> int:
         """Run until SIGTERM/SIGINT. Returns the exit code."""
+        if not forbid_inspection():  # before any secret is in memory for a job to read
+            self._log.warning("process_inspectable",
+                              detail="prctl(PR_SET_DUMPABLE, 0) failed: jobs running as the "
+                                     "agent's user can read its environment and memory")
         self._install_signals()
         self._startup()
         self.maintenance.poll_once()  # a node started in maintenance never contends

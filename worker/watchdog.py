@@ -33,6 +33,8 @@ from collections.abc import Callable
 
 # The environment variable every job gets, holding its agent's watchdog token.
 TOKEN_ENV = "CRONSUL_WATCHDOG"
+# How the agent hands the watchdog its token (not TOKEN_ENV: the watchdog is no job to kill).
+OWN_TOKEN_ENV = "CRONSUL_WATCHDOG_TOKEN"
 
 
 def _kill_groups(groups: set[int], token: str | None = None, why: str = "",
@@ -152,9 +154,10 @@ class Watchdog:
 
     def _spawn(self) -> None:
         # Own session: a ^C in the agent's terminal must not kill the watchdog before the agent.
+        # The token in the environment, not argv: `ps` shows every user a process's argv.
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "worker.watchdog", self.token, self._node],
-            stdin=subprocess.PIPE,
+            [sys.executable, "-m", "worker.watchdog", "-", self._node],
+            stdin=subprocess.PIPE, env={**os.environ, OWN_TOKEN_ENV: self.token},
             start_new_session=True, close_fds=True,
         )
 
@@ -196,5 +199,7 @@ class Watchdog:
 
 
 if __name__ == "__main__":
-    sys.exit(serve(token=sys.argv[1] if len(sys.argv) > 1 else None,
+    # "-": the token is in OWN_TOKEN_ENV (argv is public); an argv token still works.
+    argv_token = sys.argv[1] if len(sys.argv) > 1 else None
+    sys.exit(serve(token=os.environ.get(OWN_TOKEN_ENV) if argv_token == "-" else argv_token,
                    node=sys.argv[2] if len(sys.argv) > 2 else ""))
