@@ -32,6 +32,7 @@ from worker.maintenance import POLL_S
 from worker.metrics import Probes
 from worker.redisconn import redis_client
 from worker.sdnotify import Notifier
+from worker.secretfiles import redact
 
 if TYPE_CHECKING:
     from worker.agent import Agent
@@ -168,7 +169,7 @@ class Ops:
             redis_ok = True
         except redis.RedisError as exc:
             redis_ok = False
-            reasons.append(f"Redis not answering: {str(exc)[:200]}")
+            reasons.append(f"Redis not answering: {redact(str(exc))[:200]}")
         body: dict[str, Any] = {
             "status": "ok" if not reasons else "unhealthy",
             "node": a.cfg.agent.node,

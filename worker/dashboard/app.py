@@ -30,6 +30,7 @@ from worker.dashboard.markup import Safe, html, join
 from worker.dashboard.pages import Page, Viewer
 from worker.dashboard.reader import Reader
 from worker.redisconn import redis_client
+from worker.secretfiles import redact
 
 # A form post is a few hundred bytes; refuse anything that is clearly not one.
 MAX_BODY = 64 * 1024
@@ -97,8 +98,9 @@ class Dashboard:
             else:
                 resp = self.get(handler.path, headers)
         except redis.RedisError as exc:
-            self._log.warning("dashboard_redis_failed", path=handler.path, error=str(exc)[:200])
-            resp = _text(503, f"Redis did not answer: {str(exc)[:200]}\n")
+            error = redact(str(exc))[:200]
+            self._log.warning("dashboard_redis_failed", path=handler.path, error=error)
+            resp = _text(503, f"Redis did not answer: {error}\n")
         except Exception:
             self._log.exception("dashboard_failed", path=handler.path)
             resp = _text(500, "internal error\n")
