@@ -60,9 +60,13 @@ def job_environment(agent_env: Mapping[str, str], job_env: Sequence[tuple[str, s
                     cronsul: Mapping[str, str],
                     account: Mapping[str, str] | None = None) -> dict[str, str]:
     """The base variables from the agent, then the job user's account (``account_of``), then
-    the job's ``env``, then ``CRONSUL_*``."""
+    the job's ``env``, then ``CRONSUL_*``. A job run as another ``user`` gets cron's default
+    PATH, not the agent's (a root agent's may name root's own directories: a review saw
+    /root/.cargo/bin); its ``env`` may set one."""
     env = {k: agent_env[k] for k in BASE_ENV if k in agent_env}
     env.setdefault("PATH", DEFAULT_PATH)
+    if account:
+        env["PATH"] = DEFAULT_PATH
     env.update(account or {})
     env.update(job_env)
     env.update(cronsul)

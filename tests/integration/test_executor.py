@@ -43,6 +43,14 @@ def test_environment_has_base_job_and_cronsul_variables_only() -> None:
     assert env == {"PATH": "/bin", "HOME": "/root", "APP_MODE": "batch", "CRONSUL_JOB": "j"}
 
 
+def test_a_job_run_as_another_user_gets_crons_path_not_the_agents() -> None:
+    agent = {"PATH": "/root/.cargo/bin:/usr/bin:/bin", "HOME": "/root"}
+    account = {"HOME": "/home/batch", "USER": "batch", "LOGNAME": "batch", "SHELL": "/bin/sh"}
+    env = job_environment(agent, [], {}, account)
+    assert env["PATH"] == "/usr/local/bin:/usr/bin:/bin" and env["HOME"] == "/home/batch"
+    assert job_environment(agent, [("PATH", "/opt/x/bin")], {}, account)["PATH"] == "/opt/x/bin"
+
+
 def test_timeout_kills_the_whole_process_group(tmp_path: Path) -> None:
     pidfile = tmp_path / "child.pid"
     script = f"sleep 300 & echo $! > {pidfile}; wait"
