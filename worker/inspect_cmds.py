@@ -409,11 +409,22 @@ def _spans(numbers: list[int]) -> str:
     return ", ".join(f"{a}-{b}" if b > a else str(a) for a, b in spans)
 
 
+# What a listing shows of a record (_run_view): never the output fields, which may hold
+# output_limit bytes per attempt (a listing of 20 retried runs pulled over 100 MB).
+VIEW_FIELDS = ("job", "state", "queue", "scheduled_ms", "enqueued_ms", "started_ms",
+               "finished_ms", "node", "attempt", "exit_code", "signal", "timed_out",
+               "duration_ms", "output_bytes", "error", "manual", "waiting_for", "handed_back",
+               "not_before_ms", "payload")
+
+
 def _records(r: redis.Redis, keys: Keys, ids: list[str]) -> list[dict[bytes, bytes]]:
+    """The listed fields of each run's record ({} for one that expired)."""
     pipe = r.pipeline(transaction=False)
     for run_id in ids:
-        pipe.hgetall(keys.run(run_id))
-    return list(pipe.execute()) if ids else []
+        pipe.hmget(keys.run(run_id), VIEW_FIELDS)
+    rows: Any = pipe.execute() if ids else []
+    return [{k.encode(): v for k, v in zip(VIEW_FIELDS, row, strict=True) if v is not None}
+            for row in rows]
 
 
 def _run_view(raw: dict[bytes, bytes], run_id: str, finished_ms: int | None) -> dict[str, Any]:
