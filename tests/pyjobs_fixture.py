@@ -186,3 +186,18 @@ def ticker(n: str, every: str = "0.5") -> str:
         print(f"tick {i}", flush=True)
         time.sleep(float(every))
     return "ticked"
+
+
+def malloc_in_use() -> int | None:
+    """Bytes this process holds from malloc (glibc's mallinfo2), or None without glibc 2.33+."""
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in (
+            "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+            "fordblks", "keepcost")]
+
+    mallinfo2 = getattr(ctypes.CDLL(None), "mallinfo2", None)
+    if mallinfo2 is None:
+        return None
+    mallinfo2.restype = MallInfo2
+    return int(mallinfo2().uordblks)
