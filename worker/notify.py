@@ -164,7 +164,11 @@ class Notifier:
             if dropped:
                 self._log.error("notify_dropped", count=dropped, queue_max=NOTIFY_QUEUE_MAX,
                                 detail="more failures at once than the notify queue holds")
-            self._send(notice)
+            try:
+                self._send(notice)
+            except Exception as exc:  # one notice's problem must not end the notifier
+                self._log.exception("notify_failed", run_id=notice.run_id, job=notice.job,
+                                    state=notice.state, error=f"{type(exc).__name__}: {exc}")
 
     def _send(self, notice: Notice) -> None:
         section = self._section

@@ -155,3 +155,18 @@ def test_the_command_gets_a_jobs_environment_not_the_agents_secrets(tmp_path: Pa
     assert "secret" not in env.values()
     assert env["WEBHOOK_URL"] == "https://hooks.example/x" and env["LANG"] == "C.UTF-8"
     assert env["CRONSUL_NOTIFY_RUN_ID"] == "j@1"
+
+
+def test_a_notice_that_cannot_be_sent_does_not_end_the_notifier(tmp_path: Path) -> None:
+    """A value no environment can hold (a NUL) fails that notice alone; the next one goes."""
+    out = tmp_path / "sent"
+    notifier = Notifier(NotifySection(("/bin/sh", "-c", f'echo "$CRONSUL_NOTIFY_RUN_ID" >> {out}')),
+                        {"PATH": "/usr/bin:/bin"}, "n1")
+    bad = Notice("j@1", "j", "failed", "n1", 1, "2026-11-23T00:00:00Z", "nul\0here")
+    good = Notice("j@2", "j", "failed", "n1", 1, "2026-11-23T00:00:01Z", "exit code 1")
+    with capture_logs() as logs:
+        notifier.offer(bad)
+        notifier.offer(good)
+        notifier.close()
+    assert out.read_text() == "j@2\n"
+    assert [e["run_id"] for e in logs if e["event"] == "notify_failed"] == ["j@1"]
