@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import os
 import random
 import threading
@@ -34,7 +33,13 @@ from worker.executor import (
     seal_inherited_fds,
 )
 from worker.live import LivePublisher, LiveRun
-from worker.messages import SCHEDULED_AHEAD_MAX, RunMessage, parse_message, payload_field
+from worker.messages import (
+    SCHEDULED_AHEAD_MAX,
+    RunMessage,
+    parse_message,
+    payload_field,
+    payload_params,
+)
 from worker.metrics import RunHooks
 from worker.notify import Notice, Notifier
 from worker.params import render_argv
@@ -763,7 +768,7 @@ class Consumer:
         job = self._cfg.jobs.get(ref.job)
         if verdict == "lost" and job is not None and job.notify:  # a superseded retry: policy
             self._notifier.offer(Notice(ref.run_id, ref.job, state, self._node, None,
-                                        scheduled, error, params=_params(ref.payload)))
+                                        scheduled, error, params=payload_params(ref.payload)))
 
     def _verdict(self, job: JobSpec, outcome: Outcome, attempt: int,
                  replaced: bool) -> tuple[str, int | None]:
@@ -952,16 +957,6 @@ class Consumer:
     def _flush_ended(self) -> None:
         if self._ready:
             self._flush()
-
-
-def _params(payload: bytes) -> dict[str, str]:
-    """A queued run's parameters, for a notice about a run that never started ({} if the
-    payload has none or is not ours)."""
-    try:
-        params = json.loads(payload).get("params")
-    except (ValueError, AttributeError):
-        return {}
-    return {str(k): str(v) for k, v in params.items()} if isinstance(params, dict) else {}
 
 
 def _text(value: str) -> str:

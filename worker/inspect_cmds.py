@@ -23,7 +23,7 @@ from scheduler.runs import JOB_NAME, check_job_name, from_epoch_ms, iso_utc
 from worker.cliargs import MAX_LISTED, count
 from worker.config import Config
 from worker.keys import GROUP, Keys
-from worker.messages import parse_message, payload_field
+from worker.messages import parse_message, payload_field, payload_params
 from worker.redisconn import connect
 from worker.runstate import ATTEMPT_FIELD, ATTEMPT_META, OUTPUT_FIELD
 from worker.secretfiles import redact as redact  # re-exported: tests and callers use it
@@ -448,18 +448,8 @@ def _run_view(raw: dict[bytes, bytes], run_id: str, finished_ms: int | None) -> 
         # Why it still waits, while it does: a node whose config could not run it handed it
         # back for the others (a config change rolling out).
         "waiting": _waiting(rec),
-        "params": _params_of(rec.get("payload")),
+        "params": payload_params(rec.get("payload")),
     }
-
-
-def _params_of(payload: str | None) -> dict[str, str]:
-    """A run's parameters, from the payload its record keeps ({} when it has none)."""
-    try:
-        body = json.loads(payload or "{}")
-    except ValueError:
-        return {}
-    params = body.get("params") if isinstance(body, dict) else None
-    return {str(k): str(v) for k, v in params.items()} if isinstance(params, dict) else {}
 
 
 def _waiting(rec: dict[str, str]) -> str | None:

@@ -68,6 +68,17 @@ def payload_field(payload: bytes | None, name: str) -> str | None:
     return value
 
 
+def payload_params(payload: bytes | str | None) -> dict[str, str]:
+    """A payload's parameters ({} when it has none or is not ours): for listings and notices,
+    never to run (parse_message checks them)."""
+    try:
+        body = json.loads(payload or b"{}")
+    except (ValueError, RecursionError):
+        return {}
+    params = body.get("params") if isinstance(body, dict) else None
+    return {str(k): str(v) for k, v in params.items()} if isinstance(params, dict) else {}
+
+
 def is_version_1(body: Mapping[str, object]) -> bool:
     """``"v": 1`` exactly: the integer (JSON ``true`` and ``1.0`` compare equal to 1 in
     Python, and are not the documented format)."""
